@@ -1,0 +1,18 @@
+// The single schema registry of the sven_ext op library. Device impls live in
+// cpu/<family>.cpp and cuda/<family>.cu; fake (meta) impls in sven_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing sven_ext._C loads this library and runs the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(sven_ext, m) {
+  // Raw Philox4x32-10 words: counters (N, 4) int64 holding uint32 values, key = seed.
+  m.def("philox_raw(Tensor counters, int seed) -> Tensor");
+  // Fills out (rows, cols) with block [row_offset:, col_offset:] of the virtual
+  // random matrix identified by (seed, stream).
+  m.def("philox_fill_(Tensor(a!) out, int seed, int stream, int row_offset, int col_offset, str distribution) -> ()");
+}
