@@ -1,0 +1,75 @@
+"""What every backend shares: the settings of a step and the direction it returns."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+
+from ..linalg import Solution, Truncation
+from ..residuals import Rows
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Hyper-parameters a backend needs for one step.
+
+    Attributes:
+        truncation: rank cap and cut-offs (``k=None`` already resolved to a number).
+        kappa: loss exponent; residuals are ``loss ** (kappa / 2)``.
+        solve_dtype: dtype of the Gram matrix / Jacobian and of the solve.
+        chunk_rows: rows processed at once where a backend chunks over rows.
+    """
+
+    truncation: Truncation
+    kappa: float
+    solve_dtype: torch.dtype = torch.float64
+    chunk_rows: int = 64
+
+
+@dataclass
+class StepDirection:
+    """A backend's answer: the update is ``param -= lr * direction``.
+
+    Attributes:
+        directions: one tensor per parameter, in the parameter's shape (``V_k S_k^-1 U_k^T r``).
+        rows: the rows of this step (losses, residuals).
+        solution: coefficients and singular values.
+        info: backend-specific diagnostics merged into ``Sven.last_info``.
+    """
+
+    directions: list[torch.Tensor]
+    rows: Rows
+    solution: Solution
+    info: dict = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Computes the Sven direction for the trainable parameters of a model.
+
+    Args:
+        model: the module whose forward pass the closure runs.
+        params: the parameters that move, in a fixed order.
+    """
+
+    name: str = ""
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
+        self.model = model
+        self.params = params
+
+    @abc.abstractmethod
+    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        """Runs ``closure`` once and returns the direction.
+
+        Args:
+            closure: returns per-sample losses ``(B,)`` or :class:`sven_ext.Residuals`.
+            settings: the step's hyper-parameters.
+            resolve_k: maps the number of rows to the rank cap (handles ``k=None``).
+        """
+
+
+def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Splits a flat ``(P,)`` vector into tensors shaped like ``params``."""
+    return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]

@@ -1,0 +1,60 @@
+"""The dense backend: the paper's reference algorithm, and the oracle of the others.
+
+It builds the full ``(R, P)`` Jacobian (chunked over rows) and takes its SVD, so it
+needs ``O(R * P)`` memory: use it for small problems and for checking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..linalg import Solution, solve_jacobian
+from ..residuals import rows_from_closure_output
+from .base import Backend, StepDirection, StepSettings, split_like
+
+
+def jacobian(residual: torch.Tensor, params: list[torch.Tensor], chunk_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of ``d residual / d params`` as an ``(R, P)`` matrix, ``chunk_rows`` backward passes at a time.
+
+    Args:
+        residual: ``(R,)`` tensor with autograd history.
+        params: tensors ``residual`` depends on (or not: unused ones give zero columns).
+        chunk_rows: rows per batched backward pass (vmap over ``grad_outputs``).
+        dtype: dtype of the returned matrix.
+    """
+    rows = residual.numel()
+    total = sum(p.numel() for p in params)
+    jac = torch.empty(rows, total, dtype=dtype, device=residual.device)
+    eye = torch.eye(rows, dtype=residual.dtype, device=residual.device)
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        grads = torch.autograd.grad(
+            residual,
+            params,
+            grad_outputs=eye[start:stop],
+            is_grads_batched=True,
+            retain_graph=stop < rows,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        jac[start:stop] = torch.cat([g.reshape(stop - start, -1) for g in grads], dim=1)
+    return jac
+
+
+class DenseBackend(Backend):
+    """Explicit Jacobian and ``torch.linalg.svd``, as the paper's reference implementation."""
+
+    name = "dense"
+
+    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        with torch.enable_grad():
+            rows = rows_from_closure_output(closure(), settings.kappa)
+        jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
+        residual = rows.residual.detach().to(settings.solve_dtype)
+        truncation = dataclasses.replace(settings.truncation, k=resolve_k(residual.numel()))
+        direction, kept, every = solve_jacobian(jac, residual, truncation)
+        # The coefficients c of J^T c are not needed here; the direction is formed directly.
+        solution = Solution(torch.empty(0, dtype=residual.dtype), kept, every)
+        return StepDirection(split_like(direction, self.params), rows, solution, {"jacobian_bytes": jac.nbytes})

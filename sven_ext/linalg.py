@@ -1,0 +1,98 @@
+"""The truncated pseudo-inverse at the heart of Sven, in one place for every backend.
+
+Notation (DESIGN.md section 1): ``J`` is the ``(R, P)`` Jacobian of the residuals
+``r``; the update direction is ``V_k S_k^-1 U_k^T r``, equivalently ``J^T c`` with
+``c = U_k diag(1 / s_k^2) U_k^T r`` where ``U, s^2`` are eigenpairs of ``K = J J^T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_ATOL = 1e-10  # absolute singular-value floor of the reference implementation
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Which singular values a step keeps.
+
+    Attributes:
+        k: rank cap (``None``: no cap).
+        rtol: keep ``s_j > rtol * s_0``.
+        atol: keep ``s_j > atol``.
+    """
+
+    k: int | None
+    rtol: float
+    atol: float = DEFAULT_ATOL
+
+    def rank(self, singular_values: torch.Tensor) -> int:
+        """Number of leading values kept from ``singular_values`` sorted in descending order."""
+        if singular_values.numel() == 0:
+            return 0
+        s0 = singular_values[0]
+        keep = (singular_values > self.rtol * s0) & (singular_values > self.atol)
+        # Descending order makes the kept set a prefix; count up to the first rejected value.
+        rank = int(keep.cumprod(0).sum())
+        return rank if self.k is None else min(rank, self.k)
+
+
+@dataclass
+class Solution:
+    """Coefficients of one Sven step.
+
+    Attributes:
+        coefficients: ``(R,)`` vector ``c``; the update direction is ``J^T c``.
+        singular_values: ``(rank,)`` kept singular values of ``J``, descending.
+        all_singular_values: every singular value computed, descending.
+    """
+
+    coefficients: torch.Tensor
+    singular_values: torch.Tensor
+    all_singular_values: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.singular_values.numel()
+
+
+def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncation) -> Solution:
+    """Coefficients ``c = U_k diag(1/s_k^2) U_k^T r`` from the Gram matrix ``K = J J^T``.
+
+    Args:
+        gram: ``(R, R)`` symmetric positive semi-definite matrix (float64 recommended:
+            ``cond(K) = cond(J)^2``).
+        residual: ``(R,)`` residual vector, same dtype and device as ``gram``.
+        truncation: the cut-offs.
+
+    Returns:
+        The :class:`Solution` in the dtype of ``gram``.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    # eigh sorts ascending; Sven thinks in descending singular values of J.
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    singular_values = eigenvalues.clamp_min(0).sqrt()
+    rank = truncation.rank(singular_values)
+    u_k = eigenvectors[:, :rank]
+    coefficients = u_k @ ((u_k.T @ residual) / eigenvalues[:rank])
+    return Solution(coefficients, singular_values[:rank], singular_values)
+
+
+def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: Truncation):
+    """The reference's direct route: ``V_k S_k^-1 U_k^T r`` from an explicit Jacobian.
+
+    Args:
+        jacobian: ``(R, P)`` Jacobian.
+        residual: ``(R,)`` residuals.
+        truncation: the cut-offs.
+
+    Returns:
+        ``(direction, singular_values, all_singular_values)``: the ``(P,)`` direction and
+        the kept / all singular values, descending.
+    """
+    u, s, vh = torch.linalg.svd(jacobian, full_matrices=False)
+    rank = truncation.rank(s)
+    direction = vh[:rank].T @ ((u[:, :rank].T @ residual) / s[:rank])
+    return direction, s[:rank], s

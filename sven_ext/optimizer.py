@@ -1,0 +1,155 @@
+"""The Sven optimizer (Singular Value dEsceNt, arXiv 2604.01279).
+
+Each step runs the closure once, forms the residual rows ``r`` of the batch, and
+moves the parameters by the minimum-norm step that best satisfies every row of
+the linearised model: ``delta = -lr * V_k S_k^-1 U_k^T r`` (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backends import StepSettings, check_backend_name, make_backend
+from .linalg import DEFAULT_ATOL, Truncation
+
+
+class Sven(torch.optim.Optimizer):
+    """Sven: truncated-SVD pseudo-inverse steps on per-sample residuals.
+
+    Args:
+        model: the module the closure runs. Its trainable parameters move, in place.
+        lr: step size, read from ``param_groups[i]["lr"]`` at every step (schedulers work).
+        k: rank cap: at most ``k`` singular values are kept. ``None``: half the
+            number of rows of each step (at least 1), as the paper suggests.
+        rtol: keep singular values ``s_j > rtol * s_0``.
+        kappa: residuals are ``loss ** (kappa / 2)`` (2: the loss itself; 1: its square root).
+            Ignored for :class:`sven_ext.Residuals`, which are used as they are.
+        backend: ``"auto"``, ``"dense"``, ``"gram"``, ``"sketch"`` or ``"functional"``
+            (DESIGN.md section 2).
+        params: parameters that move (default: every trainable parameter of ``model``);
+            an iterable of tensors or of param-group dicts (groups may set their own ``lr``).
+        atol: absolute singular-value floor.
+        solve_dtype: dtype of the linear algebra (float64 by default: ``cond(K) = cond(J)^2``).
+        chunk_rows: rows handled at once where a backend chunks over rows.
+
+    Example::
+
+        opt = sven_ext.Sven(model, lr=0.1, k=32)
+        def closure():
+            return loss_fn(model(x), y, reduction="none")   # per-sample losses, shape (B,)
+        losses = opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float = 0.1,
+        k: int | None = None,
+        rtol: float = 1e-3,
+        kappa: float = 2.0,
+        backend: str = "auto",
+        *,
+        params=None,
+        atol: float = DEFAULT_ATOL,
+        solve_dtype: torch.dtype = torch.float64,
+        chunk_rows: int = 64,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_positive("lr", lr)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"k must be a positive integer or None, got {k!r}")
+        if not (isinstance(rtol, (int, float)) and 0 <= rtol < 1):
+            raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
+        _check_positive("kappa", kappa)
+        if not (isinstance(atol, (int, float)) and atol >= 0):
+            raise ValueError(f"atol must be >= 0, got {atol!r}")
+        if solve_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}")
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        check_backend_name(backend)
+
+        model_params = {id(p) for p in model.parameters()}
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        defaults = dict(
+            lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, atol=atol, solve_dtype=solve_dtype,
+            chunk_rows=chunk_rows,
+        )
+        super().__init__(params, defaults)
+        trainable = self._trainable()
+        if not trainable:
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False (or params is empty)")
+        strangers = [p for p in trainable if id(p) not in model_params]
+        if strangers:
+            raise ValueError(f"params must belong to model: {len(strangers)} tensor(s) are not parameters of it")
+        devices = {p.device for p in trainable}
+        if len(devices) > 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        self.model = model
+        self.last_info: dict = {}
+        self._backends: dict = {}
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _backend(self, name: str, params: list[torch.Tensor]):
+        key = (name, tuple(id(p) for p in params))
+        if key not in self._backends:
+            self._backends = {key: make_backend(name, self.model, params)}
+        return self._backends[key]
+
+    @torch.no_grad()
+    def step(self, closure):
+        """One Sven step.
+
+        Args:
+            closure: callable with no arguments that runs the forward pass and returns
+                per-sample losses of shape ``(B,)`` or :class:`sven_ext.Residuals`. It must
+                not call ``backward``: the step does its own differentiation.
+
+        Returns:
+            The ``(B,)`` per-sample losses before the update (detached).
+        """
+        if closure is None or not callable(closure):
+            raise ValueError("Sven.step needs a closure that returns per-sample losses (it runs the forward pass)")
+        first = self.param_groups[0]
+        check_backend_name(first["backend"])
+        params = self._trainable()
+        settings = StepSettings(
+            truncation=Truncation(first["k"], first["rtol"], first["atol"]),
+            kappa=first["kappa"],
+            solve_dtype=first["solve_dtype"],
+            chunk_rows=first["chunk_rows"],
+        )
+        backend = self._backend(first["backend"], params)
+        result = backend.compute(closure, settings, self._resolve_k)
+        # Nothing has changed yet: the update is applied only once every direction exists.
+        directions = {id(p): d for p, d in zip(params, result.directions)}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    p.sub_(directions[id(p)].to(p.dtype), alpha=group["lr"])
+        state = self.state["sven"]
+        state["step"] = state.get("step", 0) + 1
+        self.last_info = {
+            "backend": backend.name,
+            "singular_values": result.solution.singular_values.detach().cpu(),
+            "rank": result.solution.rank,
+            "rows": result.rows.residual.numel(),
+            "loss": float(result.rows.losses.sum()),
+            **result.info,
+        }
+        return result.rows.losses
+
+    def _resolve_k(self, rows: int) -> int:
+        k = self.param_groups[0]["k"]
+        return max(1, rows // 2) if k is None else k
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
