@@ -15,4 +15,11 @@ TORCH_LIBRARY(sven_ext, m) {
   // Fills out (rows, cols) with block [row_offset:, col_offset:] of the virtual
   // random matrix identified by (seed, stream).
   m.def("philox_fill_(Tensor(a!) out, int seed, int stream, int row_offset, int col_offset, str distribution) -> ()");
+  // Gram matrix K = J J^T (B, B) float64 of a Linear layer with a sequence axis:
+  // a (B, T, Da) inputs, d (B, T, Dd) output gradients,
+  // K[i, j] = sum_{t, t'} (a_i a_j^T)[t, t'] * (d_i d_j^T)[t, t'].
+  m.def("seq_gram(Tensor a, Tensor d) -> Tensor");
+  // Gram matrix of an Embedding: indices (B, T) int64, d (B, T, Dd) output gradients,
+  // K[i, j] = sum_{t, t'} [indices_i[t] == indices_j[t']] * (d_i[t] . d_j[t']).
+  m.def("embedding_gram(Tensor indices, Tensor d) -> Tensor");
 }

@@ -64,6 +64,48 @@ def random_block(
     return out
 
 
+def seq_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Gram matrix ``K = J J^T`` of a Linear layer applied along a sequence axis.
+
+    With per-sample gradients ``g_i = d_i^T a_i`` (summed over the sequence),
+    ``K[i, j] = <g_i, g_j> = sum_{t, t'} (a_i a_j^T)[t, t'] * (d_i d_j^T)[t, t']``,
+    computed tile by tile without forming ``g`` or any ``T x T`` matrix per pair.
+    Products over the feature axes are accumulated in float32 for float32, float16
+    and bfloat16 inputs (float64 for float64); the sum over ``(t, t')`` is float64.
+    Non-contiguous inputs are copied to contiguous ones first.
+
+    Args:
+        a: ``(B, T, Da)`` layer inputs, float16, bfloat16, float32 or float64.
+        d: ``(B, T, Dd)`` gradients at the layer output, same dtype and device as ``a``.
+
+    Returns:
+        ``(B, B)`` float64 symmetric tensor on the inputs' device (zeros when ``T``,
+        ``Da`` or ``Dd`` is 0).
+    """
+    return torch.ops.sven_ext.seq_gram(a, d)
+
+
+def embedding_gram(indices: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Gram matrix ``K = J J^T`` of an Embedding layer.
+
+    ``K[i, j] = sum_{t, t'} [indices[i, t] == indices[j, t']] * (d_i[t] . d_j[t'])``: the
+    per-sample gradient scatters ``d_i[t]`` into row ``indices[i, t]`` of the table.
+    Dot products accumulate as in :func:`seq_gram`, the sum into K in float64. Index
+    values are compared, never used to address memory, so any int64 values work
+    (map padding tokens to zero rows of ``d`` to leave them out). Non-contiguous
+    inputs are copied to contiguous ones first.
+
+    Args:
+        indices: ``(B, T)`` int64 token indices.
+        d: ``(B, T, Dd)`` gradients at the embedding output, float16, bfloat16, float32
+            or float64, on the device of ``indices``.
+
+    Returns:
+        ``(B, B)`` float64 symmetric tensor on the inputs' device.
+    """
+    return torch.ops.sven_ext.embedding_gram(indices, d)
+
+
 @torch.library.register_fake("sven_ext::philox_raw")
 def _philox_raw_fake(counters, seed):
     torch._check(counters.dim() == 2 and counters.shape[1] == 4, lambda: "counters must have shape (N, 4)")
@@ -73,3 +115,24 @@ def _philox_raw_fake(counters, seed):
 @torch.library.register_fake("sven_ext::philox_fill_")
 def _philox_fill_fake(out, seed, stream, row_offset, col_offset, distribution):
     return None
+
+
+@torch.library.register_fake("sven_ext::seq_gram")
+def _seq_gram_fake(a, d):
+    torch._check(a.dim() == 3 and d.dim() == 3, lambda: "sven_ext.seq_gram: a and d must be 3-D")
+    torch._check(a.device == d.device, lambda: "sven_ext.seq_gram: a and d must be on one device")
+    torch._check(a.dtype == d.dtype, lambda: "sven_ext.seq_gram: a and d must have one dtype")
+    torch._check(a.shape[0] == d.shape[0] and a.shape[1] == d.shape[1], lambda: "sven_ext.seq_gram: B and T must match")
+    return a.new_empty((a.shape[0], a.shape[0]), dtype=torch.float64)
+
+
+@torch.library.register_fake("sven_ext::embedding_gram")
+def _embedding_gram_fake(indices, d):
+    torch._check(indices.dim() == 2 and d.dim() == 3, lambda: "sven_ext.embedding_gram: indices 2-D and d 3-D")
+    torch._check(indices.device == d.device, lambda: "sven_ext.embedding_gram: indices and d must be on one device")
+    torch._check(indices.dtype == torch.int64, lambda: "sven_ext.embedding_gram: indices must be int64")
+    torch._check(
+        indices.shape[0] == d.shape[0] and indices.shape[1] == d.shape[1],
+        lambda: "sven_ext.embedding_gram: B and T must match",
+    )
+    return d.new_empty((d.shape[0], d.shape[0]), dtype=torch.float64)

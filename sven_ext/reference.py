@@ -69,3 +69,37 @@ def random_block(
     else:
         raise ValueError(f"unknown distribution {distribution!r}")
     return values.reshape(rows, cols).to(dtype=dtype, device=device)
+
+
+def _row_blocks(batch: int, steps: int):
+    """Row ranges of K small enough that a (rows, B, T, T) float64 transient stays near 8 MB."""
+    rows = max(1, 2**20 // max(1, batch * steps * steps))
+    return [(i, min(batch, i + rows)) for i in range(0, batch, rows)]
+
+
+def seq_gram(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Reference for ``sven_ext.ops.seq_gram``: ``K[i, j] = sum_{t,t'} (a_i a_j^T)[t,t'] (d_i d_j^T)[t,t']``.
+
+    The literal definition in float64, a block of rows of K at a time.
+    """
+    a64, d64 = a.to(torch.float64), d.to(torch.float64)
+    k = torch.empty(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
+    for begin, end in _row_blocks(a.shape[0], a.shape[1]):
+        sa = torch.einsum("ita,jua->ijtu", a64[begin:end], a64)
+        sd = torch.einsum("itd,jud->ijtu", d64[begin:end], d64)
+        k[begin:end] = (sa * sd).sum(dim=(2, 3))
+    return k
+
+
+def embedding_gram(indices: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Reference for ``sven_ext.ops.embedding_gram``: ``K[i, j] = sum_{t,t'} [idx_i[t] == idx_j[t']] d_i[t].d_j[t']``.
+
+    The literal definition in float64, a block of rows of K at a time.
+    """
+    d64 = d.to(torch.float64)
+    k = torch.empty(d.shape[0], d.shape[0], dtype=torch.float64, device=d.device)
+    for begin, end in _row_blocks(d.shape[0], d.shape[1]):
+        match = indices[begin:end, None, :, None] == indices[None, :, None, :]
+        sd = torch.einsum("itd,jud->ijtu", d64[begin:end], d64)
+        k[begin:end] = torch.where(match, sd, 0.0).sum(dim=(2, 3))
+    return k

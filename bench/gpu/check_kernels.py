@@ -1,0 +1,229 @@
+"""CUDA against CPU for every op, the machine's ceilings, and kernel timings against them.
+
+Called by bench/gpu/check.sh on a GPU machine; runs the same sections on CPU (smaller
+sizes) when no GPU is visible or with --cpu-only, so it can be tried anywhere.
+
+Ceilings: device-to-device copy bandwidth (bytes read + written over time, one large
+tensor copy) and torch.mm rates in float32 (TF32 off) and float64. Kernel rates:
+seq_gram and embedding_gram count the fused formula's flops
+(2 * B(B+1)/2 * T^2 * (Da + Dd) + B(B+1)/2 * T^2) against the GEMM rate of their
+accumulation dtype; random_block counts bytes written against the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sven_ext
+from sven_ext import ops, reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Timer:
+    """Median seconds of fn() on `device` after warm-up (CUDA events on a GPU)."""
+
+    def __init__(self, device: str, warmup: int = 2, repeats: int = 10):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def fused_flops(b: int, t: int, da: int, dd: int) -> float:
+    pairs = b * (b + 1) / 2
+    return 2 * pairs * t * t * (da + dd) + pairs * t * t
+
+
+def ceilings(device: str, timer: Timer, big: bool) -> dict:
+    n_copy = (1 << 28) if big else (1 << 24)  # float32 elements: 1 GiB on a GPU, 64 MiB on a CPU
+    src = torch.randn(n_copy, device=device)
+    dst = torch.empty_like(src)
+    t_copy = timer(lambda: dst.copy_(src))
+    copy_bw = 2 * src.numel() * src.element_size() / t_copy
+    del src, dst
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = {"copy_GBps": copy_bw / 1e9}
+    for dtype in (torch.float32, torch.float64):
+        n = 8192 if big else 1024
+        x = torch.randn(n, n, device=device, dtype=dtype)
+        y = torch.randn(n, n, device=device, dtype=dtype)
+        t_mm = timer(lambda: torch.mm(x, y))
+        out[f"mm_{str(dtype)[6:]}_TFLOPs"] = 2 * n**3 / t_mm / 1e12
+    return out
+
+
+def compare(device: str, cpu_only: bool) -> list[dict]:
+    """Each op on `device` against the CPU op (on a GPU) or the reference (CPU only)."""
+    rows = []
+
+    def record(name, ok, detail):
+        rows.append({"check": name, "ok": bool(ok), "detail": detail})
+        print(f"  {'PASS' if ok else 'FAIL'}  {name:52s} {detail}", flush=True)
+
+    other = "cpu" if not cpu_only else None
+    gen = torch.Generator().manual_seed(0)
+    counters = torch.randint(0, 2**32, (100_000, 4), generator=gen, dtype=torch.int64)
+    want = ops.philox_raw(counters, 1234) if other else reference.philox_raw(counters, 1234)
+    got = ops.philox_raw(counters.to(device), 1234).cpu()
+    record("philox_raw bitwise", torch.equal(got, want), f"{counters.shape[0]} counters")
+
+    for distribution in ("gaussian", "rademacher"):
+        kwargs = dict(seed=99, stream=3, row_offset=17, col_offset=5, distribution=distribution, dtype=torch.float64)
+        got = ops.random_block(300, 257, device=device, **kwargs).cpu()
+        want = ops.random_block(300, 257, device="cpu", **kwargs) if other else reference.random_block(300, 257, **kwargs)
+        err = (got - want).abs().max().item()
+        ok = err == 0 if distribution == "rademacher" else err <= 1e-14
+        record(f"random_block {distribution} float64", ok, f"max abs diff {err:.2e}")
+
+    shapes = [(1, 1, 1, 1), (7, 13, 31, 65), (17, 5, 65, 3), (200, 13, 5, 3), (3, 600, 7, 2), (70, 1, 4, 4), (33, 64, 128, 96)]
+    for dtype, eps in ((torch.float64, 2.0**-53), (torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-24)):
+        for shape in shapes:
+            b, t, da, dd = shape
+            a = torch.randn(b, t, da, generator=gen).to(dtype)
+            d = torch.randn(b, t, dd, generator=gen).to(dtype)
+            got = ops.seq_gram(a.to(device), d.to(device)).cpu()
+            want = ops.seq_gram(a, d) if other else reference.seq_gram(a, d)
+            # Forward-error bound of the feature dot products (see tests/test_gram_kernels.py), for both sides.
+            norms = (a.double().norm(dim=2) * d.double().norm(dim=2)).sum(dim=1)
+            bound = 4 * (da + dd) * eps * norms[:, None] * norms[None, :] + 1e-300
+            ratio = ((got - want).abs() / bound).max().item()
+            sym = torch.equal(got, got.T)
+            record(f"seq_gram {str(dtype)[6:]} B{b} T{t} Da{da} Dd{dd}", ratio <= 1 and sym, f"err/bound {ratio:.2e}")
+            idx = torch.randint(0, 7, (b, t), generator=gen)
+            got = ops.embedding_gram(idx.to(device), d.to(device)).cpu()
+            want = ops.embedding_gram(idx, d) if other else reference.embedding_gram(idx, d)
+            norms = d.double().norm(dim=2).sum(dim=1)
+            bound = 4 * dd * eps * norms[:, None] * norms[None, :] + 1e-300
+            ratio = ((got - want).abs() / bound).max().item()
+            record(f"embedding_gram {str(dtype)[6:]} B{b} T{t} Dd{dd}", ratio <= 1 and torch.equal(got, got.T),
+                   f"err/bound {ratio:.2e}")
+    return rows
+
+
+def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
+    rows = []
+    if big:
+        seq_shapes = [(64, 64, 256, 256), (256, 4, 512, 512), (128, 16, 784, 512), (512, 64, 1024, 1024), (64, 512, 256, 256)]
+        emb_shapes = [(64, 64, 256, 1000), (256, 128, 512, 50000)]
+        fill_shape = (8192, 8192)
+    else:
+        seq_shapes = [(32, 16, 64, 64), (64, 4, 128, 128)]
+        emb_shapes = [(32, 16, 64, 100)]
+        fill_shape = (1024, 1024)
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        ceiling = ceil["mm_float64_TFLOPs"] if dtype == torch.float64 else ceil["mm_float32_TFLOPs"]
+        for b, t, da, dd in seq_shapes:
+            a = torch.randn(b, t, da, generator=gen).to(dtype=dtype, device=device)
+            d = torch.randn(b, t, dd, generator=gen).to(dtype=dtype, device=device)
+            sec = timer(lambda: ops.seq_gram(a, d))
+            tflops = fused_flops(b, t, da, dd) / sec / 1e12
+            row = {"op": "seq_gram", "shape": [b, t, da, dd], "dtype": str(dtype)[6:], "ms": sec * 1e3,
+                   "TFLOPs": tflops, "of_mm_ceiling": tflops / ceiling}
+            if dtype != torch.bfloat16 and b * da * dd * 8 <= 2e9:
+                def per_sample():
+                    g = torch.einsum("btd,bta->bda", d.double(), a.double()).flatten(1)
+                    return g @ g.T
+
+                row["per_sample_ms"] = timer(per_sample) * 1e3
+            rows.append(row)
+        for b, t, dd, vocab in emb_shapes:
+            idx = torch.randint(0, vocab, (b, t), generator=gen).to(device)
+            d = torch.randn(b, t, dd, generator=gen).to(dtype=dtype, device=device)
+            sec = timer(lambda: ops.embedding_gram(idx, d))
+            tflops = fused_flops(b, t, 0, dd) / sec / 1e12
+            rows.append({"op": "embedding_gram", "shape": [b, t, dd, vocab], "dtype": str(dtype)[6:], "ms": sec * 1e3,
+                         "TFLOPs": tflops, "of_mm_ceiling": tflops / ceiling})
+    for distribution in ("gaussian", "rademacher"):
+        out = torch.empty(fill_shape, device=device)
+        sec = timer(lambda: torch.ops.sven_ext.philox_fill_(out, 7, 1, 0, 0, distribution))
+        gbps = out.numel() * out.element_size() / sec / 1e9
+        rows.append({"op": f"random_block {distribution}", "shape": list(fill_shape), "dtype": "float32",
+                     "ms": sec * 1e3, "GBps_written": gbps, "of_copy_ceiling": gbps / ceil["copy_GBps"]})
+    return rows
+
+
+def print_timings(rows: list[dict]) -> None:
+    print(f"  {'op':23s} {'shape':20s} {'dtype':9s} {'ms':>9s} {'rate':>15s} {'of ceiling':>10s} {'per-sample ms':>13s}")
+    for r in rows:
+        if "TFLOPs" in r:
+            tflops = r["TFLOPs"]
+            rate = f"{tflops:.2f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
+            frac = r["of_mm_ceiling"]
+        else:
+            rate, frac = f"{r['GBps_written']:.0f} GB/s", r["of_copy_ceiling"]
+        extra = f"{r['per_sample_ms']:13.3f}" if "per_sample_ms" in r else ""
+        shape = "x".join(str(v) for v in r["shape"])
+        print(f"  {r['op']:23s} {shape:20s} {r['dtype']:9s} {r['ms']:9.3f} {rate:>15s} {frac:10.1%} {extra}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-only", action="store_true", help="run on CPU even when a GPU is visible")
+    parser.add_argument("--json", type=Path, action="append", default=[], help="write the full results here (repeatable)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    cpu_only = args.cpu_only or not torch.cuda.is_available()
+    device = "cpu" if cpu_only else "cuda"
+    big = not cpu_only
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "sven_ext_with_cuda": sven_ext.WITH_CUDA,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if not cpu_only else platform.processor() or "cpu",
+        "cpu_only": cpu_only,
+    }
+    if not cpu_only:
+        props = torch.cuda.get_device_properties(0)
+        env.update(multiprocessors=props.multi_processor_count, memory_GiB=props.total_memory / 2**30)
+    print("environment:", json.dumps(env), flush=True)
+    if cpu_only:
+        print("no GPU in use: CPU sizes, ops checked against the pure-torch reference", flush=True)
+
+    timer = Timer(device, repeats=args.repeats)
+    print("== CUDA vs CPU" if not cpu_only else "== ops vs reference", flush=True)
+    checks = compare(device, cpu_only)
+    print("== ceilings", flush=True)
+    ceil = ceilings(device, timer, big)
+    print("  " + "  ".join(f"{k} {v:.2f}" for k, v in ceil.items()), flush=True)
+    print("== kernel timings (median of %d after warm-up)" % args.repeats, flush=True)
+    rows = timings(device, timer, ceil, big)
+    print_timings(rows)
+
+    failed = [c["check"] for c in checks if not c["ok"]]
+    print(f"== {len(checks) - len(failed)}/{len(checks)} comparisons passed", flush=True)
+    payload = {"environment": env, "checks": checks, "ceilings": ceil, "timings": rows}
+    for path in args.json:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The exact Gram backend: Sven steps without ever forming the Jacobian (DESIGN.md section 2.1).
+
+One forward pass (the closure) with hooks and one batched backward pass give per-layer
+factors (:mod:`sven_ext.capture`). ``K = J J^T`` is accumulated from them in float64,
+layer by layer; :func:`sven_ext.linalg.solve_gram` gives ``c``; the direction ``J^T c``
+is one weighted contraction per layer. Memory ``O(R^2)`` plus the factors.
+
+Per parameter, ``K_p`` comes from the cheapest exact route:
+
+- Linear/conv weight and bias with one position per sample (``T = 1``):
+  ``(A A^T + 1) * (D D^T)``, two GEMMs.
+- ``T > 1``: a cost model picks ``ops.seq_gram`` (``~R^2 T^2 (din + dout)``, no per-sample
+  gradient) or per-sample gradients in row chunks (``~R T din dout + R^2 din dout``).
+- Embedding tables: ``ops.embedding_gram``.
+- Small parameters (biases, norm affines): their materialised per-row gradients, all
+  concatenated into one ``G`` and one ``G G^T``.
+- Anything else (a parameter with uses of several kinds, e.g. an embedding tied to an
+  output head; fallback modules): per-row gradients in row chunks, ``K += G_I G_J^T``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import ops
+from ..capture import DirectUse, EmbeddingUse, LinearUse, capture, factor_bytes
+from ..linalg import solve_gram
+from ..residuals import rows_from_closure_output
+from .base import Backend, StepDirection, StepSettings
+
+# A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
+SEQ_GRAM_COST_FACTOR = 2.0
+
+
+class GramBackend(Backend):
+    """Exact ``K = J J^T`` from per-layer factors; ``c`` from its eigendecomposition.
+
+    The first step also checks the factors: the direction they give for random row
+    weights ``w`` must equal ``J^T w`` from autograd, parameter by parameter. This
+    catches a parameter read outside its module's forward, a layer that mixes samples,
+    or a batch that is not on axis 0, with an error naming the parameter.
+
+    Attributes:
+        row_budget_bytes: most bytes of per-row gradients held at once (float64).
+    """
+
+    name = "gram"
+    row_budget_bytes = 1 << 27
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
+        super().__init__(model, params)
+        self._names = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), name)
+        self._checked = False
+
+    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        dtype = settings.solve_dtype
+        with torch.enable_grad():
+            with capture(self.model, self.params) as cap:
+                output = closure()
+            rows = rows_from_closure_output(output, settings.kappa)
+            probe = None if self._checked else self._probe(rows.residual)
+            uses = cap.uses(rows.per_sample, settings.chunk_rows)
+            by_param = {id(p): [] for p in self.params}
+            for use in uses:
+                for p in use.params:
+                    by_param[id(p)].append(use)
+            self._check_uncovered(rows.residual, by_param)
+            if probe is not None:
+                self._check_factors(uses, *probe)
+                self._checked = True
+
+        residual = rows.residual.detach().to(dtype)
+        count = residual.numel()
+        gram, paths = self._gram(uses, count, dtype)
+        truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
+        solution = solve_gram(gram, residual, truncation)
+        directions = self._directions(uses, solution.coefficients)
+        info = {
+            "gram_bytes": gram.nbytes,
+            "factor_bytes": factor_bytes(uses),
+            "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
+            "checked": probe is not None,
+        }
+        return StepDirection(directions, rows, solution, info)
+
+    # ----------------------------------------------------------------- checks
+
+    def _probe(self, residual: torch.Tensor):
+        """Random row weights ``w`` and ``J^T w`` from autograd (one ordinary backward pass)."""
+        generator = torch.Generator(device=residual.device).manual_seed(0x5EED)
+        weights = torch.randn(residual.shape, generator=generator, device=residual.device).to(residual.dtype)
+        grads = torch.autograd.grad(residual, self.params, grad_outputs=weights, retain_graph=True, allow_unused=True)
+        return weights, grads
+
+    def _check_uncovered(self, residual: torch.Tensor, by_param: dict) -> None:
+        """A moving parameter with no use must not affect the rows (one cheap backward if any)."""
+        missing = [p for p in self.params if not by_param[id(p)]]
+        if not missing:
+            return
+        grads = torch.autograd.grad(residual.sum(), missing, retain_graph=True, allow_unused=True)
+        uncovered = [self._names.get(id(p), "?") for p, g in zip(missing, grads) if g is not None]
+        if uncovered:
+            raise RuntimeError(
+                f"the gram backend captured no per-sample factors for parameter(s) {uncovered}, yet the "
+                "residuals depend on them: they are used outside the forward of the module that owns "
+                "them (e.g. `x @ layer.weight.T`). Call the module instead, or use backend='dense'"
+            )
+
+    def _check_factors(self, uses: list, weights: torch.Tensor, grads) -> None:
+        """The factors' ``J^T w`` must match autograd's, parameter by parameter."""
+        dtype = torch.float64
+        from_factors = self._directions(uses, weights.to(dtype))
+        tolerance = math.sqrt(torch.finfo(weights.dtype).eps)
+        for p, mine, true in zip(self.params, from_factors, grads):
+            true = torch.zeros_like(mine) if true is None else true.to(dtype)
+            error = float((mine - true).norm())
+            scale = float(true.norm() + mine.norm())
+            if error > tolerance * scale:
+                raise RuntimeError(
+                    f"the gram backend's per-sample factors for parameter {self._names.get(id(p), '?')!r} do not "
+                    f"reproduce its gradient (relative error {error / scale:.2e}): a module reads it outside "
+                    "its own forward, a layer mixes samples (batch statistics, a loss normalised over the "
+                    "batch), or a layer's batch is not on axis 0. Use backend='dense' for this model"
+                )
+
+    # ----------------------------------------------------------------- K and J^T c
+
+    def _directions(self, uses: list, c: torch.Tensor) -> list[torch.Tensor]:
+        total = {id(p): torch.zeros(p.shape, dtype=c.dtype, device=c.device) for p in self.params}
+        for use in uses:
+            for p, part in zip(use.params, use.direction(c)):
+                total[id(p)] += part
+        return [total[id(p)] for p in self.params]
+
+    def _gram(self, uses: list, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+        """``K = sum_p K_p`` in ``dtype``, and the route each parameter took."""
+        gram = torch.zeros(rows, rows, dtype=dtype, device=self.params[0].device)
+        paths = {}
+        direct = []
+        for params, group in _components(uses):
+            kinds = {type(u) for u in group}
+            if len(params) == 1 and kinds == {DirectUse}:
+                direct.append(sum(u.g.to(dtype) for u in group) if len(group) > 1 else group[0].g.to(dtype))
+                path = "direct"
+            elif kinds == {LinearUse} and _mergeable(group):
+                path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes)
+            elif len(params) == 1 and kinds == {EmbeddingUse}:
+                path = _embedding_gram(_merge_embedding(group), gram)
+            else:
+                _rows_gram(group, params, gram, self.row_budget_bytes)
+                path = "rows"
+            paths.update((id(p), path) for p in params)
+        if direct:
+            g = torch.cat(direct, dim=1)
+            gram.addmm_(g, g.T)
+        return gram, paths
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _components(uses: list):
+    """Groups uses by connected parameters: ``[(params, uses)]`` (a use may cover several)."""
+    parent = {}
+
+    def root(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    tensors = {}
+    for use in uses:
+        keys = [id(p) for p in use.params]
+        tensors.update(zip(keys, use.params))
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+        root(keys[0])
+    groups: dict = {}
+    for use in uses:
+        groups.setdefault(root(id(use.params[0])), []).append(use)
+    out = []
+    for group in groups.values():
+        seen = {}
+        for use in group:
+            for p in use.params:
+                seen.setdefault(id(p), p)
+        out.append((list(seen.values()), group))
+    return out
+
+
+def _mergeable(group: list) -> bool:
+    """Uses of one weight (and bias) with one layout: a module called several times."""
+    first = group[0]
+    return all(
+        u.param is first.param and u.bias is first.bias and u.a.shape[2:] == first.a.shape[2:]
+        and u.d.shape[2:] == first.d.shape[2:]
+        for u in group
+    )
+
+
+def _merge_linear(group: list) -> LinearUse:
+    """Uses of one weight (a module called twice, tied weights): concatenate along T."""
+    if len(group) == 1:
+        return group[0]
+    samples = max(u.a.shape[0] for u in group)
+    a = torch.cat([u.a.expand(samples, *u.a.shape[1:]) for u in group], dim=1)
+    d = torch.cat([u.d for u in group], dim=1)
+    return LinearUse(group[0].param, a, d, group[0].bias)
+
+
+def _merge_embedding(group: list) -> EmbeddingUse:
+    if len(group) == 1:
+        return group[0]
+    samples = max(u.indices.shape[0] for u in group)
+    indices = torch.cat([u.indices.expand(samples, -1) for u in group], dim=1)
+    return EmbeddingUse(group[0].param, indices, torch.cat([u.d for u in group], dim=1))
+
+
+def _per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(S, ...)`` per sample -> ``(R, ...)`` per row (each sample repeated for its ``m`` rows)."""
+    m = rows // x.shape[0]
+    return x if m == 1 else x.repeat_interleave(m, dim=0)
+
+
+def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
+    """Adds ``K_w`` of a Linear/conv weight to ``gram``; returns the route taken."""
+    dtype = gram.dtype
+    samples, steps, groups, din = use.a.shape
+    rows, dout = use.d.shape[0], use.d.shape[3]
+    m = rows // samples
+    if steps == 1:
+        # K[r, q] = (a_s(r) . a_s(q) + [bias]) * (d_r . d_q), group by group.
+        a = use.a.reshape(samples, groups, din).to(dtype)
+        d = use.d.reshape(rows, groups, dout).to(dtype)
+        for g in range(groups):
+            aa = a[:, g] @ a[:, g].T
+            if use.bias is not None:
+                aa += 1
+            dd = d[:, g] @ d[:, g].T
+            gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
+        return "gemm"
+    seq_cost = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
+    chunk = _chunk(rows, groups * din * dout, budget)
+    passes = math.ceil(rows / chunk)
+    row_cost = groups * (rows * steps * din * dout * (passes + 1) / 2 + rows * rows * din * dout / 2)
+    if seq_cost <= row_cost:
+        a = _per_row(use.a, rows)
+        for g in range(groups):
+            # Float64 factors: float32 dot products would perturb K by ~1e-7 ||K||, too much at cond(K) = 1e6.
+            gram.add_(ops.seq_gram(a[:, :, g].to(dtype), use.d[:, :, g].to(dtype)).to(dtype))
+        if use.bias is not None:
+            bias = use.d.sum(1).reshape(rows, -1).to(dtype)
+            gram.addmm_(bias, bias.T)
+        return "seq_gram"
+    _rows_gram([use], list(use.params), gram, budget)
+    return "rows"
+
+
+def _embedding_gram(use: EmbeddingUse, gram: torch.Tensor) -> str:
+    rows = use.d.shape[0]
+    indices = _per_row(use.indices, rows) if use.indices.shape[0] > 1 else use.indices.expand(rows, -1)
+    gram.add_(ops.embedding_gram(indices, use.d.to(gram.dtype)).to(gram.dtype))
+    return "embedding_gram"
+
+
+def _chunk(rows: int, width: int, budget: int) -> int:
+    return max(1, min(rows, budget // max(1, 8 * width)))
+
+
+def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budget: int) -> None:
+    """``K += G G^T`` with ``G`` the per-row gradients of ``params`` (sum over ``group``), in row chunks."""
+    dtype = gram.dtype
+    rows = gram.shape[0]
+    offsets, width = {}, 0
+    for p in params:
+        offsets[id(p)] = width
+        width += p.numel()
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        if len(group) == 1 and len(group[0].params) == len(params):
+            return group[0].rows(start, stop, dtype)  # already laid out as params
+        out = torch.zeros(stop - start, width, dtype=dtype, device=gram.device)
+        for use in group:
+            part = use.rows(start, stop, dtype)
+            col = 0
+            for p in use.params:
+                at = offsets[id(p)]
+                out[:, at:at + p.numel()] += part[:, col:col + p.numel()]
+                col += p.numel()
+        return out
+
+    chunk = _chunk(rows, width, budget)
+    starts = list(range(0, rows, chunk))
+    for i, start in enumerate(starts):
+        stop = min(start + chunk, rows)
+        gi = block(start, stop)
+        gram[start:stop, start:stop].addmm_(gi, gi.T)
+        for other in starts[i + 1:]:
+            end = min(other + chunk, rows)
+            cross = gi @ block(other, end).T
+            gram[start:stop, other:end] += cross
+            gram[other:end, start:stop] += cross.T
