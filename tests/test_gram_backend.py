@@ -315,3 +315,29 @@ def test_never_allocates_the_jacobian():
             with LargestStorage() as mode:
                 opt.step(lambda: loss(model))
             assert (mode.largest < limit) is expect_below, (backend, mode.largest, limit)
+
+
+@pytest.mark.parametrize("rows", ["losses", "residuals"])
+def test_gram_matrix_equals_explicit_jacobian_gram(rows):
+    model = tiny_transformer(steps=4)
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 11, (7, 4))
+
+    def closure():
+        logits = model(tokens)
+        if rows == "residuals":
+            return sven_ext.Residuals(logits[:, -1, :3])
+        return logits.square().mean(dim=(1, 2))
+
+    gram = sven_ext.gram_matrix(model, closure)
+    output = closure()
+    residual = output.values.reshape(-1) if rows == "residuals" else output
+    params = list(model.parameters())
+    jac = torch.cat([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(r, params, retain_graph=True, allow_unused=True,
+                                                            materialize_grads=True)])[None]
+        for r in residual
+    ])
+    expected = jac @ jac.T
+    assert gram.shape == (residual.numel(), residual.numel())
+    assert float((gram - expected).norm() / expected.norm()) < 1e-12

@@ -27,7 +27,7 @@ import torch
 
 from .. import ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, capture, factor_bytes
-from ..linalg import solve_gram
+from ..linalg import Truncation, solve_gram
 from ..residuals import rows_from_closure_output
 from .base import Backend, StepDirection, StepSettings
 
@@ -59,6 +59,28 @@ class GramBackend(Backend):
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         dtype = settings.solve_dtype
+        rows, uses, checked = self.factors(closure, settings)
+        residual = rows.residual.detach().to(dtype)
+        count = residual.numel()
+        gram, paths = self._gram(uses, count, dtype)
+        truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
+        solution = solve_gram(gram, residual, truncation)
+        directions = self._directions(uses, solution.coefficients)
+        info = {
+            "gram_bytes": gram.nbytes,
+            "factor_bytes": factor_bytes(uses),
+            "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
+            "checked": checked,
+        }
+        return StepDirection(directions, rows, solution, info)
+
+    def gram(self, closure, settings: StepSettings) -> torch.Tensor:
+        """``K = J J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
+        rows, uses, _ = self.factors(closure, settings)
+        return self._gram(uses, rows.residual.numel(), settings.solve_dtype)[0]
+
+    def factors(self, closure, settings: StepSettings):
+        """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran)."""
         with torch.enable_grad():
             with capture(self.model, self.params) as cap:
                 output = closure()
@@ -73,20 +95,7 @@ class GramBackend(Backend):
             if probe is not None:
                 self._check_factors(uses, *probe)
                 self._checked = True
-
-        residual = rows.residual.detach().to(dtype)
-        count = residual.numel()
-        gram, paths = self._gram(uses, count, dtype)
-        truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
-        solution = solve_gram(gram, residual, truncation)
-        directions = self._directions(uses, solution.coefficients)
-        info = {
-            "gram_bytes": gram.nbytes,
-            "factor_bytes": factor_bytes(uses),
-            "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
-            "checked": probe is not None,
-        }
-        return StepDirection(directions, rows, solution, info)
+        return rows, uses, probe is not None
 
     # ----------------------------------------------------------------- checks
 
@@ -114,7 +123,7 @@ class GramBackend(Backend):
     def _check_factors(self, uses: list, weights: torch.Tensor, grads) -> None:
         """The factors' ``J^T w`` must match autograd's, parameter by parameter."""
         dtype = torch.float64
-        from_factors = self._directions(uses, weights.to(dtype))
+        from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
         tolerance = math.sqrt(torch.finfo(weights.dtype).eps)
         for p, mine, true in zip(self.params, from_factors, grads):
             true = torch.zeros_like(mine) if true is None else true.to(dtype)
@@ -130,12 +139,21 @@ class GramBackend(Backend):
 
     # ----------------------------------------------------------------- K and J^T c
 
-    def _directions(self, uses: list, c: torch.Tensor) -> list[torch.Tensor]:
-        total = {id(p): torch.zeros(p.shape, dtype=c.dtype, device=c.device) for p in self.params}
+    def _directions(self, uses: list, c: torch.Tensor, in_param_dtype: bool = True) -> list[torch.Tensor]:
+        """``J^T c`` per parameter.
+
+        With ``in_param_dtype`` each use contracts in its factors' precision (float32 for float32
+        models: the factors' own rounding already bounds the accuracy, and the float32 GEMM is
+        twice as fast) and no float64 copy of the parameters is ever held; else in ``c.dtype``.
+        """
+        total = {}
         for use in uses:
-            for p, part in zip(use.params, use.direction(c)):
-                total[id(p)] += part
-        return [total[id(p)] for p in self.params]
+            weights = c.to(_gemm_dtype(use.params[0].dtype)) if in_param_dtype else c
+            for p, part in zip(use.params, use.direction(weights)):
+                part = part.to(p.dtype) if in_param_dtype else part
+                total[id(p)] = part if id(p) not in total else total[id(p)].add_(part)
+        dtype = None if in_param_dtype else c.dtype
+        return [total[id(p)] if id(p) in total else torch.zeros_like(p, dtype=dtype) for p in self.params]
 
     def _gram(self, uses: list, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
         """``K = sum_p K_p`` in ``dtype``, and the route each parameter took."""
@@ -234,14 +252,17 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
     rows, dout = use.d.shape[0], use.d.shape[3]
     m = rows // samples
     if steps == 1:
-        # K[r, q] = (a_s(r) . a_s(q) + [bias]) * (d_r . d_q), group by group.
-        a = use.a.reshape(samples, groups, din).to(dtype)
-        d = use.d.reshape(rows, groups, dout).to(dtype)
+        # K[r, q] = (a_s(r) . a_s(q) + [bias]) * (d_r . d_q), group by group. The two GEMMs run in
+        # the factors' precision (their rounding already bounds K's accuracy); the product and the
+        # sum over layers in float64.
+        work = _gemm_dtype(use.a.dtype)
+        a = use.a.reshape(samples, groups, din).to(work)
+        d = use.d.reshape(rows, groups, dout).to(work)
         for g in range(groups):
-            aa = a[:, g] @ a[:, g].T
+            aa = (a[:, g] @ a[:, g].T).to(dtype)
             if use.bias is not None:
                 aa += 1
-            dd = d[:, g] @ d[:, g].T
+            dd = (d[:, g] @ d[:, g].T).to(dtype)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
         return "gemm"
     seq_cost = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
@@ -250,15 +271,21 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
     row_cost = groups * (rows * steps * din * dout * (passes + 1) / 2 + rows * rows * din * dout / 2)
     if seq_cost <= row_cost:
         a = _per_row(use.a, rows)
+        work = _gemm_dtype(use.a.dtype)
         for g in range(groups):
-            # Float64 factors: float32 dot products would perturb K by ~1e-7 ||K||, too much at cond(K) = 1e6.
-            gram.add_(ops.seq_gram(a[:, :, g].to(dtype), use.d[:, :, g].to(dtype)).to(dtype))
+            # seq_gram accumulates the sum over (t, t') in float64 whatever the input precision.
+            gram.add_(ops.seq_gram(a[:, :, g].to(work), use.d[:, :, g].to(work)).to(dtype))
         if use.bias is not None:
             bias = use.d.sum(1).reshape(rows, -1).to(dtype)
             gram.addmm_(bias, bias.T)
         return "seq_gram"
     _rows_gram([use], list(use.params), gram, budget)
     return "rows"
+
+
+def _gemm_dtype(factor_dtype: torch.dtype) -> torch.dtype:
+    """Float32 or float64 as the factors are (half precision factors are promoted)."""
+    return torch.float64 if factor_dtype == torch.float64 else torch.float32
 
 
 def _embedding_gram(use: EmbeddingUse, gram: torch.Tensor) -> str:
@@ -305,3 +332,26 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
             cross = gi @ block(other, end).T
             gram[start:stop, other:end] += cross
             gram[other:end, start:stop] += cross.T
+
+
+def gram_matrix(model: torch.nn.Module, closure, *, params=None, kappa: float = 2.0,
+                dtype: torch.dtype = torch.float64, check: bool = True) -> torch.Tensor:
+    """The Gram matrix ``K = J J^T`` (the empirical NTK of the residual rows), without forming ``J``.
+
+    Args:
+        model: the module the closure runs.
+        closure: returns per-sample losses ``(B,)`` or :class:`sven_ext.Residuals`, as for ``Sven.step``.
+        params: parameters that span ``J`` (default: every trainable parameter of ``model``).
+        kappa: residuals are ``loss ** (kappa / 2)`` for per-sample losses.
+        dtype: dtype of ``K`` (float64 by default).
+        check: first verify that the captured factors reproduce autograd's ``J^T w`` for random
+            ``w`` (one extra backward pass; catches models the factors do not describe).
+
+    Returns:
+        ``(R, R)`` symmetric matrix on the parameters' device.
+    """
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    settings = StepSettings(Truncation(None, 0.0), kappa, dtype)
+    backend = GramBackend(model, params)
+    backend._checked = not check
+    return backend.gram(closure, settings)

@@ -1,0 +1,170 @@
+"""Step time and peak memory: Sven (gram, dense) vs Adam vs TorchJD's Gramian, one process.
+
+For each model and batch size it measures, side by side:
+
+- ``adam``: one Adam step (forward, backward, update);
+- ``sven_gram``: one Sven step with the exact Gram backend;
+- ``sven_dense``: one Sven step with the dense backend (the paper's algorithm);
+- ``gram_only``: sven_ext's Gram matrix alone (forward + capture + K), and
+- ``torchjd``: TorchJD's ``autogram.Engine.compute_gramian`` for the same matrix (forward + Gramian),
+  when ``torchjd`` is installed (``pip install torchjd``).
+
+Peak memory is the process's resident high-water mark above what it held before each
+call (Linux ``/proc/self/clear_refs``), so BLAS and allocator overheads count too.
+
+    python bench/step_bench.py                 # all models, writes bench/results/step_bench.json
+    python bench/step_bench.py --models mlp1 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import sven_ext  # noqa: E402
+from sven_ext import testing  # noqa: E402
+
+try:
+    from torchjd.autogram import Engine as TorchJDEngine
+except ImportError:  # optional comparison
+    TorchJDEngine = None
+
+
+def _case(name, build, batch, make_batch, loss):
+    return {"name": name, "build": build, "batch": batch, "make_batch": make_batch, "loss": loss}
+
+
+def _classification(batch, shape, classes, generator):
+    return torch.randn(batch, *shape, generator=generator), torch.randint(0, classes, (batch,), generator=generator)
+
+
+def _cross_entropy(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _regression(out, y):
+    return (out - y).square().flatten(1).mean(dim=1)
+
+
+class BenchCNN(torch.nn.Module):
+    """conv(1->16, 3x3) - conv(16->32, 3x3, stride 2) - conv(32->32, 3x3, stride 2) - fc(1568->10), ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        )
+        self.head = torch.nn.Linear(32 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+CASES = {
+    "mlp1": _case("MLP 784-512-512-10, B=256", lambda: testing.mlp([784, 512, 512, 10], "relu", dtype=torch.float32),
+                  256, lambda b, g: _classification(b, (784,), 10, g), _cross_entropy),
+    "mlp2": _case("MLP 784-1024-1024-10, B=128",
+                  lambda: testing.mlp([784, 1024, 1024, 10], "relu", dtype=torch.float32), 128,
+                  lambda b, g: _classification(b, (784,), 10, g), _cross_entropy),
+    "transformer": _case("transformer block d=256, 4 heads, T=64, B=64", lambda: testing.Block(256, 4), 64,
+                         lambda b, g: (torch.randn(b, 64, 256, generator=g), torch.randn(b, 64, 256, generator=g)),
+                         _regression),
+    "cnn": _case("CNN 1x28x28 (conv16, conv32/2, conv32/2, fc10), B=128", BenchCNN, 128,
+                 lambda b, g: _classification(b, (1, 28, 28), 10, g), _cross_entropy),
+}
+
+
+def run_case(key: str, repeats: int, dense_repeats: int) -> dict:
+    case = CASES[key]
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = case["build"]()
+    x, y = case["make_batch"](case["batch"], generator)
+    loss_fn = case["loss"]
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\n== {case['name']}: {params:,} parameters", flush=True)
+
+    def closure():
+        return loss_fn(model(x), y)
+
+    adam = torch.optim.Adam(model.parameters(), lr=1e-6)
+
+    def adam_step():
+        adam.zero_grad()
+        closure().mean().backward()
+        adam.step()
+
+    sven_gram = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="gram")
+    sven_dense = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="dense")
+    results = {
+        "adam": common.measure(adam_step, repeats=repeats),
+        "sven_gram": common.measure(lambda: sven_gram.step(closure), repeats=repeats),
+        # The factor check (one extra backward) ran in the first call below; time the Gram alone.
+        "gram_only": common.measure(lambda: sven_ext.gram_matrix(model, closure, check=False), repeats=repeats),
+    }
+    ours = sven_ext.gram_matrix(model, closure)
+    if TorchJDEngine is not None:
+        engine = TorchJDEngine(*_direct_modules(model), batch_dim=0)
+
+        def torchjd_gram():
+            return engine.compute_gramian(closure())
+
+        results["torchjd"] = common.measure(torchjd_gram, repeats=repeats)
+        theirs = torchjd_gram().to(torch.float64)
+        results["torchjd"]["relative_difference_to_ours"] = float((theirs - ours).norm() / ours.norm())
+        del engine
+    if dense_repeats > 0:
+        results["sven_dense"] = common.measure(lambda: sven_dense.step(closure), repeats=dense_repeats, warmup=0)
+    rows = case["batch"]
+    factor_bytes = sven_gram.last_info.get("factor_bytes")
+    summary = {
+        "name": case["name"], "parameters": params, "batch": rows, "results": results,
+        "gram_bytes": 8 * rows * rows, "factor_bytes": factor_bytes,
+        "ratio_gram_step_to_adam": results["sven_gram"]["median_s"] / results["adam"]["median_s"],
+    }
+    if "sven_dense" in results:
+        summary["speedup_gram_vs_dense"] = results["sven_dense"]["median_s"] / results["sven_gram"]["median_s"]
+    if "torchjd" in results:
+        summary["speedup_gram_vs_torchjd"] = results["torchjd"]["median_s"] / results["gram_only"]["median_s"]
+    extra = results["sven_gram"]["peak_extra_bytes"] - results["adam"]["peak_extra_bytes"]
+    summary["extra_peak_over_adam_bytes"] = extra
+    if factor_bytes is not None:
+        summary["memory_budget_bytes"] = 2 * (8 * rows * rows + factor_bytes)
+    for method, r in results.items():
+        print(f"  {method:<11} median {r['median_s'] * 1e3:10.1f} ms   peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
+    return summary
+
+
+def _direct_modules(model):
+    """Modules that directly own parameters (TorchJD wants ones that are not nested in each other)."""
+    return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (median reported)")
+    parser.add_argument("--dense-repeats", type=int, default=1, help="timed dense-backend steps (0 to skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default="step_bench.json", help="file name under bench/results/")
+    args = parser.parse_args(argv)
+    common.exact_memory_accounting()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [run_case(key, args.repeats, args.dense_repeats) for key in args.models]
+    path = common.write_json(args.out, {"command": "python bench/step_bench.py " + " ".join(argv or sys.argv[1:]),
+                                        "cases": cases})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
