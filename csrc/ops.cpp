@@ -22,4 +22,14 @@ TORCH_LIBRARY(sven_ext, m) {
   // Gram matrix of an Embedding: indices (B, T) int64, d (B, T, Dd) output gradients,
   // K[i, j] = sum_{t, t'} [indices_i[t] == indices_j[t']] * (d_i[t] . d_j[t']).
   m.def("embedding_gram(Tensor indices, Tensor d) -> Tensor");
+  // Sketch of a Linear layer's Jacobian rows: a (R, T, d_in), d (R, T, d_out), per-row
+  // gradients G_r = d_r^T a_r flattened row-major (index o * d_in + i); returns
+  // Y (R, cols) float64, Y[r, j] = sum_p G_r[p] * Omega[row_offset + p, j] with Omega
+  // the virtual random matrix of philox_fill_ for (seed, stream), generated on the fly.
+  m.def(
+      "linear_sketch(Tensor a, Tensor d, int seed, int stream, int row_offset, int cols, str distribution) -> "
+      "Tensor");
+  // The same product with a stored z (d_out, d_in, s) in place of Omega: Y (R, s) float64,
+  // Y[r, j] = sum_{o, i} G_r[o, i] * z[o, i, j].
+  m.def("linear_project(Tensor a, Tensor d, Tensor z) -> Tensor");
 }

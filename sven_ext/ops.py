@@ -106,6 +106,65 @@ def embedding_gram(indices: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.ops.sven_ext.embedding_gram(indices, d)
 
 
+def linear_sketch(
+    a: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    seed: int,
+    stream: int,
+    row_offset: int = 0,
+    cols: int,
+    distribution: str = "gaussian",
+) -> torch.Tensor:
+    """Sketch ``Y = J_l Omega`` of a Linear layer's Jacobian rows, fused: no per-row gradient, no Omega stored.
+
+    Row ``r``'s gradient is ``G_r = d_r^T a_r`` (``(d_out, d_in)``, summed over T), flattened
+    row-major (entry ``(o, i)`` at index ``o * d_in + i``), and
+    ``Y[r, j] = sum_{o, i} G_r[o, i] * Omega[row_offset + o * d_in + i, j]``, where ``Omega`` is
+    the virtual matrix of :func:`random_block` for ``(seed, stream, distribution)``: its tiles
+    are regenerated where they are used. Several layers (or parameter blocks) of one model share
+    a stream by taking consecutive ``row_offset`` ranges. Columns are a function of the column
+    index only, so the first ``c`` columns of a sketch with ``cols > c`` equal the sketch with
+    ``cols = c``.
+
+    Computed in float64 for float64 inputs, otherwise in float32 (float16/bfloat16 inputs are
+    converted; Omega is rounded to float32) with each parameter tile's products summed in
+    float32 and the tiles' contributions summed into ``Y`` in float64. The result does not
+    depend on the thread count.
+
+    Args:
+        a: ``(R, T, d_in)`` layer inputs, float16, bfloat16, float32 or float64.
+        d: ``(R, T, d_out)`` gradients at the layer output, same dtype and device as ``a``.
+        seed: 64-bit generator key.
+        stream: 32-bit stream id, in ``[0, 2**32)``.
+        row_offset: row of Omega that parameter ``(0, 0)`` maps to, ``>= 0``.
+        cols: sketch size (columns of Omega), ``>= 1``.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+
+    Returns:
+        ``(R, cols)`` float64 tensor on the inputs' device (zeros when T, d_in or d_out is 0).
+    """
+    return torch.ops.sven_ext.linear_sketch(a, d, seed, stream, row_offset, cols, distribution)
+
+
+def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``Y = J_l Z_l`` for a Linear layer and a stored ``z``, fused: the per-row gradients are never stored.
+
+    ``Y[r, j] = sum_{o, i} G_r[o, i] * z[o, i, j]`` with ``G_r = d_r^T a_r``: the product of the
+    power iteration and of the Rayleigh-Ritz step. Computed in float64 when ``a`` or ``z`` is
+    float64 (``z`` of another dtype is converted once), otherwise as :func:`linear_sketch`.
+
+    Args:
+        a: ``(R, T, d_in)`` layer inputs, float16, bfloat16, float32 or float64.
+        d: ``(R, T, d_out)`` gradients at the layer output, same dtype and device as ``a``.
+        z: ``(d_out, d_in, s)`` floating, on the device of ``a``.
+
+    Returns:
+        ``(R, s)`` float64 tensor on the inputs' device.
+    """
+    return torch.ops.sven_ext.linear_project(a, d, z)
+
+
 @torch.library.register_fake("sven_ext::philox_raw")
 def _philox_raw_fake(counters, seed):
     torch._check(counters.dim() == 2 and counters.shape[1] == 4, lambda: "counters must have shape (N, 4)")
@@ -136,3 +195,28 @@ def _embedding_gram_fake(indices, d):
         lambda: "sven_ext.embedding_gram: B and T must match",
     )
     return d.new_empty((d.shape[0], d.shape[0]), dtype=torch.float64)
+
+
+def _check_linear_factors_fake(a, d, op):
+    torch._check(a.dim() == 3 and d.dim() == 3, lambda: f"sven_ext.{op}: a and d must be 3-D")
+    torch._check(a.device == d.device, lambda: f"sven_ext.{op}: a and d must be on one device")
+    torch._check(a.dtype == d.dtype, lambda: f"sven_ext.{op}: a and d must have one dtype")
+    torch._check(a.shape[0] == d.shape[0] and a.shape[1] == d.shape[1], lambda: f"sven_ext.{op}: R and T must match")
+
+
+@torch.library.register_fake("sven_ext::linear_sketch")
+def _linear_sketch_fake(a, d, seed, stream, row_offset, cols, distribution):
+    _check_linear_factors_fake(a, d, "linear_sketch")
+    torch._check(cols >= 1, lambda: "sven_ext.linear_sketch: cols must be >= 1")
+    return a.new_empty((a.shape[0], cols), dtype=torch.float64)
+
+
+@torch.library.register_fake("sven_ext::linear_project")
+def _linear_project_fake(a, d, z):
+    _check_linear_factors_fake(a, d, "linear_project")
+    torch._check(z.dim() == 3, lambda: "sven_ext.linear_project: z must be 3-D")
+    torch._check(
+        z.shape[0] == d.shape[2] and z.shape[1] == a.shape[2],
+        lambda: "sven_ext.linear_project: z must have shape (d_out, d_in, s)",
+    )
+    return a.new_empty((a.shape[0], z.shape[2]), dtype=torch.float64)

@@ -103,3 +103,102 @@ def embedding_gram(indices: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         sd = torch.einsum("itd,jud->ijtu", d64[begin:end], d64)
         k[begin:end] = torch.where(match, sd, 0.0).sum(dim=(2, 3))
     return k
+
+
+def _check_linear_factors(a: torch.Tensor, d: torch.Tensor, op: str) -> None:
+    """The shape, dtype and device agreement the linear sketch ops require of ``a`` and ``d``."""
+    if a.dim() != 3 or d.dim() != 3:
+        raise ValueError(f"{op}: a and d must be 3-D, got shapes {tuple(a.shape)} and {tuple(d.shape)}")
+    if a.shape[:2] != d.shape[:2]:
+        raise ValueError(f"{op}: a and d must agree in (R, T), got {tuple(a.shape)} and {tuple(d.shape)}")
+    if a.dtype != d.dtype or a.device != d.device:
+        raise ValueError(f"{op}: a and d must share dtype and device, got {a.dtype}/{a.device} and {d.dtype}/{d.device}")
+
+
+def _output_blocks(rows: int, d_in: int, d_out: int, cols: int):
+    """Ranges of output features whose per-row gradients and random rows stay near 8 MB in float64."""
+    per_output = d_in * max(rows, cols, 1)
+    step = max(1, 2**20 // max(1, per_output))
+    return [(o, min(d_out, o + step)) for o in range(0, d_out, step)]
+
+
+def linear_sketch(
+    a: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    seed: int,
+    stream: int,
+    row_offset: int = 0,
+    cols: int,
+    distribution: str = "gaussian",
+) -> torch.Tensor:
+    """Reference for ``sven_ext.ops.linear_sketch``: per-row gradients of a Linear layer times a virtual Omega.
+
+    Row ``r``'s gradient is ``G_r = d_r^T a_r`` (``(d_out, d_in)``, summed over T),
+    flattened row-major (entry ``(o, i)`` at index ``o * d_in + i``), and
+    ``Y[r, j] = sum_{o, i} G_r[o, i] * Omega[row_offset + o * d_in + i, j]`` where
+    ``Omega`` is the virtual matrix of :func:`random_block` with this ``(seed, stream)``.
+    The literal definition in float64, a block of output features at a time
+    (``G`` and ``Omega`` are materialised only block by block).
+
+    Args:
+        a: ``(R, T, d_in)`` layer inputs, floating.
+        d: ``(R, T, d_out)`` gradients at the layer output, same dtype and device as ``a``.
+        seed: 64-bit generator key.
+        stream: 32-bit stream id.
+        row_offset: row of ``Omega`` that parameter ``(0, 0)`` maps to.
+        cols: columns of ``Omega`` (sketch size), ``>= 1``.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+
+    Returns:
+        ``(R, cols)`` float64 tensor on the inputs' device.
+    """
+    _check_linear_factors(a, d, "linear_sketch")
+    if cols < 1:
+        raise ValueError(f"linear_sketch: cols must be >= 1, got {cols}")
+    rows, _, d_in = a.shape
+    d_out = d.shape[2]
+    a64, d64 = a.to(torch.float64), d.to(torch.float64)
+    y = torch.zeros(rows, cols, dtype=torch.float64, device=a.device)
+    for begin, end in _output_blocks(rows, d_in, d_out, cols):
+        g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, -1)
+        omega = random_block(
+            (end - begin) * d_in,
+            cols,
+            seed=seed,
+            stream=stream,
+            row_offset=row_offset + begin * d_in,
+            distribution=distribution,
+            dtype=torch.float64,
+            device=a.device,
+        )
+        y += g @ omega
+    return y
+
+
+def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Reference for ``sven_ext.ops.linear_project``: ``Y[r, j] = sum_{o, i} (d_r^T a_r)[o, i] * z[o, i, j]``.
+
+    The power-iteration product ``J_l Z_l`` of a Linear layer with a stored ``Z_l``;
+    the literal definition in float64, a block of output features at a time.
+
+    Args:
+        a: ``(R, T, d_in)`` layer inputs, floating.
+        d: ``(R, T, d_out)`` gradients at the layer output, same dtype and device as ``a``.
+        z: ``(d_out, d_in, s)`` floating, on the inputs' device.
+
+    Returns:
+        ``(R, s)`` float64 tensor on the inputs' device.
+    """
+    _check_linear_factors(a, d, "linear_project")
+    rows, _, d_in = a.shape
+    d_out = d.shape[2]
+    if z.dim() != 3 or z.shape[0] != d_out or z.shape[1] != d_in:
+        raise ValueError(f"linear_project: z must have shape ({d_out}, {d_in}, s), got {tuple(z.shape)}")
+    cols = z.shape[2]
+    a64, d64, z64 = a.to(torch.float64), d.to(torch.float64), z.to(torch.float64)
+    y = torch.zeros(rows, cols, dtype=torch.float64, device=a.device)
+    for begin, end in _output_blocks(rows, d_in, d_out, cols):
+        g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, -1)
+        y += g @ z64[begin:end].reshape(-1, cols)
+    return y

@@ -8,7 +8,7 @@
 # 2. runs the CUDA cases of the kernel tests (and of the whole suite, best effort);
 # 3. bench/gpu/check_kernels.py: every op on CUDA against the CPU op, the machine's
 #    copy-bandwidth and torch.mm ceilings, kernel timings against them;
-# 4. compute-sanitizer memcheck and racecheck on small Gram calls, when the tool works.
+# 4. compute-sanitizer memcheck and racecheck on small Gram and sketch calls, when the tool works.
 #
 # Prints a short summary; full logs go to bench/results/gpu_check.txt (and
 # gpu_check.json), and to $OUT when set. Without a GPU the build and tests still
@@ -76,7 +76,8 @@ run import 120 "$PY" -c "import sven_ext; print('sven_ext', sven_ext.__version__
 
 step "kernel tests (CUDA cases)"
 export PYTHONUNBUFFERED=1
-TAIL_LINES=8 run tests_kernels 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_gram_kernels.py -k cuda -rs
+TAIL_LINES=8 run tests_kernels 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_gram_kernels.py \
+  tests/test_sketch_kernels.py -k cuda -rs
 step "whole suite, CUDA cases (best effort)"
 TAIL_LINES=8 run tests_all 120 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --continue-on-collection-errors
 
@@ -97,6 +98,18 @@ torch.cuda.synchronize(); print("sanitized calls done")'
     # No caching allocator, so an access past a tensor's end is past an allocation's end.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 TAIL_LINES=6 run "sanitizer_$tool" 240 compute-sanitizer --tool "$tool" \
       --error-exitcode 3 --kernel-name kns=gram_kernel "$PY" -c "$small"
+  done
+  step "compute-sanitizer on small sketch calls"
+  small_sketch='import torch, sven_ext
+from sven_ext import ops
+for r, t, din, dout, cols in [(3, 2, 5, 7, 9), (70, 1, 9, 30, 40), (130, 2, 13, 11, 65)]:
+    a = torch.randn(r, t, din, device="cuda"); d = torch.randn(r, t, dout, device="cuda")
+    z = torch.randn(dout, din, cols, device="cuda")
+    ops.linear_sketch(a, d, seed=1, stream=2, cols=cols); ops.linear_project(a.double(), d.double(), z.double())
+torch.cuda.synchronize(); print("sanitized calls done")'
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 TAIL_LINES=6 run "sanitizer_sketch_$tool" 180 compute-sanitizer --tool "$tool" \
+      --error-exitcode 3 --kernel-name kns=sketch_kernel "$PY" -c "$small_sketch"
   done
 fi
 

@@ -7,7 +7,11 @@ Ceilings: device-to-device copy bandwidth (bytes read + written over time, one l
 tensor copy) and torch.mm rates in float32 (TF32 off) and float64. Kernel rates:
 seq_gram and embedding_gram count the fused formula's flops
 (2 * B(B+1)/2 * T^2 * (Da + Dd) + B(B+1)/2 * T^2) against the GEMM rate of their
-accumulation dtype; random_block counts bytes written against the copy bandwidth.
+accumulation dtype; random_block counts bytes written against the copy bandwidth;
+linear_sketch and linear_project count 2*R*T*d_out*d_in + 2*R*d_out*d_in*cols (forming the
+per-row gradients, projecting them) against the GEMM rate of their compute dtype, and are
+also compared with the unfused torch path (per-row gradients by einsum, Omega by
+random_block or the stored z, one mm) where that fits in memory.
 """
 
 from __future__ import annotations
@@ -56,6 +60,17 @@ class Timer:
 def fused_flops(b: int, t: int, da: int, dd: int) -> float:
     pairs = b * (b + 1) / 2
     return 2 * pairs * t * t * (da + dd) + pairs * t * t
+
+
+def sketch_flops(r: int, t: int, d_in: int, d_out: int, cols: int) -> float:
+    return 2.0 * r * t * d_out * d_in + 2.0 * r * d_out * d_in * cols
+
+
+def sketch_bound(a, d, w, eps):
+    """Forward-error bound of Y = G W (see tests/test_sketch_kernels.py), for both sides."""
+    g_abs = torch.einsum("rto,rti->roi", d.double().abs(), a.double().abs()).flatten(1)
+    n = a.shape[1] + a.shape[2] * d.shape[2] + 2
+    return 4 * n * eps * (g_abs @ w.double().abs().reshape(g_abs.shape[1], -1)) + 1e-300
 
 
 def ceilings(device: str, timer: Timer, big: bool) -> dict:
@@ -121,6 +136,29 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
             ratio = ((got - want).abs() / bound).max().item()
             record(f"embedding_gram {str(dtype)[6:]} B{b} T{t} Dd{dd}", ratio <= 1 and torch.equal(got, got.T),
                    f"err/bound {ratio:.2e}")
+
+    # (R, T, d_in, d_out, cols): odd sizes, several row tiles, column blocks and super-tile groups.
+    sketch_shapes = [(1, 1, 1, 1, 1), (7, 3, 37, 19, 21), (33, 5, 5, 3, 7), (300, 2, 60, 40, 70), (3, 1, 9000, 5, 3),
+                     (130, 1, 129, 3, 65)]
+    for dtype, eps in ((torch.float64, 2.0**-53), (torch.float32, 2.0**-24)):
+        for shape in sketch_shapes:
+            r, t, d_in, d_out, cols = shape
+            a = torch.randn(r, t, d_in, generator=gen).to(dtype)
+            d = torch.randn(r, t, d_out, generator=gen).to(dtype)
+            name = f"{str(dtype)[6:]} R{r} T{t} din{d_in} dout{d_out} cols{cols}"
+            for distribution in ("gaussian", "rademacher"):
+                kwargs = dict(seed=5, stream=7, row_offset=1 << 33, cols=cols, distribution=distribution)
+                got = ops.linear_sketch(a.to(device), d.to(device), **kwargs).cpu()
+                want = ops.linear_sketch(a, d, **kwargs) if other else reference.linear_sketch(a, d, **kwargs)
+                omega = reference.random_block(d_in * d_out, cols, seed=5, stream=7, row_offset=1 << 33,
+                                               distribution=distribution, dtype=torch.float64)
+                ratio = ((got - want).abs() / sketch_bound(a, d, omega, eps)).max().item()
+                record(f"linear_sketch {distribution[:5]} {name}", ratio <= 1, f"err/bound {ratio:.2e}")
+            z = torch.randn(d_out, d_in, cols, generator=gen).to(dtype)
+            got = ops.linear_project(a.to(device), d.to(device), z.to(device)).cpu()
+            want = ops.linear_project(a, d, z) if other else reference.linear_project(a, d, z)
+            ratio = ((got - want).abs() / sketch_bound(a, d, z, eps)).max().item()
+            record(f"linear_project {name}", ratio <= 1, f"err/bound {ratio:.2e}")
     return rows
 
 
@@ -158,6 +196,36 @@ def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
             tflops = fused_flops(b, t, 0, dd) / sec / 1e12
             rows.append({"op": "embedding_gram", "shape": [b, t, dd, vocab], "dtype": str(dtype)[6:], "ms": sec * 1e3,
                          "TFLOPs": tflops, "of_mm_ceiling": tflops / ceiling})
+    # The shapes of bench/bench_sketch_kernel.py (one smaller set on CPU); fewer repeats: big calls.
+    if big:
+        sketch_shapes = [(4096, 1, 784, 512, 42), (1024, 16, 256, 256, 42), (256, 1, 1024, 1024, 138)]
+    else:
+        sketch_shapes = [(256, 1, 256, 128, 42), (64, 8, 128, 64, 42)]
+    sketch_timer = Timer(device, warmup=1, repeats=max(1, min(timer.repeats, 5)))
+    for dtype in (torch.float32, torch.float64):
+        ceiling = ceil["mm_float64_TFLOPs"] if dtype == torch.float64 else ceil["mm_float32_TFLOPs"]
+        for r, t, d_in, d_out, cols in sketch_shapes:
+            a = torch.randn(r, t, d_in, generator=gen).to(dtype=dtype, device=device)
+            d = torch.randn(r, t, d_out, generator=gen).to(dtype=dtype, device=device)
+            z = torch.randn(d_out, d_in, cols, generator=gen).to(dtype=dtype, device=device)
+            flops = sketch_flops(r, t, d_in, d_out, cols)
+            unfused_fits = r * d_in * d_out * a.element_size() <= 4e9
+            cases = {
+                "linear_sketch gauss": (lambda: ops.linear_sketch(a, d, seed=1, stream=0, cols=cols),
+                                        lambda: unfused(a, d, ops.random_block(d_in * d_out, cols, seed=1, dtype=dtype,
+                                                                               device=device))),
+                "linear_sketch radem": (lambda: ops.linear_sketch(a, d, seed=1, stream=0, cols=cols,
+                                                                  distribution="rademacher"), None),
+                "linear_project": (lambda: ops.linear_project(a, d, z), lambda: unfused(a, d, z.flatten(0, 1))),
+            }
+            for name, (fn, baseline) in cases.items():
+                sec = sketch_timer(fn)
+                tflops = flops / sec / 1e12
+                row = {"op": name, "shape": [r, t, d_in, d_out, cols], "dtype": str(dtype)[6:], "ms": sec * 1e3,
+                       "TFLOPs": tflops, "of_mm_ceiling": tflops / ceiling}
+                if baseline is not None and unfused_fits:
+                    row["per_sample_ms"] = sketch_timer(baseline) * 1e3
+                rows.append(row)
     for distribution in ("gaussian", "rademacher"):
         out = torch.empty(fill_shape, device=device)
         sec = timer(lambda: torch.ops.sven_ext.philox_fill_(out, 7, 1, 0, 0, distribution))
@@ -165,6 +233,12 @@ def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
         rows.append({"op": f"random_block {distribution}", "shape": list(fill_shape), "dtype": "float32",
                      "ms": sec * 1e3, "GBps_written": gbps, "of_copy_ceiling": gbps / ceil["copy_GBps"]})
     return rows
+
+
+def unfused(a: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The unfused sketch: materialised per-row gradients (R, P) times a materialised (P, cols) W."""
+    g = torch.einsum("rto,rti->roi", d, a).flatten(1)
+    return g @ w
 
 
 def print_timings(rows: list[dict]) -> None:
