@@ -41,6 +41,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import ops
+
 # Modules that read their children's parameters without calling the children: all the
 # parameters under them are differentiated as one module.
 WHOLE_MODULES = (nn.MultiheadAttention,)
@@ -95,6 +97,116 @@ def _sample_index(start: int, stop: int, rows: int, samples: int, device) -> tor
     return torch.arange(start, stop, device=device) // (rows // samples)
 
 
+# --------------------------------------------------------------------------- sketch products
+#
+# The sketch backend (sven_ext.backends.sketch) needs three products per parameter ``p`` and
+# range ``lo:hi`` of its first axis (``p`` seen as a ``(p.shape[0], rest)`` matrix, flattened
+# row-major like ``p``): ``pull`` = ``J_p[:, lo:hi]^T q`` of shape ``(hi - lo, rest, s)``,
+# ``push`` = ``J_p[:, lo:hi] z`` of shape ``(R, s)``, and ``sketch`` = ``J_p Omega_p`` where a
+# use has a cheaper route than ``push`` of generated tiles (``None`` otherwise). Products run
+# in the dtype of ``q``/``z`` (``dtype`` for ``sketch``); transients stay near ``budget`` bytes.
+
+
+def _chunk(count: int, item_bytes: int, budget: int) -> int:
+    """How many items of ``item_bytes`` fit in ``budget`` (at least 1, at most ``count``)."""
+    return max(1, min(count, budget // max(1, item_bytes)))
+
+
+def _first_axis(p: torch.Tensor) -> tuple[int, int]:
+    """``(rows, rest)`` of ``p`` seen as a matrix over its first axis."""
+    rows = p.shape[0] if p.dim() else 1
+    return rows, p.numel() // max(rows, 1)
+
+
+def _per_row(x: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a per-sample ``(S, ...)`` tensor, one entry per row."""
+    if x.shape[0] == rows:
+        return x[start:stop]
+    return x[_sample_index(start, stop, rows, x.shape[0], x.device)]
+
+
+def _linear_costs(samples: int, rows: int, steps: int, din: int, dout: int, cols: int) -> tuple[float, float]:
+    """Multiply-adds of the two routes of a Linear pull/push: through the factors, through per-row gradients."""
+    through_factors = samples * steps * din * dout * cols + rows * steps * dout * cols
+    through_gradients = rows * steps * din * dout + rows * din * dout * cols
+    return through_factors, through_gradients
+
+
+def _linear_pull(a: torch.Tensor, d: torch.Tensor, q: torch.Tensor, budget: int) -> torch.Tensor:
+    """``sum_r q[r, j] d_r^T a_s(r)``: ``a (S, T, din)``, ``d (R, T, dout)``, ``q (R, s)`` -> ``(dout, din, s)``.
+
+    Through the factors (``X = d (x) q`` summed over each sample's rows, then ``X^T a``,
+    ``~S T din dout s``) or through per-row gradients in row chunks (``~R T din dout + R din dout s``):
+    whichever costs fewer multiply-adds (the first for ``T = 1``, the second for long sequences).
+    """
+    dtype = q.dtype
+    samples, steps, din = a.shape
+    rows, _, dout = d.shape
+    m, cols = rows // samples, q.shape[1]
+    size = torch.finfo(dtype).bits // 8
+    factors, gradients = _linear_costs(samples, rows, steps, din, dout, cols)
+    if factors <= gradients:
+        acc = torch.zeros(dout * cols, din, dtype=dtype, device=q.device)
+        chunk = _chunk(samples, steps * (dout * cols + m * dout + din) * size, budget)
+        for s0 in range(0, samples, chunk):
+            s1 = min(s0 + chunk, samples)
+            dc = d[s0 * m:s1 * m].to(dtype).view(s1 - s0, m, steps, dout)
+            qc = q[s0 * m:s1 * m].view(s1 - s0, m, cols)
+            if m == 1:
+                x = dc[:, 0, :, :, None] * qc[:, 0, None, None, :]
+            else:
+                x = torch.einsum("cmto,cmj->ctoj", dc, qc)
+            acc.addmm_(x.reshape(-1, dout * cols).T, a[s0:s1].to(dtype).reshape(-1, din))
+        return acc.view(dout, cols, din).transpose(1, 2).contiguous()
+    z = torch.zeros(dout * din, cols, dtype=dtype, device=q.device)
+    chunk = _chunk(rows, (dout * din + steps * (din + dout)) * size, budget)
+    for r0 in range(0, rows, chunk):
+        r1 = min(r0 + chunk, rows)
+        g = torch.einsum("rto,rti->roi", d[r0:r1].to(dtype), _per_row(a, r0, r1, rows).to(dtype))
+        z.addmm_(g.reshape(r1 - r0, -1).T, q[r0:r1])
+    return z.view(dout, din, cols)
+
+
+def _linear_push(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor, budget: int, fused: bool) -> torch.Tensor:
+    """``Y[r, j] = sum_{o,i} (d_r^T a_s(r))[o, i] z[o, i, j]``: ``z (dout, din, s)`` -> ``(R, s)``.
+
+    ``fused``: :func:`sven_ext.ops.linear_project` in row chunks (float64 result); else the
+    cheaper of the two routes of :func:`_linear_pull`, in ``z.dtype``.
+    """
+    dtype = z.dtype
+    samples, steps, din = a.shape
+    rows, _, dout = d.shape
+    m, cols = rows // samples, z.shape[2]
+    size = torch.finfo(dtype).bits // 8
+    if fused:
+        y = torch.empty(rows, cols, dtype=torch.float64, device=z.device)
+        chunk = _chunk(rows, steps * (din + dout) * size, budget)
+        for r0 in range(0, rows, chunk):
+            r1 = min(r0 + chunk, rows)
+            y[r0:r1] = ops.linear_project(
+                _per_row(a, r0, r1, rows).to(dtype).contiguous(), d[r0:r1].to(dtype).contiguous(), z
+            )
+        return y
+    y = torch.empty(rows, cols, dtype=dtype, device=z.device)
+    factors, gradients = _linear_costs(samples, rows, steps, din, dout, cols)
+    if factors <= gradients:
+        zt = z.permute(1, 0, 2).reshape(din, dout * cols)
+        chunk = _chunk(samples, steps * (dout * cols + m * dout + din) * size, budget)
+        for s0 in range(0, samples, chunk):
+            s1 = min(s0 + chunk, samples)
+            w = (a[s0:s1].to(dtype).reshape(-1, din) @ zt).view(s1 - s0, steps * dout, cols)
+            dc = d[s0 * m:s1 * m].to(dtype).reshape(s1 - s0, m, steps * dout)
+            y[s0 * m:s1 * m] = torch.bmm(dc, w).reshape(-1, cols)
+        return y
+    flat = z.reshape(dout * din, cols)
+    chunk = _chunk(rows, (dout * din + steps * (din + dout)) * size, budget)
+    for r0 in range(0, rows, chunk):
+        r1 = min(r0 + chunk, rows)
+        g = torch.einsum("rto,rti->roi", d[r0:r1].to(dtype), _per_row(a, r0, r1, rows).to(dtype))
+        y[r0:r1] = g.reshape(r1 - r0, -1) @ flat
+    return y
+
+
 @dataclass
 class LinearUse:
     """A weight used as ``out = a @ w^T (+ b)`` per group: per-row gradient ``sum_t d_r[t]^T a_s[t]``.
@@ -131,6 +243,104 @@ class LinearUse:
         weight = torch.einsum("stgo,stgi->goi", dc, self.a.to(c.dtype)).reshape(self.param.shape)
         return [weight] if self.bias is None else [weight, dc.sum((0, 1)).reshape(self.bias.shape)]
 
+    # Sketch products (see the section comment above :func:`_linear_pull`). The weight's first
+    # axis is ``group * dout + o``, its rest ``din``; the bias's rest is 1.
+
+    def _pieces(self, lo: int, hi: int):
+        """``(group, o_lo, o_hi, at)``: rows ``lo:hi`` of the first axis cut at group boundaries."""
+        dout = self.d.shape[3]
+        for g in range(lo // dout, (hi - 1) // dout + 1):
+            o0, o1 = max(lo, g * dout) - g * dout, min(hi, (g + 1) * dout) - g * dout
+            yield g, o0, o1, g * dout + o0 - lo
+
+    def _bias_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.d.sum(1).reshape(self.d.shape[0], -1).to(dtype)
+
+    def pull(self, p: torch.Tensor, lo: int, hi: int, q: torch.Tensor, budget: int) -> torch.Tensor:
+        """``J_p[:, lo:hi]^T q`` as ``(hi - lo, rest, s)`` for ``p`` the weight or the bias."""
+        if p is self.bias:
+            return (self._bias_rows(q.dtype)[:, lo:hi].T @ q).unsqueeze(1)
+        out = torch.empty(hi - lo, self.a.shape[3], q.shape[1], dtype=q.dtype, device=q.device)
+        for g, o0, o1, at in self._pieces(lo, hi):
+            out[at:at + o1 - o0] = _linear_pull(self.a[:, :, g], self.d[:, :, g, o0:o1], q, budget)
+        return out
+
+    def push(self, p: torch.Tensor, lo: int, hi: int, z: torch.Tensor, budget: int, fused: bool = False):
+        """``J_p[:, lo:hi] z`` as ``(R, s)`` for ``z`` of shape ``(hi - lo, rest, s)``."""
+        if p is self.bias:
+            return self._bias_rows(z.dtype)[:, lo:hi] @ z.reshape(hi - lo, -1)
+        y = None
+        for g, o0, o1, at in self._pieces(lo, hi):
+            part = _linear_push(self.a[:, :, g], self.d[:, :, g, o0:o1], z[at:at + o1 - o0], budget, fused)
+            y = part if y is None else y.add_(part)
+        return y
+
+    def sketch(self, p: torch.Tensor, omega, dtype: torch.dtype, budget: int, fused: bool = False):
+        """``J_p Omega_p`` for the weight: Khatri-Rao columns by GEMMs, dense ones by ``ops.linear_sketch``.
+
+        A Khatri-Rao column ``u_j (x) v_j`` projects row ``r`` as ``sum_t (d_r[t] . u_j)(a_r[t] . v_j)``.
+        Returns ``None`` where the caller should push generated tiles instead (the bias; dense
+        columns without ``fused``).
+        """
+        if p is not self.param:
+            return None
+        samples, steps, groups, din = self.a.shape
+        rows, dout = self.d.shape[0], self.d.shape[3]
+        m, size = rows // samples, torch.finfo(dtype).bits // 8
+        if not omega.dense(p):
+            u, v = omega.factors(p, dtype)
+            y = torch.zeros(rows, omega.columns, dtype=dtype, device=self.d.device)
+            chunk = _chunk(samples, steps * m * (omega.columns * 2 + din + dout) * size, budget)
+            for g in range(groups):
+                ug = u[g * dout:(g + 1) * dout]
+                for s0 in range(0, samples, chunk):
+                    s1 = min(s0 + chunk, samples)
+                    av = self.a[s0:s1, :, g].to(dtype) @ v  # (c, T, s)
+                    du = (self.d[s0 * m:s1 * m, :, g].to(dtype) @ ug).view(s1 - s0, m, steps, -1)
+                    y[s0 * m:s1 * m] += (du * av.unsqueeze(1)).sum(2).reshape(-1, omega.columns)
+            return y
+        if not fused:
+            return None
+        y = torch.zeros(rows, omega.columns, dtype=torch.float64, device=self.d.device)
+        chunk = _chunk(rows, steps * (din + dout) * size, budget)
+        for g in range(groups):
+            for r0 in range(0, rows, chunk):
+                r1 = min(r0 + chunk, rows)
+                y[r0:r1] += ops.linear_sketch(
+                    _per_row(self.a, r0, r1, rows)[:, :, g].to(dtype).contiguous(),
+                    self.d[r0:r1, :, g].to(dtype).contiguous(),
+                    seed=omega.seed, stream=omega.stream(p), row_offset=g * dout * din,
+                    cols=omega.columns, distribution=omega.distribution,
+                )
+        return y
+
+    def frobenius_sq(self, dtype: torch.dtype, budget: int) -> float:
+        """``||J_use||_F^2`` (weight and bias): the sum of the per-row gradients' squared norms."""
+        samples, steps, groups, din = self.a.shape
+        rows, dout = self.d.shape[0], self.d.shape[3]
+        m, size = rows // samples, torch.finfo(dtype).bits // 8
+        total = 0.0
+        if self.bias is not None:
+            total += float(self._bias_rows(dtype).square().sum())
+        for g in range(groups):
+            if steps == 1:
+                aa = self.a[:, 0, g].to(dtype).square().sum(-1)
+                dd = self.d[:, 0, g].to(dtype).square().sum(-1)
+                total += float((dd.view(samples, m) * aa[:, None]).sum())
+                continue
+            through_tt = steps * steps * (din + dout) <= steps * din * dout
+            width = steps * steps if through_tt else din * dout
+            chunk = _chunk(rows, (width + steps * (din + dout)) * size, budget)
+            for r0 in range(0, rows, chunk):
+                r1 = min(r0 + chunk, rows)
+                a = _per_row(self.a, r0, r1, rows)[:, :, g].to(dtype)
+                d = self.d[r0:r1, :, g].to(dtype)
+                if through_tt:
+                    total += float((a @ a.transpose(1, 2) * (d @ d.transpose(1, 2))).sum())
+                else:
+                    total += float(torch.einsum("rto,rti->roi", d, a).square().sum())
+        return total
+
 
 @dataclass
 class EmbeddingUse:
@@ -164,6 +374,99 @@ class EmbeddingUse:
         out = torch.zeros(self.param.shape, dtype=c.dtype, device=c.device)
         return [out.index_add_(0, self.indices.reshape(-1), dc.reshape(-1, dc.shape[-1]))]
 
+    # Sketch products: only the looked-up positions ("pairs" (row, t)) contribute, sorted by index.
+
+    def _pairs(self):
+        """``(row, index, position)`` of every pair sorted by table index; position indexes ``d.view(-1, dim)``."""
+        rows, steps = self.d.shape[0], self.d.shape[1]
+        flat = _per_row(self.indices, 0, rows, rows).reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        return order // steps, flat[order], order
+
+    def _pair_range(self, index: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+        bounds = torch.searchsorted(index, torch.tensor([lo, hi], device=index.device))
+        return int(bounds[0]), int(bounds[1])
+
+    def pull(self, p: torch.Tensor, lo: int, hi: int, q: torch.Tensor, budget: int) -> torch.Tensor:
+        """Table rows ``lo:hi`` of ``J^T q``: ``(hi - lo, dim, s)``."""
+        row, index, position = self._pairs()
+        dim, cols = self.d.shape[2], q.shape[1]
+        z = torch.zeros(hi - lo, dim, cols, dtype=q.dtype, device=q.device)
+        b0, b1 = self._pair_range(index, lo, hi)
+        d = self.d.reshape(-1, dim)
+        chunk = _chunk(b1 - b0, 2 * dim * cols * (torch.finfo(q.dtype).bits // 8), budget)
+        flat = z.view(hi - lo, -1)
+        for c0 in range(b0, b1, chunk):
+            c1 = min(c0 + chunk, b1)
+            values = d[position[c0:c1]].to(q.dtype)[:, :, None] * q[row[c0:c1]][:, None, :]
+            # index_put_ (serial on CPU, so deterministic) is ~10x faster than index_add_ for wide slices.
+            flat.index_put_((index[c0:c1] - lo,), values.reshape(c1 - c0, -1), accumulate=True)
+        return z
+
+    def push(self, p: torch.Tensor, lo: int, hi: int, z: torch.Tensor, budget: int, fused: bool = False):
+        """``J[:, rows lo:hi] z``: ``(R, s)``."""
+        row, index, position = self._pairs()
+        b0, b1 = self._pair_range(index, lo, hi)
+        return self._gather_project(row[b0:b1], index[b0:b1] - lo, position[b0:b1], z, budget)
+
+    def _gather_project(self, row, slot, position, z, budget) -> torch.Tensor:
+        """``y[row] += d[position] . z[slot]`` over pairs, in chunks."""
+        rows, dim = self.d.shape[0], self.d.shape[2]
+        cols = z.shape[2]
+        y = torch.zeros(rows, cols, dtype=z.dtype, device=z.device)
+        d = self.d.reshape(-1, dim)
+        chunk = _chunk(row.numel(), dim * cols * (torch.finfo(z.dtype).bits // 8), budget)
+        for c0 in range(0, row.numel(), chunk):
+            c1 = min(c0 + chunk, row.numel())
+            values = torch.einsum("nc,ncj->nj", d[position[c0:c1]].to(z.dtype), z[slot[c0:c1]])
+            y.index_add_(0, row[c0:c1], values)
+        return y
+
+    def sketch(self, p: torch.Tensor, omega, dtype: torch.dtype, budget: int, fused: bool = False):
+        """``J Omega``: only the table rows looked up are generated (Khatri-Rao: ``u[idx] * (d . v)``)."""
+        row, index, position = self._pairs()
+        rows, dim = self.d.shape[0], self.d.shape[2]
+        cols = omega.columns
+        if not omega.dense(p):
+            u, v = omega.factors(p, dtype)
+            y = torch.zeros(rows, cols, dtype=dtype, device=self.d.device)
+            d = self.d.reshape(-1, dim)
+            chunk = _chunk(row.numel(), (dim + 2 * cols) * (torch.finfo(dtype).bits // 8), budget)
+            for c0 in range(0, row.numel(), chunk):
+                c1 = min(c0 + chunk, row.numel())
+                values = u[index[c0:c1]] * (d[position[c0:c1]].to(dtype) @ v)
+                y.index_add_(0, row[c0:c1], values)
+            return y
+        tokens, counts = torch.unique_consecutive(index, return_counts=True)
+        offsets = [0, *torch.cumsum(counts, 0).tolist()]
+        per_token = dim * cols * (torch.finfo(dtype).bits // 8)
+        step = _chunk(tokens.numel(), per_token, budget)
+        y = torch.zeros(rows, cols, dtype=dtype, device=self.d.device)
+        for u0 in range(0, tokens.numel(), step):
+            u1 = min(u0 + step, tokens.numel())
+            # Omega's rows for these tokens, one generation per run of consecutive table rows.
+            chunk_tokens = tokens[u0:u1].tolist()
+            blocks, start = [], 0
+            for i in range(1, len(chunk_tokens) + 1):
+                if i == len(chunk_tokens) or chunk_tokens[i] != chunk_tokens[i - 1] + 1:
+                    blocks.append(omega.tile(p, chunk_tokens[start], chunk_tokens[i - 1] + 1, dtype))
+                    start = i
+            tile = torch.cat(blocks)
+            b0, b1 = offsets[u0], offsets[u1]
+            slot = torch.repeat_interleave(torch.arange(u1 - u0, device=counts.device), counts[u0:u1])
+            y += self._gather_project(row[b0:b1], slot, position[b0:b1], tile, budget)
+        return y
+
+    def frobenius_sq(self, dtype: torch.dtype, budget: int) -> float:
+        """``sum_r ||g_r||^2`` with ``g_r`` the table gradient: positions of one row and index add first."""
+        row, index, position = self._pairs()
+        key = row * self.param.shape[0] + index
+        _, inverse = torch.unique(key, return_inverse=True)
+        d = self.d.reshape(-1, self.d.shape[2])[position].to(dtype)
+        summed = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, d.shape[1], dtype=dtype,
+                             device=d.device)
+        return float(summed.index_put_((inverse,), d, accumulate=True).square().sum())
+
 
 @dataclass
 class DirectUse:
@@ -186,6 +489,22 @@ class DirectUse:
 
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
         return [(self.g.T.to(c.dtype) @ c).view(self.param.shape)]
+
+    def _columns(self, p: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        rest = _first_axis(p)[1]
+        return self.g[:, lo * rest:hi * rest]
+
+    def pull(self, p: torch.Tensor, lo: int, hi: int, q: torch.Tensor, budget: int) -> torch.Tensor:
+        return (self._columns(p, lo, hi).to(q.dtype).T @ q).view(hi - lo, -1, q.shape[1])
+
+    def push(self, p: torch.Tensor, lo: int, hi: int, z: torch.Tensor, budget: int, fused: bool = False):
+        return self._columns(p, lo, hi).to(z.dtype) @ z.reshape(-1, z.shape[-1])
+
+    def sketch(self, p, omega, dtype, budget, fused=False):
+        return None
+
+    def frobenius_sq(self, dtype: torch.dtype, budget: int) -> float:
+        return float(self.g.to(dtype).square().sum())
 
 
 @dataclass

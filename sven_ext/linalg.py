@@ -47,11 +47,13 @@ class Solution:
         coefficients: ``(R,)`` vector ``c``; the update direction is ``J^T c``.
         singular_values: ``(rank,)`` kept singular values of ``J``, descending.
         all_singular_values: every singular value computed, descending.
+        left_vectors: ``(R, rank)`` kept left singular vectors ``U_k`` (``None`` where not formed).
     """
 
     coefficients: torch.Tensor
     singular_values: torch.Tensor
     all_singular_values: torch.Tensor
+    left_vectors: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -77,7 +79,29 @@ def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncatio
     rank = truncation.rank(singular_values)
     u_k = eigenvectors[:, :rank]
     coefficients = u_k @ ((u_k.T @ residual) / eigenvalues[:rank])
-    return Solution(coefficients, singular_values[:rank], singular_values)
+    return Solution(coefficients, singular_values[:rank], singular_values, u_k)
+
+
+def solve_projected(basis: torch.Tensor, core: torch.Tensor, residual: torch.Tensor,
+                    truncation: Truncation) -> Solution:
+    """Coefficients from ``K ~ Q M Q^T`` (Rayleigh-Ritz): :func:`solve_gram` on the core.
+
+    With ``M = Q^T K Q = W L W^T``, the approximate eigenpairs of ``K`` are ``U = Q W`` and
+    ``L``, so ``c = Q W_k diag(1/L_k) W_k^T Q^T r``: the same cut-offs as the exact solve,
+    applied to the ``s x s`` core. Exact when the columns of ``Q`` span the range of ``J``.
+
+    Args:
+        basis: ``(R, s)`` matrix ``Q`` with orthonormal columns.
+        core: ``(s, s)`` symmetric positive semi-definite ``M = Q^T J J^T Q``, dtype of ``basis``.
+        residual: ``(R,)`` residuals.
+        truncation: the cut-offs.
+
+    Returns:
+        The :class:`Solution` (``left_vectors`` is ``U_k = Q W_k``).
+    """
+    small = solve_gram(core, basis.T @ residual, truncation)
+    return Solution(basis @ small.coefficients, small.singular_values, small.all_singular_values,
+                    basis @ small.left_vectors)
 
 
 def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: Truncation):

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from .backends import StepSettings, check_backend_name, make_backend
+from .backends import SketchSettings, StepSettings, check_backend_name, make_backend
+from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES
 from .linalg import DEFAULT_ATOL, Truncation
 
 
@@ -33,6 +34,18 @@ class Sven(torch.optim.Optimizer):
         atol: absolute singular-value floor.
         solve_dtype: dtype of the linear algebra (float64 by default: ``cond(K) = cond(J)^2``).
         chunk_rows: rows handled at once where a backend chunks over rows.
+        oversampling: sketch backend: columns beyond ``k`` (``s = min(k + oversampling, R)``).
+        power_iterations: sketch backend: products with ``J J^T`` before the core (more: closer
+            to the exact rank-``k`` update, two passes over the factors each).
+        test_matrix: sketch backend: ``"gaussian"``, ``"rademacher"`` or ``"khatri_rao"``
+            (columns ``u_j (x) v_j`` per weight matrix: cheaper to apply; measured in bench/sketch_bench.py).
+        warm_start: sketch backend: join the previous step's ``U_k`` to the sketch (when the
+            number of rows is unchanged; meant for steps over the same rows).
+        seed: sketch backend: key of the test matrices; with the step counter (kept in the
+            optimizer state) it fixes every step's draw, so equal seeds give identical steps.
+        max_memory: bytes a step may use beyond the model (the factors included): ``"auto"``
+            picks a backend within it and raises before allocating when none fits; the sketch
+            backend sizes its transients by it. ``None``: the free memory.
 
     Example::
 
@@ -55,6 +68,12 @@ class Sven(torch.optim.Optimizer):
         atol: float = DEFAULT_ATOL,
         solve_dtype: torch.dtype = torch.float64,
         chunk_rows: int = 64,
+        oversampling: int = 10,
+        power_iterations: int = DEFAULT_POWER_ITERATIONS,
+        test_matrix: str = "gaussian",
+        warm_start: bool = False,
+        seed: int = 0,
+        max_memory: int | None = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -70,6 +89,16 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(f"solve_dtype must be torch.float32 or torch.float64, got {solve_dtype}")
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        _check_count("oversampling", oversampling, minimum=0)
+        _check_count("power_iterations", power_iterations, minimum=0)
+        if test_matrix not in TEST_MATRICES:
+            raise ValueError(f"test_matrix must be one of {TEST_MATRICES}, got {test_matrix!r}")
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if max_memory is not None:
+            _check_count("max_memory", max_memory, minimum=1)
         check_backend_name(backend)
 
         model_params = {id(p) for p in model.parameters()}
@@ -77,7 +106,8 @@ class Sven(torch.optim.Optimizer):
             params = [p for p in model.parameters() if p.requires_grad]
         defaults = dict(
             lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, atol=atol, solve_dtype=solve_dtype,
-            chunk_rows=chunk_rows,
+            chunk_rows=chunk_rows, oversampling=oversampling, power_iterations=power_iterations,
+            test_matrix=test_matrix, warm_start=warm_start, seed=seed, max_memory=max_memory,
         )
         super().__init__(params, defaults)
         trainable = self._trainable()
@@ -119,11 +149,18 @@ class Sven(torch.optim.Optimizer):
         first = self.param_groups[0]
         check_backend_name(first["backend"])
         params = self._trainable()
+        state = self.state["sven"]
         settings = StepSettings(
             truncation=Truncation(first["k"], first["rtol"], first["atol"]),
             kappa=first["kappa"],
             solve_dtype=first["solve_dtype"],
             chunk_rows=first["chunk_rows"],
+            sketch=SketchSettings(
+                oversampling=first["oversampling"], power_iterations=first["power_iterations"],
+                test_matrix=first["test_matrix"], seed=first["seed"], step=state.get("step", 0),
+                basis=state.get("basis") if first["warm_start"] else None,
+            ),
+            max_memory=first["max_memory"],
         )
         backend = self._backend(first["backend"], params)
         result = backend.compute(closure, settings, self._resolve_k)
@@ -133,8 +170,10 @@ class Sven(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.requires_grad:
                     p.sub_(directions[id(p)].to(p.dtype), alpha=group["lr"])
-        state = self.state["sven"]
         state["step"] = state.get("step", 0) + 1
+        state["seed"] = first["seed"]
+        if first["warm_start"] and result.state.get("basis") is not None:
+            state["basis"] = result.state["basis"].detach()
         self.last_info = {
             "backend": backend.name,
             "singular_values": result.solution.singular_values.detach().cpu(),
@@ -148,6 +187,11 @@ class Sven(torch.optim.Optimizer):
     def _resolve_k(self, rows: int) -> int:
         k = self.param_groups[0]["k"]
         return max(1, rows // 2) if k is None else k
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_positive(name: str, value) -> None:

@@ -12,6 +12,27 @@ from ..residuals import Rows
 
 
 @dataclass(frozen=True)
+class SketchSettings:
+    """Hyper-parameters of the randomized (sketch) backend.
+
+    Attributes:
+        oversampling: extra sketch columns beyond the rank cap: ``s = k + oversampling`` (at most R).
+        power_iterations: ``q``, products ``J J^T`` applied to the sketch before the core.
+        test_matrix: ``"gaussian"``, ``"rademacher"`` or ``"khatri_rao"``.
+        seed: generator key of the test matrices.
+        step: step counter; with ``seed`` it fixes this step's test matrices.
+        basis: previous step's ``U_k`` ``(R, k)`` to join to the sketch (warm start), or ``None``.
+    """
+
+    oversampling: int = 10
+    power_iterations: int = 1
+    test_matrix: str = "gaussian"
+    seed: int = 0
+    step: int = 0
+    basis: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class StepSettings:
     """Hyper-parameters a backend needs for one step.
 
@@ -20,12 +41,17 @@ class StepSettings:
         kappa: loss exponent; residuals are ``loss ** (kappa / 2)``.
         solve_dtype: dtype of the Gram matrix / Jacobian and of the solve.
         chunk_rows: rows processed at once where a backend chunks over rows.
+        sketch: settings of the sketch backend.
+        max_memory: byte budget of a step beyond the model (``None``: what the machine has);
+            ``"auto"`` chooses within it and the sketch backend sizes its transients by it.
     """
 
     truncation: Truncation
     kappa: float
     solve_dtype: torch.dtype = torch.float64
     chunk_rows: int = 64
+    sketch: SketchSettings = field(default_factory=SketchSettings)
+    max_memory: int | None = None
 
 
 @dataclass
@@ -37,12 +63,14 @@ class StepDirection:
         rows: the rows of this step (losses, residuals).
         solution: coefficients and singular values.
         info: backend-specific diagnostics merged into ``Sven.last_info``.
+        state: what the optimizer keeps for the next step (e.g. the sketch's warm-start basis).
     """
 
     directions: list[torch.Tensor]
     rows: Rows
     solution: Solution
     info: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
 
 
 class Backend(abc.ABC):

@@ -51,6 +51,10 @@ class DenseBackend(Backend):
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         with torch.enable_grad():
             rows = rows_from_closure_output(closure(), settings.kappa)
+        return self.solve(rows, settings, resolve_k)
+
+    def solve(self, rows, settings: StepSettings, resolve_k) -> StepDirection:
+        """The step from the rows of a closure that has run (their autograd graph is used once)."""
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
         residual = rows.residual.detach().to(settings.solve_dtype)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(residual.numel()))

@@ -58,8 +58,12 @@ class GramBackend(Backend):
         self._checked = False
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
-        dtype = settings.solve_dtype
         rows, uses, checked = self.factors(closure, settings)
+        return self.solve(rows, uses, checked, settings, resolve_k)
+
+    def solve(self, rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
+        """The step from captured factors (what :meth:`factors` returned)."""
+        dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
         gram, paths = self._gram(uses, count, dtype)

@@ -1,0 +1,66 @@
+"""``backend="auto"``: capture once, then finish the step with the backend the cost model picks.
+
+The factors are captured first (the closure runs once, as for gram and sketch), so the
+choice sees the real shapes of this model and batch; :func:`sven_ext.costs.choose` then
+weighs the exact gram backend against the sketch within ``max_memory`` (or the free memory).
+``last_info["backend"]`` names what ran and ``last_info["auto_reason"]`` why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import costs
+from ..capture import _batch_statistics, factor_bytes
+from ..residuals import rows_from_closure_output
+from .base import Backend, StepDirection, StepSettings
+from .dense import DenseBackend
+from .gram import GramBackend
+from .sketch import SketchBackend
+
+
+class AutoBackend(Backend):
+    """Chooses gram or sketch per step from the captured factors; dense for models without factors."""
+
+    name = "auto"
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
+        super().__init__(model, params)
+        self.gram = GramBackend(model, params)
+        self.sketch = SketchBackend(model, params)
+        self.dense = DenseBackend(model, params)
+        self._coupled = [name or "<root>" for name, m in model.named_modules() if _batch_statistics(m)]
+
+    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        device = self.params[0].device
+        budget_given = settings.max_memory is not None
+        budget = settings.max_memory if budget_given else costs.available_bytes(device)
+        if self._coupled:
+            return self._dense(closure, settings, resolve_k, budget, budget_given)
+        rows, uses, checked = self.gram.factors(closure, settings)
+        count = rows.residual.numel()
+        sk = settings.sketch
+        columns = min(resolve_k(count) + sk.oversampling, count)
+        gram = costs.estimate_gram(uses, count)
+        sketch = costs.estimate_sketch(uses, count, columns, sk.power_iterations, sk.test_matrix,
+                                       self.sketch.transient_budget_bytes)
+        name, reason = costs.choose(gram, sketch, factor_bytes(uses), budget, budget_given)
+        chosen = self.gram if name == "gram" else self.sketch
+        result = chosen.solve(rows, uses, checked, settings, resolve_k)
+        result.info.update(backend=name, auto_reason=reason)
+        return result
+
+    def _dense(self, closure, settings, resolve_k, budget: int, budget_given: bool) -> StepDirection:
+        with torch.enable_grad():
+            rows = rows_from_closure_output(closure(), settings.kappa)
+        count, params = rows.residual.numel(), sum(p.numel() for p in self.params)
+        fits, reason = costs.dense_fits(count, params, budget, budget_given)
+        if not fits:
+            raise ValueError(
+                f"backend='auto': module(s) {self._coupled} normalise with batch statistics, which couples the "
+                f"samples, so only the dense backend applies, and it does not fit ({reason}). Call model.eval() "
+                "(running statistics) to use the gram or sketch backend"
+            )
+        result = self.dense.solve(rows, settings, resolve_k)
+        result.info.update(backend="dense", auto_reason=f"{reason}; batch statistics in {self._coupled}")
+        return result

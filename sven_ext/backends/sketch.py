@@ -1,0 +1,313 @@
+"""The sketch backend: a matrix-free randomized SVD of ``J`` over the captured factors (DESIGN.md section 2.2).
+
+Halko-Martinsson-Tropp range finder and Rayleigh-Ritz core, with ``J`` available only
+through per-parameter products of the per-layer factors (:mod:`sven_ext.capture`):
+
+1. ``Y = J Omega`` (``R x s``, ``s = min(k + oversampling, R)``), summed over parameters.
+   ``Omega`` is never stored: each parameter's block is regenerated tile by tile from the
+   counter-based generator of :func:`sven_ext.ops.random_block` (or, for Khatri-Rao test
+   matrices, from two small factors ``U (rows x s)``, ``V (rest x s)``: column ``j`` of a
+   parameter's block is ``u_j (x) v_j``, so a Linear layer sketches with two GEMMs).
+2. ``q`` power iterations: ``Q = orth(Y)``, ``Z_p = J_p^T Q``, ``Y = sum_p J_p Z_p``.
+3. Core: ``Q = orth(Y)``, ``M = sum_p Z_p^T Z_p`` (float64) with ``Z_p = J_p^T Q`` formed a
+   tile of the parameter's first axis at a time and dropped; then
+   :func:`sven_ext.linalg.solve_projected` (``eigh(M) = W L W^T``, ``U_k = Q W_k``, the usual
+   cut-offs on ``sqrt(L)``, ``c = U_k diag(1/L_k) U_k^T r``); the direction is ``J^T c``.
+
+Memory: ``O(R s)`` plus the factors plus transients near ``transient_budget_bytes`` (a tile
+``(rows, rest, s)`` of one parameter's ``Z``, chunks of per-row products). Modules handled by
+the ``torch.func`` fallback (:class:`sven_ext.capture.ModuleUse`) hold their whole ``Z``
+``(P_module, s)`` and ``Omega`` block. When ``s + warm-start columns >= R`` the basis is the
+identity (``Q = I``): the solve is exact and no sketch is drawn.
+
+Randomness. Step ``t`` uses the 63-bit key ``splitmix64(seed ^ splitmix64(t))`` for every
+parameter, and parameter number ``i`` (its position in the optimizer's list) draws from
+streams ``3 i`` (dense block), ``3 i + 1`` (Khatri-Rao ``U``) and ``3 i + 2`` (Khatri-Rao
+``V``). Every entry is a pure function of (key, stream, row, column), so a step is
+reproducible bitwise from ``(seed, step)`` on a given machine and thread count, and the
+sequence continues across a ``state_dict`` round trip (the optimizer keeps the step counter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .. import costs, ops
+from ..capture import DirectUse, EmbeddingUse, LinearUse, _chunk, _first_axis, factor_bytes
+from ..linalg import solve_projected
+from .base import StepDirection, StepSettings
+from .gram import GramBackend, _components, _gemm_dtype
+
+TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
+# Power iterations by default (bench/results/sketch_accuracy.json, decaying-spectrum MLP regression,
+# s = k + 10): q = 1 cut the update's error against the exact rank-k update 3x below q = 0 and
+# brought the linearised residual ||r + J delta|| within 0.3% of the exact step's; q = 2 gains
+# another 3x in the update for two more passes over the factors.
+DEFAULT_POWER_ITERATIONS = 1
+_STRUCTURED = (LinearUse, EmbeddingUse, DirectUse)
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_key(seed: int, step: int) -> int:
+    """The generator key of step ``step``: 63 bits, so it is a non-negative int64 for the ops."""
+    return _splitmix64((seed & _MASK64) ^ _splitmix64(step)) >> 1
+
+
+class Omega:
+    """The test matrix of one step, one virtual block per parameter, generated where it is used.
+
+    Args:
+        kind: ``"gaussian"``, ``"rademacher"`` or ``"khatri_rao"``.
+        columns: ``s``.
+        seed, step: fix the generator key (:func:`step_key`).
+        params: the optimizer's parameters; a parameter's position picks its streams.
+        device: where tiles are generated.
+    """
+
+    def __init__(self, kind: str, columns: int, seed: int, step: int, params, device):
+        self.kind = kind
+        self.columns = columns
+        self.seed = step_key(seed, step)
+        self.distribution = "rademacher" if kind == "rademacher" else "gaussian"
+        self.device = device
+        self._index = {id(p): i for i, p in enumerate(params)}
+
+    def dense(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s block is i.i.d. (Khatri-Rao applies to parameters of 2 or more axes)."""
+        return self.kind != "khatri_rao" or p.dim() < 2
+
+    def stream(self, p: torch.Tensor, part: int = 0) -> int:
+        return 3 * self._index[id(p)] + part
+
+    def _block(self, rows: int, row_offset: int, stream: int, dtype, distribution: str) -> torch.Tensor:
+        return ops.random_block(rows, self.columns, seed=self.seed, stream=stream, row_offset=row_offset,
+                                distribution=distribution, dtype=dtype, device=self.device)
+
+    def tile(self, p: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of ``p``'s block for first-axis rows ``lo:hi``: ``(hi - lo, rest, s)``."""
+        rest = _first_axis(p)[1]
+        if self.dense(p):
+            block = self._block((hi - lo) * rest, lo * rest, self.stream(p), dtype, self.distribution)
+            return block.view(hi - lo, rest, self.columns)
+        u = self._block(hi - lo, lo, self.stream(p, 1), dtype, "gaussian")
+        v = self._block(rest, 0, self.stream(p, 2), dtype, "gaussian")
+        return u[:, None, :] * v[None, :, :]
+
+    def factors(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Khatri-Rao factors of ``p``'s block: ``U (rows, s)``, ``V (rest, s)``."""
+        rows, rest = _first_axis(p)
+        return (self._block(rows, 0, self.stream(p, 1), dtype, "gaussian"),
+                self._block(rest, 0, self.stream(p, 2), dtype, "gaussian"))
+
+
+@dataclass
+class _Component:
+    """Parameters joined by their uses. ``rows``: products through per-row gradients (fallback modules)."""
+
+    params: list
+    uses: list
+    by_param: dict
+    rows: bool
+    width: int
+
+
+@dataclass
+class _Plan:
+    components: list
+    rows: int
+    work: torch.dtype  # dtype of the products (the factors' precision)
+    budget: int  # bytes of one transient
+    fused: bool
+
+    def tiles(self, p: torch.Tensor, columns: int):
+        """First-axis ranges of ``p`` whose ``Z`` tile (and its float64 copy) fit the budget."""
+        first, rest = _first_axis(p)
+        step = _chunk(first, 3 * rest * columns * 8, self.budget)
+        return [(lo, min(lo + step, first)) for lo in range(0, first, step)]
+
+
+def _orth(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+class SketchBackend(GramBackend):
+    """Randomized range finder and Rayleigh-Ritz core over the factors; ``c`` and ``J^T c`` as in gram.
+
+    Shares the gram backend's capture and its first-step check of the factors.
+
+    Attributes:
+        transient_budget_bytes: bytes of one transient (a ``Z`` tile, a chunk of products);
+            lowered to fit ``max_memory``.
+        fused: use the fused ops :func:`sven_ext.ops.linear_sketch` / ``linear_project`` for
+            Linear layers (``None``: on CUDA only; on CPU the GEMM routes measured faster).
+    """
+
+    name = "sketch"
+    transient_budget_bytes = 1 << 27
+    fused: bool | None = None
+
+    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        rows, uses, checked = self.factors(closure, settings)
+        return self.solve(rows, uses, checked, settings, resolve_k)
+
+    def solve(self, rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
+        """The step from captured factors (the closure has run)."""
+        sk = settings.sketch
+        dtype = settings.solve_dtype
+        residual = rows.residual.detach().to(dtype)
+        count = residual.numel()
+        k = resolve_k(count)
+        truncation = dataclasses.replace(settings.truncation, k=k)
+        columns = min(k + sk.oversampling, count)
+        basis = sk.basis if sk.basis is not None and sk.basis.shape[0] == count else None
+        width = columns + (0 if basis is None else basis.shape[1])
+        plan = self._plan(uses, count, width, settings, residual.device)
+        exact = width >= count
+        if exact:
+            q = torch.eye(count, dtype=dtype, device=residual.device)
+        else:
+            omega = Omega(sk.test_matrix, columns, sk.seed, sk.step, self.params, residual.device)
+            y = self._sketch(plan, omega, dtype)
+            if basis is not None:
+                y = torch.cat([y, basis.to(dtype)], dim=1)
+            for _ in range(sk.power_iterations):
+                y = self._products(plan, _orth(y), push=True)[1]
+            q = _orth(y)
+        core, _, norm_sq = self._products(plan, q, push=False, norms=True)
+        solution = solve_projected(q, core, residual, truncation)
+        directions = self._directions(uses, solution.coefficients)
+        captured = float(core.diagonal().sum())
+        info = {
+            "sketch_size": q.shape[1],
+            "power_iterations": 0 if exact else sk.power_iterations,
+            "test_matrix": "identity" if exact else sk.test_matrix,
+            "warm_start_columns": 0 if basis is None else basis.shape[1],
+            # ||(I - Q Q^T) J||_F / ||J||_F: the part of J the basis misses (None: not cheap here).
+            "sketch_residual": None if norm_sq is None or norm_sq <= 0
+            else max(norm_sq - captured, 0.0) ** 0.5 / norm_sq ** 0.5,
+            "factor_bytes": factor_bytes(uses),
+            "transient_budget": plan.budget,
+            "fused": plan.fused,
+            "checked": checked,
+        }
+        return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors})
+
+    # ----------------------------------------------------------------- planning
+
+    def _plan(self, uses: list, count: int, columns: int, settings: StepSettings, device) -> _Plan:
+        components = []
+        for params, group in _components(uses):
+            by_param = {id(p): [u for u in group if any(q is p for q in u.params)] for p in params}
+            rows = not all(isinstance(u, _STRUCTURED) for u in group)
+            components.append(_Component(params, group, by_param, rows, sum(p.numel() for p in params)))
+        budget = self.transient_budget_bytes
+        if settings.max_memory is not None:
+            fixed = factor_bytes(uses) + costs.sketch_fixed_bytes(count, columns, components)
+            budget = min(budget, (settings.max_memory - fixed) // costs.TRANSIENTS)
+            if budget < costs.MIN_TRANSIENT_BYTES:
+                raise ValueError(
+                    f"max_memory={settings.max_memory} bytes is too small for the sketch backend: the factors and "
+                    f"the R x s blocks (R={count}, s={columns}) already need {costs.mib(fixed)}, plus at least "
+                    f"{costs.mib(costs.TRANSIENTS * costs.MIN_TRANSIENT_BYTES)} of transients"
+                )
+        work = _gemm_dtype(uses[0].params[0].dtype) if uses else settings.solve_dtype
+        fused = self.fused if self.fused is not None else device.type == "cuda"
+        return _Plan(components, count, work, int(budget), fused)
+
+    # ----------------------------------------------------------------- products with J
+
+    def _row_blocks(self, comp: _Component, plan: _Plan):
+        """``(r0, r1, G)``: per-row gradients of the component, ``(r1 - r0, width)``, in row chunks."""
+        offsets, at = {}, 0
+        for p in comp.params:
+            offsets[id(p)] = at
+            at += p.numel()
+        size = torch.finfo(plan.work).bits // 8
+        chunk = _chunk(plan.rows, comp.width * size, plan.budget)
+        for r0 in range(0, plan.rows, chunk):
+            r1 = min(r0 + chunk, plan.rows)
+            if len(comp.uses) == 1:
+                yield r0, r1, comp.uses[0].rows(r0, r1, plan.work)
+                continue
+            g = torch.zeros(r1 - r0, comp.width, dtype=plan.work, device=self.params[0].device)
+            for use in comp.uses:
+                part, col = use.rows(r0, r1, plan.work), 0
+                for p in use.params:
+                    g[:, offsets[id(p)]:offsets[id(p)] + p.numel()] += part[:, col:col + p.numel()]
+                    col += p.numel()
+            yield r0, r1, g
+
+    def _sketch(self, plan: _Plan, omega: Omega, dtype: torch.dtype) -> torch.Tensor:
+        """``Y = J Omega``, ``(R, s)`` in ``dtype``."""
+        y = torch.zeros(plan.rows, omega.columns, dtype=dtype, device=omega.device)
+        for comp in plan.components:
+            if comp.rows:
+                block = torch.cat([
+                    omega.tile(p, 0, _first_axis(p)[0], plan.work).reshape(-1, omega.columns) for p in comp.params
+                ])
+                for r0, r1, g in self._row_blocks(comp, plan):
+                    y[r0:r1] += g @ block
+                continue
+            for p in comp.params:
+                generic = []
+                for use in comp.by_param[id(p)]:
+                    part = use.sketch(p, omega, plan.work, plan.budget, plan.fused)
+                    if part is None:
+                        generic.append(use)
+                    else:
+                        y += part
+                if generic:
+                    for lo, hi in plan.tiles(p, omega.columns):
+                        tile = omega.tile(p, lo, hi, plan.work)
+                        for use in generic:
+                            y += use.push(p, lo, hi, tile, plan.budget, plan.fused)
+        return y
+
+    def _products(self, plan: _Plan, q: torch.Tensor, push: bool, norms: bool = False):
+        """``M = sum_p Z_p^T Z_p`` with ``Z_p = J_p^T q`` and, with ``push``, ``Y = sum_p J_p Z_p``.
+
+        Returns ``(M, Y or None, ||J||_F^2 or None)``; the norm is computed with ``norms`` where
+        every component allows it cheaply (one use per component, or per-row gradients at hand).
+        """
+        columns = q.shape[1]
+        work = q.to(plan.work)
+        core = torch.zeros(columns, columns, dtype=q.dtype, device=q.device)
+        y = torch.zeros(plan.rows, columns, dtype=q.dtype, device=q.device) if push else None
+        norm_sq = 0.0 if norms else None
+        for comp in plan.components:
+            if comp.rows:
+                z = torch.zeros(comp.width, columns, dtype=plan.work, device=q.device)
+                for r0, r1, g in self._row_blocks(comp, plan):
+                    z.addmm_(g.T, work[r0:r1])
+                    if norm_sq is not None:
+                        norm_sq += float(g.to(q.dtype).square().sum())
+                wide = z.to(q.dtype)
+                core.addmm_(wide.T, wide)
+                if push:
+                    for r0, r1, g in self._row_blocks(comp, plan):
+                        y[r0:r1] += g @ z
+                continue
+            for p in comp.params:
+                uses = comp.by_param[id(p)]
+                for lo, hi in plan.tiles(p, columns):
+                    z = uses[0].pull(p, lo, hi, work, plan.budget)
+                    for use in uses[1:]:
+                        z += use.pull(p, lo, hi, work, plan.budget)
+                    wide = z.reshape(-1, columns).to(q.dtype)
+                    core.addmm_(wide.T, wide)
+                    if push:
+                        for use in uses:
+                            y += use.push(p, lo, hi, z, plan.budget, plan.fused)
+            if norm_sq is not None:
+                norm_sq = norm_sq + comp.uses[0].frobenius_sq(q.dtype, plan.budget) if len(comp.uses) == 1 else None
+        return core, y, norm_sq

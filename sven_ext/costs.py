@@ -1,0 +1,216 @@
+"""Cost model of the backends: bytes and flops of one step for a captured model and batch.
+
+``backend="auto"`` captures the factors first (one forward, one batched backward, shared by
+gram and sketch), then asks :func:`choose` which backend to finish the step with. Estimates
+are in bytes beyond the model and the captured factors, and in GEMM-equivalent flops (LAPACK's
+``eigh`` and the random-number generator are charged at their measured cost relative to a
+float64 GEMM on the 2-core development machine).
+
+The rule (:func:`choose`): the exact gram backend while its ``K`` and transients fit the
+budget and its flops are within ``GRAM_PREFERENCE`` times the sketch's (it is exact, the
+sketch is not); otherwise the sketch when it fits; otherwise gram if it fits; otherwise an
+error, raised before the backend allocates anything. Dense is not a candidate: it is the
+oracle (``R x P`` bytes); ``auto`` uses it only for models whose layers couple the samples
+(batch statistics), where there are no factors, and only within the budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .capture import DirectUse, EmbeddingUse, LinearUse, _linear_costs
+
+GRAM_PREFERENCE = 4.0
+# eigh(K) of n x n in float64: ~0.85 ns * n^3 measured at n = 2048..4096, against ~0.033 ns
+# per GEMM flop (30 GFLOP/s float64) on the same 2 cores: about 25 GEMM flops per n^3.
+EIGH_FLOPS_PER_N3 = 25.0
+# One number from ops.random_block: ~66 ns Gaussian (Philox plus Box-Muller), ~26 ns Rademacher,
+# measured on the same machine (the CPU generation did not scale with threads there): about
+# 2,000 and 800 GEMM flops. Khatri-Rao draws only (rows + rest) * s Gaussian numbers per matrix.
+RNG_FLOPS = {"gaussian": 2000.0, "rademacher": 800.0, "khatri_rao": 2000.0}
+# Per-row gradients of a fallback module through torch.func.vmap(grad): a few forward costs.
+MODULE_ROW_FLOPS = 10.0
+# A tensor op's fixed cost (~10 us of Python and dispatch) in GEMM flops; the sketch issues
+# about OPS_PER_PASS ops per use and pass, gram about OPS_PER_USE per use: this keeps small
+# problems, where launch overhead dominates, on the exact backend.
+OP_OVERHEAD_FLOPS = 3e5
+OPS_PER_PASS = 15
+OPS_PER_USE = 10
+# Peak transients of the sketch backend, in units of its transient budget.
+TRANSIENTS = 4
+MIN_TRANSIENT_BYTES = 1 << 20
+GRAM_TRANSIENT_BYTES = 1 << 27  # GramBackend.row_budget_bytes
+
+
+def mib(nbytes: float) -> str:
+    """``1536.0`` -> ``"1.5 KiB"``: a byte count for messages."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+@dataclass
+class Estimate:
+    """Cost of finishing a step with one backend.
+
+    Attributes:
+        backend: its name.
+        bytes: peak bytes beyond the model and the captured factors.
+        flops: GEMM-equivalent floating-point operations.
+        what: the dominant memory item, for messages.
+        min_bytes: the least it can run in (the sketch shrinks its transients to fit a budget).
+    """
+
+    backend: str
+    bytes: int
+    flops: float
+    what: str
+    min_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.min_bytes is None:
+            self.min_bytes = self.bytes
+
+
+def _shape(use) -> tuple:
+    """``(S, T, G, din, dout)`` of a Linear use."""
+    samples, steps, groups, din = use.a.shape
+    return samples, steps, groups, din, use.d.shape[3]
+
+
+def _params(use) -> int:
+    return sum(p.numel() for p in use.params)
+
+
+def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:
+    """Bytes the sketch backend holds besides its tile transients.
+
+    ``Y``, ``Q``, the next ``Y`` and QR's workspace (``~5 R s`` float64), the core, and for
+    fallback modules their whole ``Z`` and ``Omega`` blocks.
+    """
+    fixed = 5 * rows * columns * 8 + 2 * columns * columns * 8
+    for comp in components:
+        if getattr(comp, "rows", False):
+            fixed += 2 * comp.width * columns * 8
+    return fixed
+
+
+def estimate_gram(uses: list, rows: int) -> Estimate:
+    flops = EIGH_FLOPS_PER_N3 * rows**3 + OP_OVERHEAD_FLOPS * OPS_PER_USE * (len(uses) + 2)
+    transient = 0
+    for use in uses:
+        if isinstance(use, LinearUse):
+            samples, steps, groups, din, dout = _shape(use)
+            if steps == 1:
+                flops += 2 * groups * (samples**2 * din + rows**2 * dout)
+            else:
+                flops += groups * min(2.0 * rows**2 * steps**2 * (din + dout),
+                                      2.0 * rows * steps * din * dout + 2.0 * rows**2 * din * dout)
+                transient = GRAM_TRANSIENT_BYTES
+        elif isinstance(use, EmbeddingUse):
+            flops += 2.0 * rows**2 * use.d.shape[1] ** 2 * use.d.shape[2]
+        elif isinstance(use, DirectUse):
+            flops += 2.0 * rows**2 * use.g.shape[1]
+        else:
+            flops += 2.0 * rows**2 * _params(use) + MODULE_ROW_FLOPS * rows * _params(use)
+            transient = GRAM_TRANSIENT_BYTES
+    k_bytes = rows * rows * 8
+    # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route.
+    return Estimate("gram", 4 * k_bytes + transient, flops, f"K needs {mib(k_bytes)}")
+
+
+def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, test_matrix: str,
+                    transient_budget: int = 1 << 27) -> Estimate:
+    """Cost of the sketch backend with ``columns = s`` (``s >= R``: the exact identity basis)."""
+    exact = columns >= rows
+    columns = min(columns, rows)
+    passes = 2 if exact else 2 + 2 * power_iterations
+    flops, generated, biggest_tile, module_bytes = 0.0, 0, 0, 0
+    for use in uses:
+        size = _params(use)
+        if isinstance(use, LinearUse):
+            samples, steps, groups, din, dout = _shape(use)
+            per_pass = 2.0 * groups * min(_linear_costs(samples, rows, steps, din, dout, columns))
+            if use.bias is not None:
+                per_pass += 2.0 * rows * groups * dout * columns
+            dense = test_matrix != "khatri_rao"
+            generated += size * columns if dense else (groups * dout + din) * columns
+        elif isinstance(use, EmbeddingUse):
+            per_pass = 2.0 * rows * use.d.shape[1] * use.d.shape[2] * columns
+            generated += min(rows * use.d.shape[1], use.param.shape[0]) * use.d.shape[2] * columns
+        elif isinstance(use, DirectUse):
+            per_pass = 2.0 * rows * use.g.shape[1] * columns
+            generated += size * columns
+        else:
+            per_pass = 2.0 * rows * size * columns + MODULE_ROW_FLOPS * rows * size
+            generated += size * columns
+            module_bytes += 2 * size * columns * 8
+        flops += passes * per_pass + 2.0 * (passes // 2) * size * columns**2
+        for p in use.params:
+            biggest_tile = max(biggest_tile, 3 * p.numel() * columns * 8)
+    if not exact:
+        flops += RNG_FLOPS[test_matrix] * generated + (power_iterations + 1) * 4.0 * rows * columns**2
+    flops += EIGH_FLOPS_PER_N3 * columns**3 + OP_OVERHEAD_FLOPS * OPS_PER_PASS * (passes + 1) * (len(uses) + 2)
+    fixed = sketch_fixed_bytes(rows, columns) + module_bytes
+    transient = TRANSIENTS * min(transient_budget, max(biggest_tile, MIN_TRANSIENT_BYTES))
+    return Estimate("sketch", fixed + transient, flops, f"R x s blocks need {mib(fixed)} (s={columns})",
+                    fixed + TRANSIENTS * MIN_TRANSIENT_BYTES)
+
+
+def estimate_dense(rows: int, params: int) -> Estimate:
+    j_bytes = rows * params * 8
+    # J, the SVD's copy and V^T, R backward passes and the SVD.
+    return Estimate("dense", 3 * j_bytes + rows * rows * 8, 6.0 * rows * params + 4.0 * rows**2 * params,
+                    f"J needs {mib(j_bytes)}")
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: CUDA's free bytes, or the Linux ``MemAvailable`` (else unbounded)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 1 << 62
+
+
+def choose(gram: Estimate, sketch: Estimate, factor_bytes: int, budget: int, budget_given: bool):
+    """``(backend name, reason)`` by the rule of the module docstring.
+
+    Raises:
+        ValueError: when neither fits ``budget`` (before anything big is allocated).
+    """
+    room = budget - factor_bytes
+    what = "max_memory" if budget_given else "free memory"
+    fits = {e.backend: e.min_bytes <= room for e in (gram, sketch)}
+    cost = f"~{gram.flops / 1e9:.3g} GFLOP vs sketch ~{sketch.flops / 1e9:.3g} GFLOP"
+    if fits["gram"] and gram.flops <= GRAM_PREFERENCE * sketch.flops:
+        return "gram", f"gram: {gram.what}, fits {what} ({mib(budget)}); {cost}"
+    if fits["sketch"]:
+        if not fits["gram"]:
+            why = f"{gram.what} (+ transients {mib(gram.bytes)}), over {what} ({mib(budget)})"
+        else:
+            why = f"{cost} (more than {GRAM_PREFERENCE:g}x)"
+        return "sketch", f"sketch: {why}; {sketch.what}, {mib(min(sketch.bytes, room))} in all"
+    if fits["gram"]:
+        return "gram", f"gram: the sketch does not fit {what} ({mib(budget)}); {gram.what}"
+    raise ValueError(
+        f"{what}={budget} bytes is too small for any backend: the factors take {mib(factor_bytes)}, "
+        f"gram needs {mib(gram.bytes)} more ({gram.what}), sketch at least {mib(sketch.min_bytes)} more "
+        f"({sketch.what}); raise max_memory, lower k or the batch size"
+    )
+
+
+def dense_fits(rows: int, params: int, budget: int, budget_given: bool) -> tuple[bool, str]:
+    """Whether the dense backend fits ``budget``, and a reason for ``last_info``."""
+    dense = estimate_dense(rows, params)
+    what = "max_memory" if budget_given else "free memory"
+    return dense.bytes <= budget, f"dense: {dense.what}, {mib(dense.bytes)} in all within {what} ({mib(budget)})"
+
+
+__all__ = ["Estimate", "choose", "estimate_gram", "estimate_sketch", "estimate_dense", "available_bytes", "mib"]
