@@ -6,6 +6,8 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .optimizer import Sven
 
@@ -161,3 +163,21 @@ def compare_backends(model: nn.Module, loss, backend: str = "gram", reference: s
     mine, _ = sven_update(model, loss, dtype=dtype, backend=backend, **sven_kwargs)
     oracle, _ = sven_update(model, loss, dtype=reference_dtype, backend=reference, **sven_kwargs)
     return relative_difference(mine, oracle)
+
+
+class LargestStorage(TorchDispatchMode):
+    """Records the largest storage (in elements) behind any tensor an op returns.
+
+    Used to show a backend never allocates the Jacobian or a whole random matrix.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out

@@ -3,12 +3,10 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import sven_ext
 from sven_ext import costs
-from sven_ext.testing import mlp, relative_difference, small_cnn, sven_update, tiny_transformer
+from sven_ext.testing import LargestStorage, mlp, relative_difference, small_cnn, sven_update, tiny_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
@@ -18,21 +16,6 @@ def regression(batch, inputs, outputs, seed=0):
     x = torch.randn(batch, inputs, generator=g, dtype=torch.float64)
     y = torch.randn(batch, outputs, generator=g, dtype=torch.float64)
     return lambda model: sven_ext.Residuals(model(x) - y)
-
-
-class LargestStorage(TorchDispatchMode):
-    """Records the largest storage (in elements) behind any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
 
 
 def test_small_batch_picks_gram_and_says_why():

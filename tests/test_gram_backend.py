@@ -3,12 +3,10 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import sven_ext
 from sven_ext.backends import gram as gram_module
-from sven_ext.testing import compare_backends, mlp, relative_difference, small_cnn, sven_update, tiny_transformer
+from sven_ext.testing import LargestStorage, compare_backends, mlp, relative_difference, small_cnn, sven_update, tiny_transformer
 
 # small_cnn has an even kernel with padding="same" on purpose (asymmetric padding).
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -282,21 +280,6 @@ def test_auto_uses_gram():
     opt.step(lambda: regression(x, y)(model))
     assert opt.last_info["backend"] == "gram"
     assert opt.last_info["gram_bytes"] == 7 * 7 * 8
-
-
-class LargestStorage(TorchDispatchMode):
-    """Records the largest storage (in elements) behind any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
 
 
 def test_never_allocates_the_jacobian():

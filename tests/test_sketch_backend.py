@@ -5,12 +5,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import sven_ext
 from sven_ext.backends import sketch as sketch_module
-from sven_ext.testing import mlp, relative_difference, small_cnn, sven_update, tiny_transformer
+from sven_ext.testing import LargestStorage, mlp, relative_difference, small_cnn, sven_update, tiny_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 
@@ -224,21 +222,6 @@ def test_max_memory_too_small_for_the_sketch():
     opt = sven_ext.Sven(model, backend="sketch", k=6, max_memory=100_000)
     with pytest.raises(ValueError, match="too small for the sketch backend"):
         opt.step(lambda: loss(model))
-
-
-class LargestStorage(TorchDispatchMode):
-    """Records the largest storage (in elements) behind any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gemm", "fused"])
