@@ -6,7 +6,9 @@ from torch import nn
 
 import sven_ext
 from sven_ext.backends import gram as gram_module
-from sven_ext.testing import LargestStorage, compare_backends, mlp, relative_difference, small_cnn, sven_update, tiny_transformer
+from sven_ext.testing import (
+    LargestStorage, compare_backends, mlp, relative_difference, small_cnn, sven_update, tiny_transformer,
+)
 
 # small_cnn has an even kernel with padding="same" on purpose (asymmetric padding).
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
