@@ -39,4 +39,15 @@ inline void check_non_negative(int64_t value, const char* op, const char* name) 
   SVEN_CHECK(value >= 0, op, name, " must be >= 0, got ", value);
 }
 
+// A (rows, steps, features) factor pair `a`, `d` of one layer: 3-D, one device, one floating dtype.
+inline void check_factor_pair(const at::Tensor& a, const at::Tensor& d, const char* op) {
+  check_dim(a, op, "a", 3);
+  check_dim(d, op, "d", 3);
+  check_same_device(a, d, op, "a", "d");
+  check_floating(a, op, "a");
+  check_floating(d, op, "d");
+  SVEN_CHECK(a.scalar_type() == d.scalar_type(), op, "a and d must have one dtype, got ", a.scalar_type(), " and ",
+             d.scalar_type());
+}
+
 }  // namespace sven_ext

@@ -32,13 +32,7 @@ inline void check_same_batch_and_steps(const at::Tensor& x, const at::Tensor& d,
 
 inline SeqGramArgs check_seq_gram_args(const at::Tensor& a, const at::Tensor& d) {
   constexpr const char* op = "seq_gram";
-  check_dim(a, op, "a", 3);
-  check_dim(d, op, "d", 3);
-  check_same_device(a, d, op, "a", "d");
-  check_floating(a, op, "a");
-  check_floating(d, op, "d");
-  SVEN_CHECK(a.scalar_type() == d.scalar_type(), op, "a and d must have one dtype, got ", a.scalar_type(), " and ",
-             d.scalar_type());
+  check_factor_pair(a, d, op);
   check_same_batch_and_steps(a, d, op, "a");
   return SeqGramArgs{a.contiguous(), d.contiguous(), a.size(0), a.size(1), a.size(2), d.size(2)};
 }

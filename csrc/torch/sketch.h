@@ -45,13 +45,7 @@ inline at::ScalarType compute_dtype(at::ScalarType x) { return x == at::kDouble 
 
 inline LinearFactors check_linear_factors(const at::Tensor& a, const at::Tensor& d, const char* op,
                                           at::ScalarType compute) {
-  check_dim(a, op, "a", 3);
-  check_dim(d, op, "d", 3);
-  check_same_device(a, d, op, "a", "d");
-  check_floating(a, op, "a");
-  check_floating(d, op, "d");
-  SVEN_CHECK(a.scalar_type() == d.scalar_type(), op, "a and d must have one dtype, got ", a.scalar_type(), " and ",
-             d.scalar_type());
+  check_factor_pair(a, d, op);
   SVEN_CHECK(a.size(0) == d.size(0), op, "a and d must have the same number of rows R (dim 0), got a ", a.sizes(),
              " and d ", d.sizes());
   SVEN_CHECK(a.size(1) == d.size(1), op, "a and d must have the same sequence length T (dim 1), got a ", a.sizes(),
