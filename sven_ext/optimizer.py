@@ -15,6 +15,8 @@ from .backends import SketchSettings, StepSettings, check_backend_name, make_bac
 from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES
 from .linalg import DEFAULT_ATOL, Truncation
 
+FUNCTIONAL_MODES = ("exact", "randomized")
+
 
 class Sven(torch.optim.Optimizer):
     """Sven: truncated-SVD pseudo-inverse steps on per-sample residuals.
@@ -43,6 +45,9 @@ class Sven(torch.optim.Optimizer):
             number of rows is unchanged; meant for steps over the same rows).
         seed: sketch backend: key of the test matrices; with the step counter (kept in the
             optimizer state) it fixes every step's draw, so equal seeds give identical steps.
+        functional_mode: functional backend: ``"exact"`` (Gram matrix of the residual rows, built
+            from chunks of ``J^T`` products) or ``"randomized"`` (a sketch, with ``oversampling``,
+            ``power_iterations`` and ``seed``).
         max_memory: bytes a step may use beyond the model (the factors included): ``"auto"``
             picks a backend within it and raises before allocating when none fits; the sketch
             backend sizes its transients by it. ``None``: the free memory.
@@ -74,6 +79,7 @@ class Sven(torch.optim.Optimizer):
         warm_start: bool = False,
         seed: int = 0,
         max_memory: int | None = None,
+        functional_mode: str = "exact",
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -99,6 +105,8 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if max_memory is not None:
             _check_count("max_memory", max_memory, minimum=1)
+        if functional_mode not in FUNCTIONAL_MODES:
+            raise ValueError(f"functional_mode must be one of {FUNCTIONAL_MODES}, got {functional_mode!r}")
         check_backend_name(backend)
 
         model_params = {id(p) for p in model.parameters()}
@@ -108,6 +116,7 @@ class Sven(torch.optim.Optimizer):
             lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, atol=atol, solve_dtype=solve_dtype,
             chunk_rows=chunk_rows, oversampling=oversampling, power_iterations=power_iterations,
             test_matrix=test_matrix, warm_start=warm_start, seed=seed, max_memory=max_memory,
+            functional_mode=functional_mode,
         )
         super().__init__(params, defaults)
         trainable = self._trainable()
@@ -161,6 +170,7 @@ class Sven(torch.optim.Optimizer):
                 basis=state.get("basis") if first["warm_start"] else None,
             ),
             max_memory=first["max_memory"],
+            functional_mode=first["functional_mode"],
         )
         backend = self._backend(first["backend"], params)
         result = backend.compute(closure, settings, self._resolve_k)

@@ -44,6 +44,8 @@ class StepSettings:
         sketch: settings of the sketch backend.
         max_memory: byte budget of a step beyond the model (``None``: what the machine has);
             ``"auto"`` chooses within it and the sketch backend sizes its transients by it.
+        functional_mode: functional backend: ``"exact"`` (chunked Gram) or ``"randomized"``
+            (a sketch with the settings of ``sketch``).
     """
 
     truncation: Truncation
@@ -52,6 +54,7 @@ class StepSettings:
     chunk_rows: int = 64
     sketch: SketchSettings = field(default_factory=SketchSettings)
     max_memory: int | None = None
+    functional_mode: str = "exact"
 
 
 @dataclass
