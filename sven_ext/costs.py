@@ -206,6 +206,23 @@ def choose(gram: Estimate, sketch: Estimate, factor_bytes: int, budget: int, bud
     )
 
 
+def require_fit(estimate: Estimate, factor_bytes: int, max_memory: int | None, device: torch.device) -> None:
+    """Raises before a backend chosen by name allocates more than ``max_memory`` (or the free memory).
+
+    Raises:
+        ValueError: naming the backend, its estimate and the budget.
+    """
+    budget = max_memory if max_memory is not None else available_bytes(device)
+    what = "max_memory" if max_memory is not None else "free memory"
+    if factor_bytes + estimate.min_bytes > budget:
+        raise ValueError(
+            f"backend={estimate.backend!r} needs about {mib(factor_bytes + estimate.min_bytes)} for this step "
+            f"({estimate.what}; factors {mib(factor_bytes)}), more than the {what} ({mib(budget)}); "
+            "nothing was allocated. Use backend='auto' (it picks a backend that fits), raise max_memory, "
+            "or lower the batch size"
+        )
+
+
 def dense_fits(rows: int, params: int, budget: int, budget_given: bool) -> tuple[bool, str]:
     """Whether the dense backend fits ``budget``, and a reason for ``last_info``."""
     dense = estimate_dense(rows, params)
@@ -213,4 +230,4 @@ def dense_fits(rows: int, params: int, budget: int, budget_given: bool) -> tuple
     return dense.bytes <= budget, f"dense: {dense.what}, {mib(dense.bytes)} in all within {what} ({mib(budget)})"
 
 
-__all__ = ["Estimate", "choose", "estimate_gram", "estimate_sketch", "estimate_dense", "available_bytes", "mib"]
+__all__ = ["Estimate", "choose", "require_fit", "estimate_gram", "estimate_sketch", "estimate_dense", "available_bytes", "mib"]

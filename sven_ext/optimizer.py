@@ -8,6 +8,7 @@ the linearised model: ``delta = -lr * V_k S_k^-1 U_k^T r`` (DESIGN.md section 1)
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -16,6 +17,9 @@ from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES
 from .linalg import DEFAULT_ATOL, Truncation
 
 FUNCTIONAL_MODES = ("exact", "randomized")
+# Settings of the whole step (one solve covers every param group): only lr may differ between groups.
+_STEP_KEYS = ("k", "rtol", "kappa", "backend", "atol", "solve_dtype", "chunk_rows", "oversampling",
+              "power_iterations", "test_matrix", "warm_start", "seed", "max_memory", "functional_mode")
 
 
 class Sven(torch.optim.Optimizer):
@@ -110,8 +114,9 @@ class Sven(torch.optim.Optimizer):
         check_backend_name(backend)
 
         model_params = {id(p) for p in model.parameters()}
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        if not params:
+            raise ValueError("no trainable parameters: every parameter has requires_grad=False (or params is empty)")
         defaults = dict(
             lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, atol=atol, solve_dtype=solve_dtype,
             chunk_rows=chunk_rows, oversampling=oversampling, power_iterations=power_iterations,
@@ -128,6 +133,11 @@ class Sven(torch.optim.Optimizer):
         devices = {p.device for p in trainable}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        dtypes = {p.dtype for p in trainable}
+        if len(dtypes) > 1:
+            raise ValueError(f"all parameters must have one dtype, got {sorted(map(str, dtypes))}")
+        if not trainable[0].is_floating_point():
+            raise ValueError(f"parameters must be floating point, got {trainable[0].dtype}")
         self.model = model
         self.last_info: dict = {}
         self._backends: dict = {}
@@ -142,8 +152,12 @@ class Sven(torch.optim.Optimizer):
         return self._backends[key]
 
     @torch.no_grad()
-    def step(self, closure):
+    def step(self, closure=None):
         """One Sven step.
+
+        The step is atomic: if anything raises (the closure, the capture, a kernel, the solve,
+        running out of memory, or a direction that is not finite), every parameter, buffer and
+        optimizer-state tensor is left exactly as it was, and the exception propagates.
 
         Args:
             closure: callable with no arguments that runs the forward pass and returns
@@ -155,10 +169,9 @@ class Sven(torch.optim.Optimizer):
         """
         if closure is None or not callable(closure):
             raise ValueError("Sven.step needs a closure that returns per-sample losses (it runs the forward pass)")
-        first = self.param_groups[0]
-        check_backend_name(first["backend"])
+        first = self._step_settings()
         params = self._trainable()
-        state = self.state["sven"]
+        state = self.state.get("sven", {})  # read only: the state changes once the step has succeeded
         settings = StepSettings(
             truncation=Truncation(first["k"], first["rtol"], first["atol"]),
             kappa=first["kappa"],
@@ -172,18 +185,22 @@ class Sven(torch.optim.Optimizer):
             max_memory=first["max_memory"],
             functional_mode=first["functional_mode"],
         )
-        backend = self._backend(first["backend"], params)
-        result = backend.compute(closure, settings, self._resolve_k)
-        # Nothing has changed yet: the update is applied only once every direction exists.
-        directions = {id(p): d for p, d in zip(params, result.directions)}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    p.sub_(directions[id(p)].to(p.dtype), alpha=group["lr"])
-        state["step"] = state.get("step", 0) + 1
-        state["seed"] = first["seed"]
+        buffers = _snapshot_buffers(self.model)
+        try:
+            backend = self._backend(first["backend"], params)
+            result = backend.compute(closure, settings, self._resolve_k)
+            updates = self._updates(params, result.directions)
+        except BaseException:
+            # The closure may have moved buffers (e.g. running statistics) before the failure.
+            _restore_buffers(buffers)
+            raise
+        # Nothing has changed so far; from here on nothing can fail.
+        for p, direction, lr in updates:
+            p.sub_(direction, alpha=lr)
+        new_state = {"step": state.get("step", 0) + 1, "seed": first["seed"]}
         if first["warm_start"] and result.state.get("basis") is not None:
-            state["basis"] = result.state["basis"].detach()
+            new_state["basis"] = result.state["basis"].detach()
+        self.state["sven"] = new_state
         self.last_info = {
             "backend": backend.name,
             "singular_values": result.solution.singular_values.detach().cpu(),
@@ -192,11 +209,64 @@ class Sven(torch.optim.Optimizer):
             "loss": float(result.rows.losses.sum()),
             **result.info,
         }
+        if result.solution.rank == 0:
+            largest = result.solution.all_singular_values
+            largest = float(largest[0]) if largest.numel() else 0.0
+            self.last_info["warning"] = (
+                f"zero update: every singular value is below the cut-off (largest {largest:.3e}; "
+                f"rtol={first['rtol']}, atol={first['atol']})"
+            )
+            warnings.warn(self.last_info["warning"], RuntimeWarning, stacklevel=2)
         return result.rows.losses
+
+    def _step_settings(self) -> dict:
+        """The first param group's settings, after checking that every group agrees and that
+        values changed since construction (e.g. by a scheduler) are still valid."""
+        first = self.param_groups[0]
+        check_backend_name(first["backend"])
+        for index, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr >= 0 and math.isfinite(lr)):
+                raise ValueError(f"param group {index}: lr must be a finite number >= 0, got {lr!r}")
+            for key in _STEP_KEYS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"param group {index} sets {key}={group[key]!r} but group 0 has {first[key]!r}: "
+                        "one Sven step solves for every group at once, so only lr may differ between groups"
+                    )
+        return first
+
+    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor]):
+        """``(param, direction in its dtype, lr)`` for every moving parameter; raises before any
+        change if a direction is not finite."""
+        by_id = {id(p): d for p, d in zip(params, directions)}
+        updates = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    direction = by_id[id(p)].to(p.dtype)
+                    if not torch.isfinite(direction).all():
+                        raise FloatingPointError(
+                            "the Sven direction is not finite (NaN or Inf); the parameters were not changed. "
+                            "The residuals or the model's scale may overflow solve_dtype"
+                        )
+                    updates.append((p, direction, group["lr"]))
+        return updates
 
     def _resolve_k(self, rows: int) -> int:
         k = self.param_groups[0]["k"]
         return max(1, rows // 2) if k is None else k
+
+
+def _snapshot_buffers(model: torch.nn.Module) -> list:
+    """``(module, name, buffer, copy)`` of every buffer: restores both in-place updates and reassignments."""
+    return [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+
+
+def _restore_buffers(snapshot: list) -> None:
+    for module, name, buffer, saved in snapshot:
+        module._buffers[name] = buffer
+        buffer.copy_(saved)
 
 
 def _check_count(name: str, value, minimum: int) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from .. import costs
 from ..linalg import Solution, solve_jacobian
 from ..residuals import rows_from_closure_output
 from .base import Backend, StepDirection, StepSettings, split_like
@@ -55,6 +56,8 @@ class DenseBackend(Backend):
 
     def solve(self, rows, settings: StepSettings, resolve_k) -> StepDirection:
         """The step from the rows of a closure that has run (their autograd graph is used once)."""
+        estimate = costs.estimate_dense(rows.residual.numel(), sum(p.numel() for p in self.params))
+        costs.require_fit(estimate, 0, settings.max_memory, self.params[0].device)
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
         residual = rows.residual.detach().to(settings.solve_dtype)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(residual.numel()))

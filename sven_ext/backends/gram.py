@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .. import ops
+from .. import costs, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, capture, factor_bytes
 from ..linalg import Truncation, solve_gram
 from ..residuals import rows_from_closure_output
@@ -59,6 +59,8 @@ class GramBackend(Backend):
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         rows, uses, checked = self.factors(closure, settings)
+        estimate = costs.estimate_gram(uses, rows.residual.numel())
+        costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
         return self.solve(rows, uses, checked, settings, resolve_k)
 
     def solve(self, rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
@@ -128,8 +130,9 @@ class GramBackend(Backend):
         """The factors' ``J^T w`` must match autograd's, parameter by parameter."""
         dtype = torch.float64
         from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
-        tolerance = math.sqrt(torch.finfo(weights.dtype).eps)
         for p, mine, true in zip(self.params, from_factors, grads):
+            # Autograd's gradient is rounded to the parameter's dtype: the looser precision sets the bar.
+            tolerance = math.sqrt(max(torch.finfo(weights.dtype).eps, torch.finfo(p.dtype).eps))
             true = torch.zeros_like(mine) if true is None else true.to(dtype)
             error = float((mine - true).norm())
             scale = float(true.norm() + mine.norm())

@@ -158,6 +158,10 @@ class SketchBackend(GramBackend):
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         rows, uses, checked = self.factors(closure, settings)
+        count, sk = rows.residual.numel(), settings.sketch
+        estimate = costs.estimate_sketch(uses, count, min(resolve_k(count) + sk.oversampling, count),
+                                         sk.power_iterations, sk.test_matrix, self.transient_budget_bytes)
+        costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
         return self.solve(rows, uses, checked, settings, resolve_k)
 
     def solve(self, rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
