@@ -46,6 +46,11 @@ class StepSettings:
             ``"auto"`` chooses within it and the sketch backend sizes its transients by it.
         functional_mode: functional backend: ``"exact"`` (chunked Gram) or ``"randomized"``
             (a sketch with the settings of ``sketch``).
+        microbatch_size: ``m``: the rows are the means of the losses of consecutive groups of
+            ``m`` samples (``B / m`` rows; ``None``: one row per sample).
+        column_scale: one positive tensor per parameter (its shape), ``S``: the step is solved for
+            the column-scaled Jacobian ``J S`` and mapped back, so the direction is
+            ``S (J S)^+ r`` (RMSProp before the pseudo-inverse); ``None``: ``S = I``.
     """
 
     truncation: Truncation
@@ -55,6 +60,8 @@ class StepSettings:
     sketch: SketchSettings = field(default_factory=SketchSettings)
     max_memory: int | None = None
     functional_mode: str = "exact"
+    microbatch_size: int | None = None
+    column_scale: list[torch.Tensor] | None = None
 
 
 @dataclass
