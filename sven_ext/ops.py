@@ -18,7 +18,8 @@ def philox_raw(counters: torch.Tensor, seed: int) -> torch.Tensor:
     """Raw Philox4x32-10 words.
 
     Args:
-        counters: ``(N, 4)`` int64 tensor of 32-bit counter words (values in ``[0, 2**32)``).
+        counters: ``(N, 4)`` int64 tensor of 32-bit counter words (values in ``[0, 2**32)``;
+            only the low 32 bits of each value are used), any strides.
         seed: 64-bit key; negative values are read as their two's complement.
 
     Returns:
@@ -56,9 +57,15 @@ def random_block(
 
     Returns:
         A contiguous ``(rows, cols)`` tensor.
+
+    Raises:
+        ValueError: ``rows`` or ``cols`` negative, or an unknown ``distribution``.
+        RuntimeError: from the op, for a non-floating ``dtype`` or offsets and streams out of range.
     """
+    if rows < 0 or cols < 0:
+        raise ValueError(f"sven_ext.random_block: rows and cols must be >= 0, got rows {rows} and cols {cols}")
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+        raise ValueError(f"sven_ext.random_block: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     out = torch.empty(rows, cols, dtype=dtype, device=device)
     torch.ops.sven_ext.philox_fill_(out, seed, stream, row_offset, col_offset, distribution)
     return out
@@ -130,7 +137,7 @@ def linear_sketch(
     Computed in float64 for float64 inputs, otherwise in float32 (float16/bfloat16 inputs are
     converted; Omega is rounded to float32) with each parameter tile's products summed in
     float32 and the tiles' contributions summed into ``Y`` in float64. The result does not
-    depend on the thread count.
+    depend on the thread count. Non-contiguous inputs are copied to contiguous ones first.
 
     Args:
         a: ``(R, T, d_in)`` layer inputs, float16, bfloat16, float32 or float64.
@@ -153,6 +160,7 @@ def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.T
     ``Y[r, j] = sum_{o, i} G_r[o, i] * z[o, i, j]`` with ``G_r = d_r^T a_r``: the product of the
     power iteration and of the Rayleigh-Ritz step. Computed in float64 when ``a`` or ``z`` is
     float64 (``z`` of another dtype is converted once), otherwise as :func:`linear_sketch`.
+    Non-contiguous inputs are copied to contiguous ones first.
 
     Args:
         a: ``(R, T, d_in)`` layer inputs, float16, bfloat16, float32 or float64.
@@ -165,14 +173,30 @@ def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.T
     return torch.ops.sven_ext.linear_project(a, d, z)
 
 
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_floating_fake(t, op, name):
+    torch._check(
+        t.dtype in _FLOATING, lambda: f"sven_ext.{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+    )
+
+
 @torch.library.register_fake("sven_ext::philox_raw")
 def _philox_raw_fake(counters, seed):
-    torch._check(counters.dim() == 2 and counters.shape[1] == 4, lambda: "counters must have shape (N, 4)")
-    return torch.empty_like(counters)
+    torch._check(
+        counters.dim() == 2 and counters.shape[1] == 4,
+        lambda: f"sven_ext.philox_raw: counters must have shape (N, 4), got {tuple(counters.shape)}",
+    )
+    torch._check(counters.dtype == torch.int64, lambda: f"sven_ext.philox_raw: counters must be int64, got {counters.dtype}")
+    # Contiguous whatever the counters' strides, as the device impls return.
+    return counters.new_empty(counters.shape)
 
 
 @torch.library.register_fake("sven_ext::philox_fill_")
 def _philox_fill_fake(out, seed, stream, row_offset, col_offset, distribution):
+    torch._check(out.dim() == 2, lambda: f"sven_ext.philox_fill_: out must be 2-D, got shape {tuple(out.shape)}")
+    _check_floating_fake(out, "philox_fill_", "out")
     return None
 
 
@@ -181,6 +205,7 @@ def _seq_gram_fake(a, d):
     torch._check(a.dim() == 3 and d.dim() == 3, lambda: "sven_ext.seq_gram: a and d must be 3-D")
     torch._check(a.device == d.device, lambda: "sven_ext.seq_gram: a and d must be on one device")
     torch._check(a.dtype == d.dtype, lambda: "sven_ext.seq_gram: a and d must have one dtype")
+    _check_floating_fake(a, "seq_gram", "a")
     torch._check(a.shape[0] == d.shape[0] and a.shape[1] == d.shape[1], lambda: "sven_ext.seq_gram: B and T must match")
     return a.new_empty((a.shape[0], a.shape[0]), dtype=torch.float64)
 
@@ -190,6 +215,7 @@ def _embedding_gram_fake(indices, d):
     torch._check(indices.dim() == 2 and d.dim() == 3, lambda: "sven_ext.embedding_gram: indices 2-D and d 3-D")
     torch._check(indices.device == d.device, lambda: "sven_ext.embedding_gram: indices and d must be on one device")
     torch._check(indices.dtype == torch.int64, lambda: "sven_ext.embedding_gram: indices must be int64")
+    _check_floating_fake(d, "embedding_gram", "d")
     torch._check(
         indices.shape[0] == d.shape[0] and indices.shape[1] == d.shape[1],
         lambda: "sven_ext.embedding_gram: B and T must match",
@@ -201,6 +227,7 @@ def _check_linear_factors_fake(a, d, op):
     torch._check(a.dim() == 3 and d.dim() == 3, lambda: f"sven_ext.{op}: a and d must be 3-D")
     torch._check(a.device == d.device, lambda: f"sven_ext.{op}: a and d must be on one device")
     torch._check(a.dtype == d.dtype, lambda: f"sven_ext.{op}: a and d must have one dtype")
+    _check_floating_fake(a, op, "a")
     torch._check(a.shape[0] == d.shape[0] and a.shape[1] == d.shape[1], lambda: f"sven_ext.{op}: R and T must match")
 
 
@@ -215,6 +242,7 @@ def _linear_sketch_fake(a, d, seed, stream, row_offset, cols, distribution):
 def _linear_project_fake(a, d, z):
     _check_linear_factors_fake(a, d, "linear_project")
     torch._check(z.dim() == 3, lambda: "sven_ext.linear_project: z must be 3-D")
+    _check_floating_fake(z, "linear_project", "z")
     torch._check(
         z.shape[0] == d.shape[2] and z.shape[1] == a.shape[2],
         lambda: "sven_ext.linear_project: z must have shape (d_out, d_in, s)",

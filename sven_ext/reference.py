@@ -161,7 +161,8 @@ def linear_sketch(
     a64, d64 = a.to(torch.float64), d.to(torch.float64)
     y = torch.zeros(rows, cols, dtype=torch.float64, device=a.device)
     for begin, end in _output_blocks(rows, d_in, d_out, cols):
-        g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, -1)
+        # Explicit sizes: a -1 cannot be inferred when R or the block is empty.
+        g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, (end - begin) * d_in)
         omega = random_block(
             (end - begin) * d_in,
             cols,
@@ -199,6 +200,6 @@ def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.T
     a64, d64, z64 = a.to(torch.float64), d.to(torch.float64), z.to(torch.float64)
     y = torch.zeros(rows, cols, dtype=torch.float64, device=a.device)
     for begin, end in _output_blocks(rows, d_in, d_out, cols):
-        g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, -1)
-        y += g @ z64[begin:end].reshape(-1, cols)
+        g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, (end - begin) * d_in)
+        y += g @ z64[begin:end].reshape((end - begin) * d_in, cols)
     return y

@@ -159,6 +159,8 @@ def test_philox_raw_errors(device):
 
 def test_opcheck_philox_raw(device):
     torch.library.opcheck(torch.ops.sven_ext.philox_raw, (random_counters(16).to(device), 42))
+    # Non-contiguous counters: the op and its fake both return contiguous words.
+    torch.library.opcheck(torch.ops.sven_ext.philox_raw, (random_counters(16).to(device).t().contiguous().t(), 42))
 
 
 def test_opcheck_philox_fill(device):

@@ -5,15 +5,23 @@
 #     bash bench/gpu/check.sh
 #
 # 1. builds the extension from source with the CUDA kernels (sm_90);
-# 2. runs the CUDA cases of the kernel tests (and of the whole suite, best effort);
-# 3. bench/gpu/check_kernels.py: every op on CUDA against the CPU op, the machine's
+# 2. runs the CUDA cases of the kernel and op-property tests;
+# 3. runs the CUDA op-property tests (every op, random shapes, dtypes and strided
+#    views) under compute-sanitizer memcheck and racecheck, few examples each,
+#    when the tool works;
+# 4. bench/gpu/check_kernels.py: every op on CUDA against the CPU op, the machine's
 #    copy-bandwidth and torch.mm ceilings, kernel timings against them;
-# 4. compute-sanitizer memcheck and racecheck on small Gram and sketch calls, when the tool works.
+# 5. the CUDA cases of the whole suite, best effort.
 #
-# Prints a short summary; full logs go to bench/results/gpu_check.txt (and
-# gpu_check.json), and to $OUT when set. Without a GPU the build and tests still
-# run and check_kernels.py falls back to CPU sizes. Target: under 5 minutes.
-#   SVEN_EXT_CHECK_SANITIZER=0   skip step 4
+# Every step has its own time limit and the whole run a budget: a step that would
+# start with too little of it left is skipped and marked so. The summary ends with
+# a table of the steps (pass / FAIL / timeout / skipped). The summary goes to
+# bench/results/gpu_check.txt (check_kernels.py's results to gpu_check.json), and to
+# $OUT when set, with the full logs. Without a GPU the build and tests still run
+# and check_kernels.py falls back to CPU sizes.
+#   SVEN_EXT_CHECK_SANITIZER=0          skip step 3
+#   SVEN_EXT_CHECK_BUDGET_S=540         the whole run's budget in seconds
+#   SVEN_EXT_CHECK_SANITIZER_EXAMPLES=3 hypothesis examples per test under the sanitizer
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,21 +33,45 @@ summary="$results/gpu_check.txt"
 : >"$summary"
 status=0
 start=$SECONDS
+budget=${SVEN_EXT_CHECK_BUDGET_S:-540}
+table=()  # "| step | result | seconds |" rows
 
 say() { echo "$*" | tee -a "$summary"; }
 step() { say ""; say "== $* ($((SECONDS - start)) s)"; }
-# run NAME TIMEOUT CMD...: output to $log_dir/NAME.log, its tail to the summary.
+# run NAME TIMEOUT CMD...: output to $log_dir/NAME.log, its tail to the summary, a
+# row to the table. The limit shrinks to what is left of the budget; with under
+# 20 s left the step is skipped (exit 125).
 run() {
   local name=$1 limit=$2
   shift 2
-  local rc=0
+  local left=$((budget - (SECONDS - start)))
+  if [ "$left" -lt 20 ]; then
+    say "-- $name: skipped, ${left} s of the budget left"
+    table+=("| $name | skipped (budget) | 0 |")
+    status=1
+    return 125
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
+  local rc=0 began=$SECONDS
   timeout "$limit" "$@" >"$log_dir/$name.log" 2>&1 || rc=$?
   tail -n "${TAIL_LINES:-15}" "$log_dir/$name.log" | tee -a "$summary"
   say "-- $name: exit $rc"
+  local result=pass
+  case $rc in
+    0) ;;
+    124) result="timeout (${limit} s)" ;;
+    *) result="FAIL (exit $rc)" ;;
+  esac
+  table+=("| $name | $result | $((SECONDS - began)) |")
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
 }
 finish() {
+  say ""
+  say "| step | result | seconds |"
+  say "|---|---|---|"
+  local row
+  for row in "${table[@]}"; do say "$row"; done
   say ""
   say "== done in $((SECONDS - start)) s, status $status"
   if [ -n "${OUT:-}" ]; then
@@ -74,43 +106,38 @@ fi
 grep -E "warning" "$log_dir/build.log" | grep -E "csrc/" | head -n 20 | tee -a "$summary"
 run import 120 "$PY" -c "import sven_ext; print('sven_ext', sven_ext.__version__, 'CUDA kernels:', sven_ext.WITH_CUDA)"
 
-step "kernel tests (CUDA cases)"
+step "kernel and op-property tests (CUDA cases)"
 export PYTHONUNBUFFERED=1
 TAIL_LINES=8 run tests_kernels 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_gram_kernels.py \
-  tests/test_sketch_kernels.py -k cuda -rs
-step "whole suite, CUDA cases (best effort)"
-TAIL_LINES=8 run tests_all 120 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --continue-on-collection-errors
+  tests/test_sketch_kernels.py tests/test_op_properties.py -k cuda -rs
+
+# On PATH, or in the toolkit (bin/ or its own folder, depending on the toolkit's packaging).
+sanitizer=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" \
+  "$CUDA_HOME/compute-sanitizer/compute-sanitizer" 2>/dev/null | head -n 1)
+if [ "${SVEN_EXT_CHECK_SANITIZER:-1}" = 1 ] && [ -n "$sanitizer" ] \
+  && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  step "compute-sanitizer: CUDA op-property tests"
+  # Few examples per test: every launch is instrumented. Only the extension's kernels
+  # (namespace sven_ext) are checked; torch's own are left alone, which also saves time.
+  # No caching allocator, so an access past a tensor's end is past an allocation's end.
+  # memcheck: every CUDA case (the rejections too: a failed check must launch nothing
+  # bad); racecheck: the cases that run the shared-memory kernels.
+  for tool in memcheck racecheck; do
+    select="cuda"
+    [ "$tool" = racecheck ] && select="cuda and matches_reference"
+    SVEN_EXT_TEST_MAX_EXAMPLES=${SVEN_EXT_CHECK_SANITIZER_EXAMPLES:-3} PYTORCH_NO_CUDA_MEMORY_CACHING=1 TAIL_LINES=6 \
+      run "sanitizer_$tool" 150 "$sanitizer" --tool "$tool" --error-exitcode 3 --kernel-name kns=sven_ext \
+      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_op_properties.py -k "$select"
+  done
+else
+  say "compute-sanitizer: skipped (SVEN_EXT_CHECK_SANITIZER=0, no tool, or no GPU visible)"
+  table+=("| sanitizer | skipped (no tool or GPU) | 0 |")
+fi
 
 step "CUDA vs CPU, ceilings, kernel timings"
-TAIL_LINES=200 run check_kernels 300 "$PY" bench/gpu/check_kernels.py --json "$results/gpu_check.json"
+TAIL_LINES=200 run check_kernels 240 "$PY" bench/gpu/check_kernels.py --json "$results/gpu_check.json"
 
-if [ "${SVEN_EXT_CHECK_SANITIZER:-1}" = 1 ] && command -v compute-sanitizer >/dev/null 2>&1 \
-  && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  step "compute-sanitizer on small Gram calls"
-  small='import torch, sven_ext
-from sven_ext import ops
-for b, t, da, dd in [(3, 5, 7, 9), (70, 1, 3, 2), (2, 70, 3, 17)]:
-    a = torch.randn(b, t, da, device="cuda"); d = torch.randn(b, t, dd, device="cuda")
-    i = torch.randint(0, 3, (b, t), device="cuda")
-    ops.seq_gram(a, d); ops.seq_gram(a.double(), d.double()); ops.embedding_gram(i, d)
-torch.cuda.synchronize(); print("sanitized calls done")'
-  for tool in memcheck racecheck; do
-    # No caching allocator, so an access past a tensor's end is past an allocation's end.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 TAIL_LINES=6 run "sanitizer_$tool" 240 compute-sanitizer --tool "$tool" \
-      --error-exitcode 3 --kernel-name kns=gram_kernel "$PY" -c "$small"
-  done
-  step "compute-sanitizer on small sketch calls"
-  small_sketch='import torch, sven_ext
-from sven_ext import ops
-for r, t, din, dout, cols in [(3, 2, 5, 7, 9), (70, 1, 9, 30, 40), (130, 2, 13, 11, 65)]:
-    a = torch.randn(r, t, din, device="cuda"); d = torch.randn(r, t, dout, device="cuda")
-    z = torch.randn(dout, din, cols, device="cuda")
-    ops.linear_sketch(a, d, seed=1, stream=2, cols=cols); ops.linear_project(a.double(), d.double(), z.double())
-torch.cuda.synchronize(); print("sanitized calls done")'
-  for tool in memcheck racecheck; do
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 TAIL_LINES=6 run "sanitizer_sketch_$tool" 180 compute-sanitizer --tool "$tool" \
-      --error-exitcode 3 --kernel-name kns=sketch_kernel "$PY" -c "$small_sketch"
-  done
-fi
+step "whole suite, CUDA cases (best effort)"
+TAIL_LINES=8 run tests_all 120 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --continue-on-collection-errors
 
 finish

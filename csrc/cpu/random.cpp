@@ -8,11 +8,11 @@
 namespace sven_ext {
 namespace {
 
-at::Tensor philox_raw_cpu(const at::Tensor& counters, int64_t seed) {
-  check_philox_raw_args(counters);
+at::Tensor philox_raw_cpu(const at::Tensor& counters_in, int64_t seed) {
+  const at::Tensor counters = check_philox_raw_args(counters_in);
   auto out = at::empty_like(counters);
-  const int64_t* in = counters.data_ptr<int64_t>();
-  int64_t* res = out.data_ptr<int64_t>();
+  const int64_t* in = counters.const_data_ptr<int64_t>();
+  int64_t* res = out.mutable_data_ptr<int64_t>();
   const uint64_t key = static_cast<uint64_t>(seed);
   at::parallel_for(0, counters.size(0), 4096, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {

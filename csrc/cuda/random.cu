@@ -42,14 +42,14 @@ __global__ void philox_fill_kernel(scalar_t* __restrict__ out, int64_t rows, int
   }
 }
 
-at::Tensor philox_raw_cuda(const at::Tensor& counters, int64_t seed) {
-  check_philox_raw_args(counters);
+at::Tensor philox_raw_cuda(const at::Tensor& counters_in, int64_t seed) {
+  const at::Tensor counters = check_philox_raw_args(counters_in);
   const c10::cuda::OptionalCUDAGuard guard(counters.device());
   auto out = at::empty_like(counters);
   const int64_t n = counters.size(0);
   if (n == 0) return out;
   philox_raw_kernel<<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      counters.data_ptr<int64_t>(), out.data_ptr<int64_t>(), n, static_cast<uint64_t>(seed));
+      counters.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), n, static_cast<uint64_t>(seed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -14,9 +14,9 @@ inline void check_dim(const at::Tensor& t, const char* op, const char* name, int
   SVEN_CHECK(t.dim() == dim, op, name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
+// For tensors written in place: a copy would not be the caller's tensor.
 inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  SVEN_CHECK(t.is_contiguous(), op, name, " must be contiguous (call .contiguous() first), got strides ",
-             t.strides());
+  SVEN_CHECK(t.is_contiguous(), op, name, " must be contiguous (it is written in place), got strides ", t.strides());
 }
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
@@ -37,6 +37,14 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 inline void check_non_negative(int64_t value, const char* op, const char* name) {
   SVEN_CHECK(value >= 0, op, name, " must be >= 0, got ", value);
+}
+
+// offset + count <= limit for offset, count >= 0, tested without forming the sum
+// (which could overflow int64 and wrap to a small value that passes a plain test).
+inline void check_span(int64_t offset, int64_t count, int64_t limit, const char* op, const char* offset_name,
+                       const char* count_name, const char* limit_text) {
+  SVEN_CHECK(count <= limit && offset <= limit - count, op, offset_name, " + ", count_name, " must be <= ",
+             limit_text, ", got ", offset_name, " ", offset, " and ", count_name, " ", count);
 }
 
 // A (rows, steps, features) factor pair `a`, `d` of one layer: 3-D, one device, one floating dtype.
