@@ -100,11 +100,26 @@ def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:
     return fixed
 
 
-def estimate_gram(uses: list, rows: int) -> Estimate:
-    flops = EIGH_FLOPS_PER_N3 * rows**3 + OP_OVERHEAD_FLOPS * OPS_PER_USE * (len(uses) + 2)
+def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: bool = False) -> Estimate:
+    """Cost of the gram backend.
+
+    Args:
+        uses: the captured factors.
+        rows: captured rows (``K`` is accumulated over them).
+        solve_rows: rows of the step (``eigh``); fewer than ``rows`` with microbatching (``None``: ``rows``).
+        scaled: a column scale is set: every parameter but the materialised small ones takes the
+            per-row-gradient route.
+    """
+    solve_rows = rows if solve_rows is None else solve_rows
+    flops = EIGH_FLOPS_PER_N3 * solve_rows**3 + OP_OVERHEAD_FLOPS * OPS_PER_USE * (len(uses) + 2)
     transient = 0
     for use in uses:
-        if isinstance(use, LinearUse):
+        if scaled and not isinstance(use, DirectUse):
+            # Per-row gradients formed (~R T P for a Linear layer, a few forwards for the rest), then G G^T.
+            form = 2.0 * rows * use.a.shape[1] if isinstance(use, LinearUse) else MODULE_ROW_FLOPS * rows
+            flops += (2.0 * rows**2 + form) * _params(use)
+            transient = GRAM_TRANSIENT_BYTES
+        elif isinstance(use, LinearUse):
             samples, steps, groups, din, dout = _shape(use)
             if steps == 1:
                 flops += 2 * groups * (samples**2 * din + rows**2 * dout)
@@ -125,10 +140,15 @@ def estimate_gram(uses: list, rows: int) -> Estimate:
 
 
 def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, test_matrix: str,
-                    transient_budget: int = 1 << 27) -> Estimate:
-    """Cost of the sketch backend with ``columns = s`` (``s >= R``: the exact identity basis)."""
-    exact = columns >= rows
-    columns = min(columns, rows)
+                    transient_budget: int = 1 << 27, solve_rows: int | None = None) -> Estimate:
+    """Cost of the sketch backend with ``columns = s`` (``s >= R``: the exact identity basis).
+
+    ``rows`` are the captured rows (the products with ``J`` run over them), ``solve_rows`` the
+    step's (fewer with microbatching; ``None``: ``rows``).
+    """
+    solve_rows = rows if solve_rows is None else solve_rows
+    exact = columns >= solve_rows
+    columns = min(columns, solve_rows)
     passes = 2 if exact else 2 + 2 * power_iterations
     flops, generated, biggest_tile, module_bytes = 0.0, 0, 0, 0
     for use in uses:

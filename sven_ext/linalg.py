@@ -22,11 +22,15 @@ class Truncation:
         k: rank cap (``None``: no cap).
         rtol: keep ``s_j > rtol * s_0``.
         atol: keep ``s_j > atol``.
+        damping: Tikhonov term ``lambda`` of the kept values: ``1 / s_j^2`` becomes
+            ``1 / (s_j^2 + lambda)`` (the step of ``min ||J d - r||^2 + lambda ||d||^2``
+            restricted to the kept subspace).
     """
 
     k: int | None
     rtol: float
     atol: float = DEFAULT_ATOL
+    damping: float = 0.0
 
     def rank(self, singular_values: torch.Tensor) -> int:
         """Number of leading values kept from ``singular_values`` sorted in descending order."""
@@ -61,7 +65,7 @@ class Solution:
 
 
 def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncation) -> Solution:
-    """Coefficients ``c = U_k diag(1/s_k^2) U_k^T r`` from the Gram matrix ``K = J J^T``.
+    """Coefficients ``c = U_k diag(1/(s_k^2 + damping)) U_k^T r`` from the Gram matrix ``K = J J^T``.
 
     Args:
         gram: ``(R, R)`` symmetric positive semi-definite matrix (float64 recommended:
@@ -78,7 +82,7 @@ def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncatio
     singular_values = eigenvalues.clamp_min(0).sqrt()
     rank = truncation.rank(singular_values)
     u_k = eigenvectors[:, :rank]
-    coefficients = u_k @ ((u_k.T @ residual) / eigenvalues[:rank])
+    coefficients = u_k @ ((u_k.T @ residual) / (eigenvalues[:rank] + truncation.damping))
     return Solution(coefficients, singular_values[:rank], singular_values, u_k)
 
 
@@ -105,7 +109,7 @@ def solve_projected(basis: torch.Tensor, core: torch.Tensor, residual: torch.Ten
 
 
 def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: Truncation):
-    """The reference's direct route: ``V_k S_k^-1 U_k^T r`` from an explicit Jacobian.
+    """The reference's direct route: ``V_k diag(s_k / (s_k^2 + damping)) U_k^T r`` from an explicit Jacobian.
 
     Args:
         jacobian: ``(R, P)`` Jacobian.
@@ -113,10 +117,13 @@ def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: T
         truncation: the cut-offs.
 
     Returns:
-        ``(direction, singular_values, all_singular_values)``: the ``(P,)`` direction and
-        the kept / all singular values, descending.
+        ``(direction, solution)``: the ``(P,)`` direction and the :class:`Solution` (its
+        coefficients ``c`` give the same direction as ``J^T c``).
     """
     u, s, vh = torch.linalg.svd(jacobian, full_matrices=False)
     rank = truncation.rank(s)
-    direction = vh[:rank].T @ ((u[:, :rank].T @ residual) / s[:rank])
-    return direction, s[:rank], s
+    kept, u_k = s[:rank], u[:, :rank]
+    projected = u_k.T @ residual
+    direction = vh[:rank].T @ (projected * (kept / (kept.square() + truncation.damping)))
+    coefficients = u_k @ (projected / (kept.square() + truncation.damping))
+    return direction, Solution(coefficients, kept, s, u_k)

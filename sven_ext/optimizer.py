@@ -13,13 +13,18 @@ import warnings
 import torch
 
 from .backends import SketchSettings, StepSettings, check_backend_name, make_backend
-from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES
+from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES, step_key
 from .linalg import DEFAULT_ATOL, Truncation
+from .residuals import Residuals
 
 FUNCTIONAL_MODES = ("exact", "randomized")
+RMSPROP_MODES = (None, "before", "after")
+_BACKEND_CACHE = 16
 # Settings of the whole step (one solve covers every param group): only lr may differ between groups.
 _STEP_KEYS = ("k", "rtol", "kappa", "backend", "atol", "solve_dtype", "chunk_rows", "oversampling",
-              "power_iterations", "test_matrix", "warm_start", "seed", "max_memory", "functional_mode")
+              "power_iterations", "test_matrix", "warm_start", "seed", "max_memory", "functional_mode",
+              "damping", "microbatch_size", "param_fraction", "mask_by_block", "rmsprop", "rmsprop_beta",
+              "rmsprop_eps", "momentum", "variable_k")
 
 
 class Sven(torch.optim.Optimizer):
@@ -55,6 +60,31 @@ class Sven(torch.optim.Optimizer):
         max_memory: bytes a step may use beyond the model (the factors included): ``"auto"``
             picks a backend within it and raises before allocating when none fits; the sketch
             backend sizes its transients by it. ``None``: the free memory.
+        damping: Tikhonov damping ``lambda >= 0``: each kept ``1 / s_j^2`` becomes ``1 / (s_j^2 + lambda)``
+            (Levenberg-Marquardt-like; shortens the step along small singular directions).
+        weight_decay: decoupled weight decay: ``p -= lr * weight_decay * p`` besides the Sven step
+            (may differ between param groups, like ``lr``).
+        microbatch_size: ``m``: average the losses of consecutive groups of ``m`` samples before
+            forming rows (``B / m`` rows; ``m`` must divide ``B``). Per-sample losses only.
+        param_fraction: each step moves a random subset of the parameter tensors holding about this
+            fraction of the elements (at least one tensor); the others are not captured, so the
+            step costs less time and memory. Drawn from ``seed`` and the step counter.
+        mask_by_block: subsets are whole parameter tensors (``True``, the only mode available).
+        rmsprop: ``None``, ``"before"`` (the step is solved for ``J S`` with
+            ``S = (sqrt(v) + eps)^(-1/2)`` and mapped back: RMSProp-preconditioned Sven) or
+            ``"after"`` (the direction is divided by ``sqrt(v) + eps``). ``v`` is the running
+            mean (``rmsprop_beta``) of the squared directions of previous steps.
+        rmsprop_beta: decay of ``v``.
+        rmsprop_eps: added to ``sqrt(v)``.
+        momentum: heavy-ball momentum on the final direction (``0``: none).
+        track_svd_info: keep ``svd_history``: per step the singular values, rank, residual norm,
+            and the loss change the linearised model predicts next to the actual one (one extra
+            forward pass of the closure per step).
+        variable_k: apply the kept rank-1 components in descending singular-value order while the
+            batch loss keeps falling (one closure evaluation and one contraction per component;
+            ``last_info["variable_k_rank"]`` says how many were applied). Not with ``rmsprop`` or
+            ``momentum``.
+        callback: called with ``last_info`` after every successful step (logging).
 
     Example::
 
@@ -84,6 +114,18 @@ class Sven(torch.optim.Optimizer):
         seed: int = 0,
         max_memory: int | None = None,
         functional_mode: str = "exact",
+        damping: float = 0.0,
+        weight_decay: float = 0.0,
+        microbatch_size: int | None = None,
+        param_fraction: float = 1.0,
+        mask_by_block: bool = True,
+        rmsprop: str | None = None,
+        rmsprop_beta: float = 0.99,
+        rmsprop_eps: float = 1e-8,
+        momentum: float = 0.0,
+        track_svd_info: bool = False,
+        variable_k: bool = False,
+        callback=None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -111,6 +153,35 @@ class Sven(torch.optim.Optimizer):
             _check_count("max_memory", max_memory, minimum=1)
         if functional_mode not in FUNCTIONAL_MODES:
             raise ValueError(f"functional_mode must be one of {FUNCTIONAL_MODES}, got {functional_mode!r}")
+        _check_non_negative("damping", damping)
+        _check_non_negative("weight_decay", weight_decay)
+        if microbatch_size is not None:
+            _check_count("microbatch_size", microbatch_size, minimum=1)
+        if isinstance(param_fraction, bool) or not isinstance(param_fraction, (int, float)) \
+                or not 0 < param_fraction <= 1:
+            raise ValueError(f"param_fraction must be in (0, 1], got {param_fraction!r}")
+        if not isinstance(mask_by_block, bool):
+            raise ValueError(f"mask_by_block must be True or False, got {mask_by_block!r}")
+        if not mask_by_block:
+            raise NotImplementedError(
+                "param_fraction with mask_by_block=False (random element subsets) is not available in this "
+                "version of sven_ext; use mask_by_block=True (random subsets of parameter tensors)"
+            )
+        if rmsprop not in RMSPROP_MODES:
+            raise ValueError(f"rmsprop must be one of {RMSPROP_MODES}, got {rmsprop!r}")
+        for name, value in (("rmsprop_beta", rmsprop_beta), ("momentum", momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        _check_positive("rmsprop_eps", rmsprop_eps)
+        if not isinstance(variable_k, bool):
+            raise ValueError(f"variable_k must be True or False, got {variable_k!r}")
+        if variable_k and (rmsprop is not None or momentum):
+            raise ValueError("variable_k chooses how many components of the Sven step to apply; it does not "
+                             "combine with rmsprop or momentum")
+        if not isinstance(track_svd_info, bool):
+            raise ValueError(f"track_svd_info must be True or False, got {track_svd_info!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
         check_backend_name(backend)
 
         model_params = {id(p) for p in model.parameters()}
@@ -121,7 +192,10 @@ class Sven(torch.optim.Optimizer):
             lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, atol=atol, solve_dtype=solve_dtype,
             chunk_rows=chunk_rows, oversampling=oversampling, power_iterations=power_iterations,
             test_matrix=test_matrix, warm_start=warm_start, seed=seed, max_memory=max_memory,
-            functional_mode=functional_mode,
+            functional_mode=functional_mode, damping=damping, weight_decay=weight_decay,
+            microbatch_size=microbatch_size, param_fraction=param_fraction, mask_by_block=mask_by_block,
+            rmsprop=rmsprop, rmsprop_beta=rmsprop_beta, rmsprop_eps=rmsprop_eps, momentum=momentum,
+            variable_k=variable_k,
         )
         super().__init__(params, defaults)
         trainable = self._trainable()
@@ -139,7 +213,10 @@ class Sven(torch.optim.Optimizer):
         if not trainable[0].is_floating_point():
             raise ValueError(f"parameters must be floating point, got {trainable[0].dtype}")
         self.model = model
+        self.track_svd_info = track_svd_info
+        self.callback = callback
         self.last_info: dict = {}
+        self.svd_history: list[dict] = []
         self._backends: dict = {}
 
     def _trainable(self) -> list[torch.Tensor]:
@@ -148,7 +225,9 @@ class Sven(torch.optim.Optimizer):
     def _backend(self, name: str, params: list[torch.Tensor]):
         key = (name, tuple(id(p) for p in params))
         if key not in self._backends:
-            self._backends = {key: make_backend(name, self.model, params)}
+            if len(self._backends) >= _BACKEND_CACHE:  # param_fraction draws many subsets
+                self._backends.pop(next(iter(self._backends)))
+            self._backends[key] = make_backend(name, self.model, params)
         return self._backends[key]
 
     @torch.no_grad()
@@ -170,34 +249,47 @@ class Sven(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise ValueError("Sven.step needs a closure that returns per-sample losses (it runs the forward pass)")
         first = self._step_settings()
-        params = self._trainable()
         state = self.state.get("sven", {})  # read only: the state changes once the step has succeeded
+        step = state.get("step", 0)
+        params = self._subset(self._trainable(), first, step)
         settings = StepSettings(
-            truncation=Truncation(first["k"], first["rtol"], first["atol"]),
+            truncation=Truncation(first["k"], first["rtol"], first["atol"], first["damping"]),
             kappa=first["kappa"],
             solve_dtype=first["solve_dtype"],
             chunk_rows=first["chunk_rows"],
             sketch=SketchSettings(
                 oversampling=first["oversampling"], power_iterations=first["power_iterations"],
-                test_matrix=first["test_matrix"], seed=first["seed"], step=state.get("step", 0),
+                test_matrix=first["test_matrix"], seed=first["seed"], step=step,
                 basis=state.get("basis") if first["warm_start"] else None,
             ),
             max_memory=first["max_memory"],
             functional_mode=first["functional_mode"],
+            microbatch_size=first["microbatch_size"],
+            column_scale=self._column_scale(params, first),
         )
+        outputs = []
+
+        def recorded():
+            output = closure()
+            outputs.append(output)
+            return output
+
         buffers = _snapshot_buffers(self.model)
         try:
             backend = self._backend(first["backend"], params)
-            result = backend.compute(closure, settings, self._resolve_k)
-            updates = self._updates(params, result.directions)
+            result = backend.compute(recorded, settings, self._resolve_k)
+            updates = self._updates(params, result.directions, first)
+            if first["variable_k"]:
+                kept = self._variable_k(closure, params, result, first)  # moves the parameters itself
+                updates = []
         except BaseException:
             # The closure may have moved buffers (e.g. running statistics) before the failure.
             _restore_buffers(buffers)
             raise
         # Nothing has changed so far; from here on nothing can fail.
-        for p, direction, lr in updates:
-            p.sub_(direction, alpha=lr)
-        new_state = {"step": state.get("step", 0) + 1, "seed": first["seed"]}
+        for update in updates:
+            update.apply()
+        new_state = {"step": step + 1, "seed": first["seed"]}
         if first["warm_start"] and result.state.get("basis") is not None:
             new_state["basis"] = result.state["basis"].detach()
         self.state["sven"] = new_state
@@ -207,8 +299,12 @@ class Sven(torch.optim.Optimizer):
             "rank": result.solution.rank,
             "rows": result.rows.residual.numel(),
             "loss": float(result.rows.losses.sum()),
+            "moved_parameters": len(params),
+            "moved_elements": sum(p.numel() for p in params),
             **result.info,
         }
+        if first["variable_k"]:
+            self.last_info["variable_k_rank"] = kept
         if result.solution.rank == 0:
             largest = result.solution.all_singular_values
             largest = float(largest[0]) if largest.numel() else 0.0
@@ -217,6 +313,10 @@ class Sven(torch.optim.Optimizer):
                 f"rtol={first['rtol']}, atol={first['atol']})"
             )
             warnings.warn(self.last_info["warning"], RuntimeWarning, stacklevel=2)
+        if self.track_svd_info:
+            self._track(closure, result, first, isinstance(outputs[-1], Residuals))
+        if self.callback is not None:
+            self.callback(self.last_info)
         return result.rows.losses
 
     def _step_settings(self) -> dict:
@@ -236,26 +336,156 @@ class Sven(torch.optim.Optimizer):
                     )
         return first
 
-    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor]):
-        """``(param, direction in its dtype, lr)`` for every moving parameter; raises before any
-        change if a direction is not finite."""
-        by_id = {id(p): d for p, d in zip(params, directions)}
+    def _subset(self, params: list[torch.Tensor], first: dict, step: int) -> list[torch.Tensor]:
+        """The parameters this step moves: all, or a random subset of tensors (``param_fraction``)."""
+        fraction = first["param_fraction"]
+        if fraction >= 1:
+            return params
+        generator = torch.Generator().manual_seed(step_key(first["seed"], step))
+        target = fraction * sum(p.numel() for p in params)
+        chosen, total = set(), 0
+        for index in torch.randperm(len(params), generator=generator).tolist():
+            if total >= target:
+                break
+            chosen.add(index)
+            total += params[index].numel()
+        return [p for i, p in enumerate(params) if i in chosen]  # keep the optimizer's order
+
+    def _column_scale(self, params: list[torch.Tensor], first: dict):
+        """RMSProp before the pseudo-inverse: ``S = (sqrt(v) + eps)^(-1/2)`` (``None`` before any ``v``)."""
+        if first["rmsprop"] != "before" or not any("square_avg" in self.state.get(p, {}) for p in params):
+            return None
+        eps = first["rmsprop_eps"]
+        # A tensor without history yet (param_fraction) is left unscaled.
+        return [
+            self.state[p]["square_avg"].sqrt().add_(eps).rsqrt_() if "square_avg" in self.state.get(p, {})
+            else torch.ones_like(p)
+            for p in params
+        ]
+
+    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor], first: dict) -> list[_Update]:
+        """The change of every moved parameter and its new state; raises before any change if a
+        direction is not finite."""
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        beta, eps, momentum = first["rmsprop_beta"], first["rmsprop_eps"], first["momentum"]
         updates = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    direction = by_id[id(p)].to(p.dtype)
-                    if not torch.isfinite(direction).all():
-                        raise FloatingPointError(
-                            "the Sven direction is not finite (NaN or Inf); the parameters were not changed. "
-                            "The residuals or the model's scale may overflow solve_dtype"
-                        )
-                    updates.append((p, direction, group["lr"]))
+        for p, direction in zip(params, directions):
+            direction = direction.to(p.dtype)
+            if not torch.isfinite(direction).all():
+                raise FloatingPointError(
+                    "the Sven direction is not finite (NaN or Inf); the parameters were not changed. "
+                    "The residuals or the model's scale may overflow solve_dtype"
+                )
+            old, new = self.state.get(p, {}), {}
+            if first["rmsprop"] is not None:
+                square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction, value=1 - beta)
+                new["square_avg"] = square
+                if first["rmsprop"] == "after":
+                    direction = direction / square.sqrt().add_(eps)
+            if momentum > 0:
+                buffer = old["momentum_buffer"].mul(momentum).add_(direction) if "momentum_buffer" in old else direction
+                new["momentum_buffer"] = buffer
+                direction = buffer
+            group = group_of[id(p)]
+            updates.append(_Update(self.state, p, direction, group["lr"], group["weight_decay"], new))
         return updates
+
+    def _variable_k(self, closure, params: list[torch.Tensor], result, first: dict) -> int:
+        """Moves ``params`` by the leading components ``J^T u_j (u_j^T r) / (s_j^2 + damping)`` for as long
+        as each one lowers the batch loss; returns how many were kept. Restores ``params`` on error."""
+        solution = result.solution
+        if result.contract is None or solution.left_vectors is None:
+            raise ValueError(f"variable_k needs U_k and a contraction from the backend; backend "
+                             f"{result.info.get('backend', first['backend'])!r} does not offer them")
+        u = solution.left_vectors
+        residual = result.rows.residual.detach().to(u.dtype)
+        weights = (u.T @ residual) / (solution.singular_values.to(u.dtype).square() + first["damping"])
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        start = [p.detach().clone() for p in params]
+
+        def move(count: int) -> None:
+            # Always from the start: the final parameters are one update, not a sum of trial moves.
+            directions = result.contract(u[:, :count] @ weights[:count]) if count else None
+            for i, p in enumerate(params):
+                group = group_of[id(p)]
+                p.copy_(start[i])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                if directions is not None:
+                    p.sub_(directions[i].to(p.dtype), alpha=group["lr"])
+
+        best, kept = float(result.rows.losses.sum()), 0
+        try:
+            for count in range(1, solution.rank + 1):
+                move(count)
+                loss = _batch_loss(closure())
+                if not loss < best:  # NaN counts as no improvement
+                    break
+                best, kept = loss, count
+            move(kept)
+        except BaseException:
+            for p, saved in zip(params, start):
+                p.copy_(saved)
+            raise
+        return kept
+
+    def _track(self, closure, result, first: dict, residual_rows: bool) -> None:
+        """Appends this step's spectrum and predicted vs actual loss change to ``svd_history``."""
+        rows, solution = result.rows, result.solution
+        residual = rows.residual.detach().to(torch.float64)
+        before = float(rows.losses.sum())
+        entry = {
+            "step": self.state["sven"]["step"],
+            "singular_values": solution.all_singular_values.detach().cpu(),
+            "rank": solution.rank,
+            "residual_norm": float(residual.norm()),
+            "loss": before,
+            "predicted_loss_change": None,
+        }
+        # J delta = -lr U_k diag(s^2 / (s^2 + lambda)) U_k^T r when the step is the plain Sven step.
+        plain = first["rmsprop"] is None and first["momentum"] == 0 and first["weight_decay"] == 0 \
+            and not first["variable_k"] \
+            and len({g["lr"] for g in self.param_groups}) == 1
+        if plain and solution.left_vectors is not None:
+            u = solution.left_vectors.to(torch.float64)
+            s2 = solution.singular_values.to(torch.float64).square()
+            linear = residual - first["lr"] * (u @ ((s2 / (s2 + first["damping"])) * (u.T @ residual)))
+            if residual_rows:
+                predicted = float(linear.square().sum())
+            else:  # rows are (group means of) losses ** (kappa / 2)
+                m = first["microbatch_size"] or 1
+                predicted = m * float(linear.clamp_min(0).pow(2.0 / first["kappa"]).sum())
+            entry["predicted_loss_change"] = predicted - before
+        entry["actual_loss_change"] = _batch_loss(closure()) - before
+        self.svd_history.append(entry)
+        self.last_info.update(predicted_loss_change=entry["predicted_loss_change"],
+                              actual_loss_change=entry["actual_loss_change"])
 
     def _resolve_k(self, rows: int) -> int:
         k = self.param_groups[0]["k"]
         return max(1, rows // 2) if k is None else k
+
+
+def _batch_loss(output) -> float:
+    """The batch loss of a closure's output: the sum of the losses, or of the squared residuals."""
+    if isinstance(output, Residuals):
+        return float(output.values.detach().square().sum())
+    return float(output.detach().sum())
+
+
+class _Update:
+    """One parameter's change and its new optimizer state, applied only once every update exists."""
+
+    def __init__(self, state, p: torch.Tensor, direction: torch.Tensor, lr: float, weight_decay: float, new: dict):
+        self.state, self.p, self.direction = state, p, direction
+        self.lr, self.weight_decay, self.new = lr, weight_decay, new
+
+    def apply(self) -> None:
+        if self.weight_decay:
+            self.p.mul_(1 - self.lr * self.weight_decay)
+        self.p.sub_(self.direction, alpha=self.lr)
+        if self.new:
+            self.state[self.p] = {**self.state.get(self.p, {}), **self.new}
 
 
 def _snapshot_buffers(model: torch.nn.Module) -> list:
@@ -272,6 +502,11 @@ def _restore_buffers(snapshot: list) -> None:
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_non_negative(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_positive(name: str, value) -> None:

@@ -30,18 +30,52 @@ class Residuals:
 
 
 @dataclass
+class RowMap:
+    """The step's Jacobian as a linear map ``T`` of the captured rows' Jacobian: ``J_rows = T J_captured``.
+
+    With ``microbatch_size = m`` the step's rows are ``r'_g = (mean_{i in g} l_i) ** (kappa / 2)``
+    over consecutive groups ``g`` of ``m`` samples. The capture keeps one row per sample (the
+    losses ``l``, so every layer keeps its batch on axis 0), and by the chain rule the step's
+    Jacobian is ``T J_l`` with ``T = diag(w) M``: ``M`` the ``(B / m, B)`` group-averaging matrix
+    and ``w_g = kappa / 2 * mean_g ** (kappa / 2 - 1)``. ``T`` is never formed.
+
+    Attributes:
+        weights: ``(B / m,)`` detached ``w``.
+        size: ``m``.
+    """
+
+    weights: torch.Tensor
+    size: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``T x``: ``(B, ...)`` over captured rows -> ``(B / m, ...)`` over the step's rows, in ``x.dtype``."""
+        means = x.reshape(-1, self.size, *x.shape[1:]).mean(1)
+        return self.weights.to(x.dtype).view(-1, *[1] * (x.dim() - 1)) * means
+
+    def transpose(self, y: torch.Tensor) -> torch.Tensor:
+        """``T^T y``: ``(B / m, ...)`` over the step's rows -> ``(B, ...)`` over captured rows, in ``y.dtype``."""
+        scaled = y * (self.weights.to(y.dtype) / self.size).view(-1, *[1] * (y.dim() - 1))
+        return scaled.repeat_interleave(self.size, dim=0)
+
+
+@dataclass
 class Rows:
     """The rows of one Sven step.
 
     Attributes:
-        residual: ``(R,)`` residual vector with autograd history (``R = B * m``).
-        per_sample: ``(B, m)`` view of ``residual`` (``m = 1`` for per-sample losses).
+        residual: ``(R,)`` residual vector of the step, with autograd history.
+        per_sample: ``(B, m)`` rows the per-layer capture differentiates, with autograd history:
+            a view of ``residual`` (``m`` outputs per sample; ``m = 1`` for per-sample losses),
+            or with ``row_map`` the per-sample losses ``(B, 1)``.
         losses: ``(B,)`` detached per-sample losses (what ``step`` returns).
+        row_map: ``residual`` as a map of ``per_sample`` (``None``: ``residual`` is ``per_sample``
+            flattened).
     """
 
     residual: torch.Tensor
     per_sample: torch.Tensor
     losses: torch.Tensor
+    row_map: RowMap | None = None
 
     @property
     def batch_size(self) -> int:
@@ -51,17 +85,43 @@ class Rows:
     def outputs_per_sample(self) -> int:
         return self.per_sample.shape[1]
 
+    @property
+    def captured(self) -> torch.Tensor:
+        """``(B * m,)`` captured rows (``per_sample`` flattened), with autograd history."""
+        return self.per_sample.reshape(-1)
 
-def rows_from_closure_output(output, kappa: float) -> Rows:
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``T x``: a ``(B * m, ...)`` tensor over captured rows as ``(R, ...)`` over the step's rows."""
+        return x if self.row_map is None else self.row_map.forward(x)
+
+    def to_captured(self, y: torch.Tensor) -> torch.Tensor:
+        """``T^T y``: a ``(R, ...)`` tensor over the step's rows as ``(B * m, ...)`` over captured rows."""
+        return y if self.row_map is None else self.row_map.transpose(y)
+
+
+def rows_from_closure_output(output, kappa: float, microbatch_size: int | None = None) -> Rows:
     """Turns a closure's return value into Jacobian rows.
 
     Per-sample losses ``l`` of shape ``(B,)`` give residuals ``r = l ** (kappa / 2)``
-    (``kappa = 2``: ``r = l``); :class:`Residuals` are used as they are.
+    (``kappa = 2``: ``r = l``); with ``microbatch_size = m`` the losses of consecutive groups
+    of ``m`` samples are averaged first (``B / m`` rows, see :class:`RowMap`).
+    :class:`Residuals` are used as they are.
 
     Raises:
-        TypeError, ValueError: on anything else, with what was expected.
+        TypeError, ValueError: on anything else, with what was expected; ``ValueError`` when
+            ``m`` does not divide ``B`` or the closure returned :class:`Residuals` with ``m``.
     """
+    if microbatch_size is not None and (
+        isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int) or microbatch_size < 1
+    ):
+        raise ValueError(f"microbatch_size must be a positive integer or None, got {microbatch_size!r}")
     if isinstance(output, Residuals):
+        if microbatch_size is not None:
+            # Averaging signed residuals would let opposite errors cancel: the groups are of losses.
+            raise ValueError(
+                "microbatch_size averages per-sample losses, but the closure returned sven_ext.Residuals: "
+                "return per-sample losses of shape (B,), or average the residuals in the closure"
+            )
         values = output.values
         _check_rows(values, "Residuals")
         per_sample = values if values.dim() == 2 else values.unsqueeze(1)
@@ -80,8 +140,16 @@ def rows_from_closure_output(output, kappa: float) -> Rows:
     _check_rows(output, "per-sample losses")
     if (output.detach() < 0).any():
         raise ValueError("per-sample losses must be >= 0 (return signed residuals as sven_ext.Residuals)")
-    residual = output if kappa == 2.0 else output.pow(kappa / 2.0)
-    return Rows(residual, residual.unsqueeze(1), output.detach())
+    if microbatch_size is None or microbatch_size == 1:
+        residual = output if kappa == 2.0 else output.pow(kappa / 2.0)
+        return Rows(residual, residual.unsqueeze(1), output.detach())
+    batch = output.shape[0]
+    if batch % microbatch_size:
+        raise ValueError(f"microbatch_size={microbatch_size} does not divide the batch size {batch}")
+    means = output.view(-1, microbatch_size).mean(1)
+    residual = means if kappa == 2.0 else means.pow(kappa / 2.0)
+    slope = means.detach().pow(kappa / 2.0 - 1.0) * (kappa / 2.0)
+    return Rows(residual, output.unsqueeze(1), output.detach(), RowMap(slope, microbatch_size))
 
 
 def _check_rows(values: torch.Tensor, what: str) -> None:

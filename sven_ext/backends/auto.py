@@ -38,12 +38,12 @@ class AutoBackend(Backend):
         if self._coupled:
             return self._dense(closure, settings, resolve_k, budget, budget_given)
         rows, uses, checked = self.gram.factors(closure, settings)
-        count = rows.residual.numel()
+        count, captured = rows.residual.numel(), rows.captured.numel()
         sk = settings.sketch
         columns = min(resolve_k(count) + sk.oversampling, count)
-        gram = costs.estimate_gram(uses, count)
-        sketch = costs.estimate_sketch(uses, count, columns, sk.power_iterations, sk.test_matrix,
-                                       self.sketch.transient_budget_bytes)
+        gram = costs.estimate_gram(uses, captured, count, settings.column_scale is not None)
+        sketch = costs.estimate_sketch(uses, captured, columns, sk.power_iterations, sk.test_matrix,
+                                       self.sketch.transient_budget_bytes, count)
         name, reason = costs.choose(gram, sketch, factor_bytes(uses), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
         result = chosen.solve(rows, uses, checked, settings, resolve_k)
@@ -52,7 +52,7 @@ class AutoBackend(Backend):
 
     def _dense(self, closure, settings, resolve_k, budget: int, budget_given: bool) -> StepDirection:
         with torch.enable_grad():
-            rows = rows_from_closure_output(closure(), settings.kappa)
+            rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
         count, params = rows.residual.numel(), sum(p.numel() for p in self.params)
         fits, reason = costs.dense_fits(count, params, budget, budget_given)
         if not fits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,9 @@ class StepDirection:
         solution: coefficients and singular values.
         info: backend-specific diagnostics merged into ``Sven.last_info``.
         state: what the optimizer keeps for the next step (e.g. the sketch's warm-start basis).
+        contract: ``c -> directions`` for other coefficient vectors ``c`` (``(R,)``, in the
+            space of ``solution.coefficients``) while this step's factors are alive, so that
+            ``directions == contract(solution.coefficients)``; ``None`` where not offered.
     """
 
     directions: list[torch.Tensor]
@@ -81,6 +85,7 @@ class StepDirection:
     solution: Solution
     info: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
+    contract: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
 
 
 class Backend(abc.ABC):
@@ -106,6 +111,35 @@ class Backend(abc.ABC):
             settings: the step's hyper-parameters.
             resolve_k: maps the number of rows to the rank cap (handles ``k=None``).
         """
+
+
+def check_column_scale(scale, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """``StepSettings.column_scale`` after checking it against ``params``.
+
+    Args:
+        scale: ``None`` or one tensor per parameter: its shape and device, floating point, finite, > 0.
+        params: the moving parameters, in order.
+
+    Raises:
+        ValueError: naming the offending entry and what was expected.
+    """
+    if scale is None:
+        return None
+    if not isinstance(scale, (list, tuple)) or len(scale) != len(params):
+        got = f"{len(scale)} entries" if isinstance(scale, (list, tuple)) else type(scale).__name__
+        raise ValueError(f"column_scale must be a list of one tensor per moving parameter ({len(params)}), got {got}")
+    for i, (s, p) in enumerate(zip(scale, params)):
+        if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            what = s.dtype if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"column_scale[{i}] must be a floating-point tensor, got {what}")
+        if s.shape != p.shape or s.device != p.device:
+            raise ValueError(
+                f"column_scale[{i}] has shape {tuple(s.shape)} on {s.device}; its parameter has shape "
+                f"{tuple(p.shape)} on {p.device}"
+            )
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise ValueError(f"column_scale[{i}] must be finite and > 0 everywhere (min {float(s.min()):.3g})")
+    return list(scale)
 
 
 def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -11,9 +11,9 @@ import dataclasses
 import torch
 
 from .. import costs
-from ..linalg import Solution, solve_jacobian
+from ..linalg import solve_jacobian
 from ..residuals import rows_from_closure_output
-from .base import Backend, StepDirection, StepSettings, split_like
+from .base import Backend, StepDirection, StepSettings, check_column_scale, split_like
 
 
 def jacobian(residual: torch.Tensor, params: list[torch.Tensor], chunk_rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -51,17 +51,31 @@ class DenseBackend(Backend):
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         with torch.enable_grad():
-            rows = rows_from_closure_output(closure(), settings.kappa)
+            rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
         return self.solve(rows, settings, resolve_k)
 
     def solve(self, rows, settings: StepSettings, resolve_k) -> StepDirection:
-        """The step from the rows of a closure that has run (their autograd graph is used once)."""
+        """The step from the rows of a closure that has run (their autograd graph is used once).
+
+        Microbatched rows are differentiated through the group means; a column scale ``S``
+        solves for ``J S`` and maps back: ``direction = S (J S)^+ r``.
+        """
+        scale = check_column_scale(settings.column_scale, self.params)
         estimate = costs.estimate_dense(rows.residual.numel(), sum(p.numel() for p in self.params))
         costs.require_fit(estimate, 0, settings.max_memory, self.params[0].device)
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
         residual = rows.residual.detach().to(settings.solve_dtype)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(residual.numel()))
-        direction, kept, every = solve_jacobian(jac, residual, truncation)
-        # The coefficients c of J^T c are not needed here; the direction is formed directly.
-        solution = Solution(torch.empty(0, dtype=residual.dtype), kept, every)
-        return StepDirection(split_like(direction, self.params), rows, solution, {"jacobian_bytes": jac.nbytes})
+        if scale is not None:
+            columns = torch.cat([s.reshape(-1) for s in scale]).to(jac.dtype)
+            jac.mul_(columns)
+        direction, solution = solve_jacobian(jac, residual, truncation)
+
+        def contract(c: torch.Tensor) -> list[torch.Tensor]:
+            out = jac.T @ c
+            return split_like(out if scale is None else out.mul_(columns), self.params)
+
+        if scale is not None:
+            direction.mul_(columns)
+        return StepDirection(split_like(direction, self.params), rows, solution, {"jacobian_bytes": jac.nbytes},
+                             contract=contract)

@@ -16,6 +16,13 @@ Per parameter, ``K_p`` comes from the cheapest exact route:
   concatenated into one ``G`` and one ``G G^T``.
 - Anything else (a parameter with uses of several kinds, e.g. an embedding tied to an
   output head; fallback modules): per-row gradients in row chunks, ``K += G_I G_J^T``.
+
+Microbatched rows (``StepSettings.microbatch_size``): ``K`` is accumulated over the captured
+per-sample rows and mapped, ``K' = T K T^T``, and the direction is ``J^T (T^T c')``
+(:class:`sven_ext.residuals.RowMap`). A column scale ``S`` (``StepSettings.column_scale``):
+``K_S = J S^2 J^T`` and the direction ``S^2 J^T c``; an elementwise ``S`` breaks the Kronecker
+structure of the ``T = 1`` route, so every parameter but the materialised small ones takes the
+per-row-gradient route with scaled columns.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ import torch
 from .. import costs, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, capture, factor_bytes
 from ..linalg import Truncation, solve_gram
-from ..residuals import rows_from_closure_output
-from .base import Backend, StepDirection, StepSettings
+from ..residuals import Rows, rows_from_closure_output
+from .base import Backend, StepDirection, StepSettings, check_column_scale
 
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
 SEQ_GRAM_COST_FACTOR = 2.0
@@ -59,45 +66,50 @@ class GramBackend(Backend):
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         rows, uses, checked = self.factors(closure, settings)
-        estimate = costs.estimate_gram(uses, rows.residual.numel())
+        estimate = costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
+                                       settings.column_scale is not None)
         costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
         return self.solve(rows, uses, checked, settings, resolve_k)
 
-    def solve(self, rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
+    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
         """The step from captured factors (what :meth:`factors` returned)."""
+        scale = check_column_scale(settings.column_scale, self.params)
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
-        gram, paths = self._gram(uses, count, dtype)
+        gram, paths = self._gram(uses, rows, dtype, scale)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
         solution = solve_gram(gram, residual, truncation)
-        directions = self._directions(uses, solution.coefficients)
+        directions = self._step_directions(uses, rows, solution.coefficients, scale)
         info = {
             "gram_bytes": gram.nbytes,
             "factor_bytes": factor_bytes(uses),
             "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
             "checked": checked,
         }
-        return StepDirection(directions, rows, solution, info)
+        return StepDirection(directions, rows, solution, info,
+                             contract=lambda c: self._step_directions(uses, rows, c, scale))
 
     def gram(self, closure, settings: StepSettings) -> torch.Tensor:
-        """``K = J J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
+        """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
         rows, uses, _ = self.factors(closure, settings)
-        return self._gram(uses, rows.residual.numel(), settings.solve_dtype)[0]
+        scale = check_column_scale(settings.column_scale, self.params)
+        return self._gram(uses, rows, settings.solve_dtype, scale)[0]
 
     def factors(self, closure, settings: StepSettings):
         """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran)."""
         with torch.enable_grad():
             with capture(self.model, self.params) as cap:
                 output = closure()
-            rows = rows_from_closure_output(output, settings.kappa)
-            probe = None if self._checked else self._probe(rows.residual)
+            rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
+            # The factors describe the captured rows; the row map is applied to their products.
+            probe = None if self._checked else self._probe(rows.captured)
             uses = cap.uses(rows.per_sample, settings.chunk_rows)
             by_param = {id(p): [] for p in self.params}
             for use in uses:
                 for p in use.params:
                     by_param[id(p)].append(use)
-            self._check_uncovered(rows.residual, by_param)
+            self._check_uncovered(rows.captured, by_param)
             if probe is not None:
                 self._check_factors(uses, *probe)
                 self._checked = True
@@ -146,6 +158,13 @@ class GramBackend(Backend):
 
     # ----------------------------------------------------------------- K and J^T c
 
+    def _step_directions(self, uses: list, rows: Rows, c: torch.Tensor, scale) -> list[torch.Tensor]:
+        """``S^2 J^T T^T c``: the direction of the step's coefficients ``c`` ``(R,)``, per parameter."""
+        directions = self._directions(uses, rows.to_captured(c))
+        if scale is None:
+            return directions
+        return [d.mul_(s.to(d.dtype).square()) for d, s in zip(directions, scale)]
+
     def _directions(self, uses: list, c: torch.Tensor, in_param_dtype: bool = True) -> list[torch.Tensor]:
         """``J^T c`` per parameter.
 
@@ -162,28 +181,34 @@ class GramBackend(Backend):
         dtype = None if in_param_dtype else c.dtype
         return [total[id(p)] if id(p) in total else torch.zeros_like(p, dtype=dtype) for p in self.params]
 
-    def _gram(self, uses: list, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
-        """``K = sum_p K_p`` in ``dtype``, and the route each parameter took."""
-        gram = torch.zeros(rows, rows, dtype=dtype, device=self.params[0].device)
+    def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scale) -> tuple[torch.Tensor, dict]:
+        """The step's ``K' = T (sum_p J_p S_p^2 J_p^T) T^T`` in ``dtype``, and the route each parameter took.
+
+        ``scale``: the checked column scale (``None``: ``S = I``).
+        """
+        count = rows.captured.numel()
+        gram = torch.zeros(count, count, dtype=dtype, device=self.params[0].device)
+        scales = None if scale is None else {id(p): s for p, s in zip(self.params, scale)}
         paths = {}
         direct = []
         for params, group in _components(uses):
             kinds = {type(u) for u in group}
             if len(params) == 1 and kinds == {DirectUse}:
-                direct.append(sum(u.g.to(dtype) for u in group) if len(group) > 1 else group[0].g.to(dtype))
+                g = sum(u.g.to(dtype) for u in group) if len(group) > 1 else group[0].g.to(dtype)
+                direct.append(g if scales is None else g * scales[id(params[0])].reshape(1, -1).to(dtype))
                 path = "direct"
-            elif kinds == {LinearUse} and _mergeable(group):
+            elif scales is None and kinds == {LinearUse} and _mergeable(group):
                 path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes)
-            elif len(params) == 1 and kinds == {EmbeddingUse}:
+            elif scales is None and len(params) == 1 and kinds == {EmbeddingUse}:
                 path = _embedding_gram(_merge_embedding(group), gram)
             else:
-                _rows_gram(group, params, gram, self.row_budget_bytes)
+                _rows_gram(group, params, gram, self.row_budget_bytes, scales)
                 path = "rows"
             paths.update((id(p), path) for p in params)
         if direct:
             g = torch.cat(direct, dim=1)
             gram.addmm_(g, g.T)
-        return gram, paths
+        return rows.to_rows(rows.to_rows(gram).T), paths
 
 
 # --------------------------------------------------------------------------- helpers
@@ -306,8 +331,12 @@ def _chunk(rows: int, width: int, budget: int) -> int:
     return max(1, min(rows, budget // max(1, 8 * width)))
 
 
-def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budget: int) -> None:
-    """``K += G G^T`` with ``G`` the per-row gradients of ``params`` (sum over ``group``), in row chunks."""
+def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budget: int,
+               scales: dict | None = None) -> None:
+    """``K += G G^T`` with ``G`` the per-row gradients of ``params`` (sum over ``group``), in row chunks.
+
+    ``scales``: ``{id(p): S_p}``; the columns of ``G`` are scaled by them (``K += G S^2 G^T``).
+    """
     dtype = gram.dtype
     rows = gram.shape[0]
     offsets, width = {}, 0
@@ -315,7 +344,9 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
         offsets[id(p)] = width
         width += p.numel()
 
-    def block(start: int, stop: int) -> torch.Tensor:
+    columns = None if scales is None else torch.cat([scales[id(p)].reshape(-1) for p in params]).to(dtype)
+
+    def unscaled(start: int, stop: int) -> torch.Tensor:
         if len(group) == 1 and len(group[0].params) == len(params):
             return group[0].rows(start, stop, dtype)  # already laid out as params
         out = torch.zeros(stop - start, width, dtype=dtype, device=gram.device)
@@ -327,6 +358,10 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
                 out[:, at:at + p.numel()] += part[:, col:col + p.numel()]
                 col += p.numel()
         return out
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        g = unscaled(start, stop)
+        return g if columns is None else g * columns  # out of place: rows() may be a view of the factors
 
     chunk = _chunk(rows, width, budget)
     starts = list(range(0, rows, chunk))

@@ -20,6 +20,15 @@ the ``torch.func`` fallback (:class:`sven_ext.capture.ModuleUse`) hold their who
 ``(P_module, s)`` and ``Omega`` block. When ``s + warm-start columns >= R`` the basis is the
 identity (``Q = I``): the solve is exact and no sketch is drawn.
 
+Microbatched rows (``StepSettings.microbatch_size``) and a column scale ``S``
+(``StepSettings.column_scale``) are exact maps of the same products: the factors describe the
+captured per-sample rows, and the step's Jacobian is ``T J S`` (:class:`sven_ext.residuals.RowMap`),
+so ``Y = T (J (S Omega))``, ``Z = S J^T (T^T Q)`` and the push ``T (J (S Z))``. ``S`` multiplies
+the generated tiles and the ``Z`` tiles, so a scaled step draws dense tiles (no Khatri-Rao GEMM
+route or fused sketch op). With either map ``sketch_residual`` is ``None`` (the factors give
+``||J||_F`` of the captured, unscaled rows only). The identity basis applies once ``s`` reaches
+the step's rows (``B / m``), not the captured ones.
+
 Randomness. Step ``t`` uses the 63-bit key ``splitmix64(seed ^ splitmix64(t))`` for every
 parameter, and parameter number ``i`` (its position in the optimizer's list) draws from
 streams ``3 i`` (dense block), ``3 i + 1`` (Khatri-Rao ``U``) and ``3 i + 2`` (Khatri-Rao
@@ -38,7 +47,8 @@ import torch
 from .. import costs, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, _chunk, _first_axis, factor_bytes
 from ..linalg import solve_projected
-from .base import StepDirection, StepSettings
+from ..residuals import Rows
+from .base import StepDirection, StepSettings, check_column_scale
 from .gram import GramBackend, _components, _gemm_dtype
 
 TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
@@ -124,10 +134,21 @@ class _Component:
 @dataclass
 class _Plan:
     components: list
-    rows: int
+    rows: int  # captured rows
     work: torch.dtype  # dtype of the products (the factors' precision)
     budget: int  # bytes of one transient
     fused: bool
+    scales: dict | None = None  # {id(p): S_p as (first, rest)} in ``work``; None: S = I
+
+    def scale(self, p: torch.Tensor, lo: int, hi: int, x: torch.Tensor) -> torch.Tensor:
+        """``S_p x`` for a tile ``x`` ``(hi - lo, rest, s)`` of ``p``'s first-axis rows ``lo:hi``."""
+        return x if self.scales is None else x * self.scales[id(p)][lo:hi, :, None].to(x.dtype)
+
+    def scale_rows(self, comp: _Component, x: torch.Tensor) -> torch.Tensor:
+        """``S x`` for ``x`` ``(width, s)`` over a component's parameters, laid out as its per-row gradients."""
+        if self.scales is None:
+            return x
+        return x * torch.cat([self.scales[id(p)].reshape(-1) for p in comp.params]).to(x.dtype)[:, None]
 
     def tiles(self, p: torch.Tensor, columns: int):
         """First-axis ranges of ``p`` whose ``Z`` tile (and its float64 copy) fit the budget."""
@@ -159,13 +180,15 @@ class SketchBackend(GramBackend):
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
         rows, uses, checked = self.factors(closure, settings)
         count, sk = rows.residual.numel(), settings.sketch
-        estimate = costs.estimate_sketch(uses, count, min(resolve_k(count) + sk.oversampling, count),
-                                         sk.power_iterations, sk.test_matrix, self.transient_budget_bytes)
+        columns = min(resolve_k(count) + sk.oversampling, count)
+        estimate = costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
+                                         self.transient_budget_bytes, count)
         costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
         return self.solve(rows, uses, checked, settings, resolve_k)
 
-    def solve(self, rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
+    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
         """The step from captured factors (the closure has run)."""
+        scale = check_column_scale(settings.column_scale, self.params)
         sk = settings.sketch
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
@@ -175,21 +198,23 @@ class SketchBackend(GramBackend):
         columns = min(k + sk.oversampling, count)
         basis = sk.basis if sk.basis is not None and sk.basis.shape[0] == count else None
         width = columns + (0 if basis is None else basis.shape[1])
-        plan = self._plan(uses, count, width, settings, residual.device)
+        plan = self._plan(uses, rows.captured.numel(), width, settings, residual.device, scale)
         exact = width >= count
         if exact:
             q = torch.eye(count, dtype=dtype, device=residual.device)
         else:
             omega = Omega(sk.test_matrix, columns, sk.seed, sk.step, self.params, residual.device)
-            y = self._sketch(plan, omega, dtype)
+            y = rows.to_rows(self._sketch(plan, omega, dtype))
             if basis is not None:
                 y = torch.cat([y, basis.to(dtype)], dim=1)
             for _ in range(sk.power_iterations):
-                y = self._products(plan, _orth(y), push=True)[1]
+                y = rows.to_rows(self._products(plan, rows.to_captured(_orth(y)), push=True)[1])
             q = _orth(y)
-        core, _, norm_sq = self._products(plan, q, push=False, norms=True)
+        # ||J||_F from the factors is that of the captured, unscaled Jacobian: only then comparable.
+        norms = rows.row_map is None and scale is None
+        core, _, norm_sq = self._products(plan, rows.to_captured(q), push=False, norms=norms)
         solution = solve_projected(q, core, residual, truncation)
-        directions = self._directions(uses, solution.coefficients)
+        directions = self._step_directions(uses, rows, solution.coefficients, scale)
         captured = float(core.diagonal().sum())
         info = {
             "sketch_size": q.shape[1],
@@ -204,11 +229,12 @@ class SketchBackend(GramBackend):
             "fused": plan.fused,
             "checked": checked,
         }
-        return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors})
+        return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors},
+                             contract=lambda c: self._step_directions(uses, rows, c, scale))
 
     # ----------------------------------------------------------------- planning
 
-    def _plan(self, uses: list, count: int, columns: int, settings: StepSettings, device) -> _Plan:
+    def _plan(self, uses: list, count: int, columns: int, settings: StepSettings, device, scale) -> _Plan:
         components = []
         for params, group in _components(uses):
             by_param = {id(p): [u for u in group if any(q is p for q in u.params)] for p in params}
@@ -226,7 +252,10 @@ class SketchBackend(GramBackend):
                 )
         work = _gemm_dtype(uses[0].params[0].dtype) if uses else settings.solve_dtype
         fused = self.fused if self.fused is not None else device.type == "cuda"
-        return _Plan(components, count, work, int(budget), fused)
+        scales = None
+        if scale is not None:
+            scales = {id(p): s.reshape(_first_axis(p)).to(work) for p, s in zip(self.params, scale)}
+        return _Plan(components, count, work, int(budget), fused, scales)
 
     # ----------------------------------------------------------------- products with J
 
@@ -257,7 +286,8 @@ class SketchBackend(GramBackend):
         for comp in plan.components:
             if comp.rows:
                 block = torch.cat([
-                    omega.tile(p, 0, _first_axis(p)[0], plan.work).reshape(-1, omega.columns) for p in comp.params
+                    plan.scale(p, 0, _first_axis(p)[0], omega.tile(p, 0, _first_axis(p)[0], plan.work))
+                    .reshape(-1, omega.columns) for p in comp.params
                 ])
                 for r0, r1, g in self._row_blocks(comp, plan):
                     y[r0:r1] += g @ block
@@ -265,20 +295,23 @@ class SketchBackend(GramBackend):
             for p in comp.params:
                 generic = []
                 for use in comp.by_param[id(p)]:
-                    part = use.sketch(p, omega, plan.work, plan.budget, plan.fused)
+                    # A use's own route draws Omega inside it, where S cannot reach: scaled tiles go generic.
+                    part = None if plan.scales is not None else use.sketch(p, omega, plan.work, plan.budget, plan.fused)
                     if part is None:
                         generic.append(use)
                     else:
                         y += part
                 if generic:
                     for lo, hi in plan.tiles(p, omega.columns):
-                        tile = omega.tile(p, lo, hi, plan.work)
+                        tile = plan.scale(p, lo, hi, omega.tile(p, lo, hi, plan.work))
                         for use in generic:
                             y += use.push(p, lo, hi, tile, plan.budget, plan.fused)
         return y
 
     def _products(self, plan: _Plan, q: torch.Tensor, push: bool, norms: bool = False):
-        """``M = sum_p Z_p^T Z_p`` with ``Z_p = J_p^T q`` and, with ``push``, ``Y = sum_p J_p Z_p``.
+        """``M = sum_p Z_p^T Z_p`` with ``Z_p = S_p J_p^T q`` and, with ``push``, ``Y = sum_p J_p S_p Z_p``.
+
+        ``q`` ``(rows, s)`` is over the captured rows, and so is ``Y``.
 
         Returns ``(M, Y or None, ||J||_F^2 or None)``; the norm is computed with ``norms`` where
         every component allows it cheaply (one use per component, or per-row gradients at hand).
@@ -295,9 +328,11 @@ class SketchBackend(GramBackend):
                     z.addmm_(g.T, work[r0:r1])
                     if norm_sq is not None:
                         norm_sq += float(g.to(q.dtype).square().sum())
+                z = plan.scale_rows(comp, z)
                 wide = z.to(q.dtype)
                 core.addmm_(wide.T, wide)
                 if push:
+                    z = plan.scale_rows(comp, z)
                     for r0, r1, g in self._row_blocks(comp, plan):
                         y[r0:r1] += g @ z
                 continue
@@ -307,9 +342,11 @@ class SketchBackend(GramBackend):
                     z = uses[0].pull(p, lo, hi, work, plan.budget)
                     for use in uses[1:]:
                         z += use.pull(p, lo, hi, work, plan.budget)
+                    z = plan.scale(p, lo, hi, z)
                     wide = z.reshape(-1, columns).to(q.dtype)
                     core.addmm_(wide.T, wide)
                     if push:
+                        z = plan.scale(p, lo, hi, z)
                         for use in uses:
                             y += use.push(p, lo, hi, z, plan.budget, plan.fused)
             if norm_sq is not None:

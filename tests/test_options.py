@@ -1,0 +1,258 @@
+"""The reference's options on every backend: damping, weight decay, RMSProp, momentum, parameter
+subsets, diagnostics; each against the dense float64 backend or a hand-written formula."""
+
+import copy
+
+import pytest
+import torch
+
+import sven_ext
+from sven_ext.testing import mlp, relative_difference, sven_update
+
+F64 = 1e-9
+BACKENDS = ["gram", "sketch"]  # compared with "dense"
+
+
+def data(batch=9, d_in=3, d_out=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, d_in, generator=g, dtype=torch.float64), torch.randn(batch, d_out, generator=g,
+                                                                                   dtype=torch.float64)
+
+
+def squared_errors(x, y):
+    return lambda model: (model(x) - y).square().sum(1)
+
+
+def residuals(x, y):
+    return lambda model: sven_ext.Residuals(model(x) - y)
+
+
+def jacobian_and_residual(model, x, y):
+    """Explicit J (rows x P) and r of signed residuals: the hand-written oracle."""
+    params = list(model.parameters())
+    r = (model(x) - y).reshape(-1)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(r[i], params, retain_graph=True)])
+            for i in range(r.numel())]
+    return torch.stack(rows), r.detach()
+
+
+def flat(update):
+    return torch.cat([d.reshape(-1) for d in update.values()])
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_damping_is_the_tikhonov_step(damping):
+    model = mlp((3, 5, 2), seed=1)
+    x, y = data(batch=7)
+    update, _ = sven_update(model, residuals(x, y), backend="dense", lr=1.0, k=100, rtol=0, atol=0, damping=damping)
+    jac, r = jacobian_and_residual(model, x, y)
+    expected = -jac.T @ torch.linalg.solve(jac @ jac.T + damping * torch.eye(r.numel(), dtype=r.dtype), r)
+    torch.testing.assert_close(flat(update), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kappa", [1.0, 2.0])
+def test_damping_matches_dense(backend, kappa):
+    model = mlp((3, 6, 2), seed=2)
+    x, y = data()
+    kwargs = dict(lr=0.7, k=5, damping=0.05, kappa=kappa, oversampling=20)
+    mine, _ = sven_update(model, squared_errors(x, y), backend=backend, **kwargs)
+    oracle, _ = sven_update(model, squared_errors(x, y), backend="dense", **kwargs)
+    assert relative_difference(mine, oracle) < F64
+
+
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS])
+def test_decoupled_weight_decay(backend):
+    model = mlp((3, 6, 2), seed=3)
+    x, y = data()
+    plain, _ = sven_update(model, squared_errors(x, y), backend=backend, lr=0.3, k=4)
+    decayed, _ = sven_update(model, squared_errors(x, y), backend=backend, lr=0.3, k=4, weight_decay=0.1)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(decayed[name], plain[name] - 0.3 * 0.1 * p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def _trajectory(model, backend, batches, **kwargs):
+    model = copy.deepcopy(model)
+    opt = sven_ext.Sven(model, backend=backend, **kwargs)
+    for x, y in batches:
+        opt.step(lambda: squared_errors(x, y)(model))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [
+    dict(rmsprop="after"), dict(rmsprop="after", momentum=0.9), dict(momentum=0.5), dict(rmsprop="before"),
+    dict(rmsprop="before", momentum=0.9),
+], ids=["after", "after+momentum", "momentum", "before", "before+momentum"])
+def test_rmsprop_and_momentum_match_dense_over_steps(backend, options):
+    model = mlp((3, 6, 2), seed=4)
+    batches = [data(seed=s) for s in range(3)]
+    kwargs = dict(lr=0.05, k=4, oversampling=20, **options)
+    mine, _ = _trajectory(model, backend, batches, **kwargs)
+    oracle, _ = _trajectory(model, "dense", batches, **kwargs)
+    start = dict(model.named_parameters())
+    moved = {n: p - start[n].detach() for n, p in mine.items()}
+    reference = {n: p - start[n].detach() for n, p in oracle.items()}
+    assert relative_difference(moved, reference) < F64
+
+
+def test_rmsprop_after_and_momentum_by_hand():
+    model = mlp((3, 6, 2), seed=5)
+    batches = [data(seed=s) for s in range(2)]
+    beta, eps, mu, lr = 0.9, 1e-8, 0.8, 0.01
+    # Plain directions d1, d2 from the same weights the optimized run sees.
+    plain = copy.deepcopy(model)
+    opt = sven_ext.Sven(plain, backend="dense", lr=1.0, k=4)
+    start = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    x, y = batches[0]
+    opt.step(lambda: squared_errors(x, y)(plain))
+    d1 = {n: start[n] - p.detach() for n, p in plain.named_parameters()}
+    v1 = {n: (1 - beta) * d.square() for n, d in d1.items()}
+    step1 = {n: d / (v1[n].sqrt() + eps) for n, d in d1.items()}
+    after1 = {n: start[n] - lr * step1[n] for n in start}
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            p.copy_(after1[n])
+    x, y = batches[1]
+    opt.step(lambda: squared_errors(x, y)(plain))
+    d2 = {n: after1[n] - p.detach() for n, p in plain.named_parameters()}
+    v2 = {n: beta * v1[n] + (1 - beta) * d2[n].square() for n in d2}
+    step2 = {n: mu * step1[n] + d2[n] / (v2[n].sqrt() + eps) for n in d2}
+    expected = {n: after1[n] - lr * step2[n] for n in d2}
+    mine, _ = _trajectory(model, "dense", batches, lr=lr, k=4, rmsprop="after", rmsprop_beta=beta, momentum=mu)
+    for n in expected:
+        torch.testing.assert_close(mine[n], expected[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS])
+def test_param_fraction_moves_a_subset_like_params_would(backend):
+    model = mlp((3, 7, 7, 2), seed=6)
+    x, y = data()
+    kwargs = dict(lr=0.5, k=4, oversampling=20, seed=3)
+    update, info = sven_update(model, squared_errors(x, y), backend=backend, param_fraction=0.4, **kwargs)
+    moved = [n for n, d in update.items() if d.abs().sum() > 0]
+    assert 0 < len(moved) < len(update) and info["moved_parameters"] == len(moved)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(dict(model.named_parameters())[n].numel() for n in moved) >= 0.4 * total
+    oracle, _ = sven_update(model, squared_errors(x, y), backend="dense", params=moved, **kwargs)
+    assert relative_difference(update, oracle) < F64
+
+
+def test_param_fraction_draws_differ_between_steps_and_repeat_per_seed():
+    def moved_sets(seed):
+        model = mlp((3, 7, 7, 7, 2), seed=7)
+        opt = sven_ext.Sven(model, backend="gram", lr=0.1, k=3, param_fraction=0.3, seed=seed)
+        sets = []
+        for s in range(6):
+            x, y = data(seed=s)
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step(lambda: squared_errors(x, y)(model))
+            sets.append(tuple(i for i, (b, p) in enumerate(zip(before, model.parameters())) if not torch.equal(b, p)))
+        return sets
+
+    first = moved_sets(1)
+    assert len(set(first)) > 1
+    assert moved_sets(1) == first
+
+
+def test_track_svd_info_predicts_the_loss_change_of_small_steps():
+    model = mlp((3, 8, 2), seed=8)
+    x, y = data()
+    seen = []
+    opt = sven_ext.Sven(model, backend="gram", lr=1e-3, k=5, track_svd_info=True, callback=seen.append)
+    for _ in range(3):
+        opt.step(lambda: residuals(x, y)(model))
+    assert len(opt.svd_history) == 3 and len(seen) == 3 and seen[-1] is opt.last_info
+    entry = opt.svd_history[-1]
+    assert entry["rank"] == 5 and entry["singular_values"].numel() == 18
+    assert entry["predicted_loss_change"] < 0
+    # First order in lr: the linearised prediction matches the actual change closely.
+    assert abs(entry["actual_loss_change"] - entry["predicted_loss_change"]) < 1e-2 * abs(entry["actual_loss_change"])
+
+
+def test_options_resume_bitwise():
+    model = mlp((3, 6, 2), seed=9)
+    batches = [data(seed=s) for s in range(4)]
+    kwargs = dict(backend="gram", lr=0.05, k=4, rmsprop="before", momentum=0.9, weight_decay=0.01)
+    full, _ = _trajectory(model, batches=batches, **kwargs)
+    half_model = copy.deepcopy(model)
+    opt = sven_ext.Sven(half_model, **kwargs)
+    for x, y in batches[:2]:
+        opt.step(lambda: squared_errors(x, y)(half_model))
+    saved = copy.deepcopy((half_model.state_dict(), opt.state_dict()))
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(saved[0])
+    opt = sven_ext.Sven(fresh, **kwargs)
+    opt.load_state_dict(saved[1])
+    for x, y in batches[2:]:
+        opt.step(lambda: squared_errors(x, y)(fresh))
+    assert all(torch.equal(full[n], p) for n, p in fresh.named_parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(damping=-1.0), "damping must be a finite number >= 0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+    (dict(microbatch_size=0), "microbatch_size must be an integer >= 1"),
+    (dict(param_fraction=0.0), r"param_fraction must be in \(0, 1\]"),
+    (dict(param_fraction=1.5), r"param_fraction must be in \(0, 1\]"),
+    (dict(rmsprop="adam"), "rmsprop must be one of"),
+    (dict(rmsprop_beta=1.0), r"rmsprop_beta must be in \[0, 1\)"),
+    (dict(momentum=-0.1), r"momentum must be in \[0, 1\)"),
+    (dict(rmsprop_eps=0.0), "rmsprop_eps must be a positive finite number"),
+    (dict(callback=3), "callback must be callable"),
+])
+def test_bad_option_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sven_ext.Sven(mlp((3, 4, 1)), **kwargs)
+
+
+def test_element_subsets_are_not_available_yet():
+    with pytest.raises(NotImplementedError, match="mask_by_block=False"):
+        sven_ext.Sven(mlp((3, 4, 1)), param_fraction=0.5, mask_by_block=False)
+
+
+def test_rmsprop_before_by_hand():
+    model = mlp((3, 5, 2), seed=10)
+    batches = [data(batch=4, seed=s) for s in range(2)]  # 8 rows < 32 parameters: pinv is exact
+    beta, eps, lr = 0.9, 1e-8, 0.1
+    kwargs = dict(lr=lr, k=100, rtol=0, atol=0, rmsprop="before", rmsprop_beta=beta)
+    mine = copy.deepcopy(model)
+    opt = sven_ext.Sven(mine, backend="dense", **kwargs)
+    for x, y in batches:
+        opt.step(lambda: residuals(x, y)(mine))
+
+    hand = copy.deepcopy(model)
+    params = list(hand.parameters())
+    square = None
+    for x, y in batches:
+        jac, r = jacobian_and_residual(hand, x, y)
+        scale = torch.ones(jac.shape[1], dtype=jac.dtype) if square is None else (square.sqrt() + eps).rsqrt()
+        direction = scale * (torch.linalg.pinv(jac * scale) @ r)
+        square = (1 - beta) * direction.square() if square is None else beta * square + (1 - beta) * direction.square()
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(params) - lr * direction, params)
+    for p, q in zip(mine.parameters(), hand.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS])
+def test_variable_k_applies_a_prefix_of_the_components_while_the_loss_falls(backend):
+    model = mlp((3, 8, 2), seed=11)
+    x, y = data(batch=12)
+    kwargs = dict(lr=1.0, k=10, oversampling=20)
+    update, info = sven_update(model, residuals(x, y), backend=backend, variable_k=True, **kwargs)
+    kept = info["variable_k_rank"]
+    assert 0 < kept <= info["rank"]
+    # Keeping the first `kept` components is the Sven step with rank cap `kept`.
+    oracle, _ = sven_update(model, residuals(x, y), backend="dense", **{**kwargs, "k": kept})
+    assert relative_difference(update, oracle) < F64
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.add_(update[n])
+        assert residuals(x, y)(moved).values.square().sum() < residuals(x, y)(model).values.square().sum()
+
+
+def test_variable_k_does_not_combine_with_rmsprop():
+    with pytest.raises(ValueError, match="variable_k .* does not combine with rmsprop or momentum"):
+        sven_ext.Sven(mlp((3, 4, 1)), variable_k=True, rmsprop="after")
