@@ -1,8 +1,9 @@
 """Command line: ``python -m sven_ext <command>`` (also installed as ``sven-ext``).
 
 Commands:
-    demo  Sven against Adam on the paper's 1-D regression; prints a table, saves a plot.
-    info  versions, whether the CUDA kernels were compiled, whether a GPU is visible.
+    demo   Sven against Adam on the paper's 1-D regression; prints a table, saves a plot.
+    info   versions, whether the CUDA kernels were compiled, whether a GPU is visible.
+    bench  benchmarks: convergence against other optimizers, scaling, their report and plots.
 
 Each command is a module-level pair in ``COMMANDS``: a function adding its flags to
 an ``argparse`` subparser and a function running it from the parsed namespace.
@@ -25,6 +26,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.main(args)
+
+
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    from .harness import cli
+
+    cli.add_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .harness import cli
+
+    return cli.main(args)
 
 
 def _add_info(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +66,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         _run_demo,
     ),
     "info": ("print versions and whether CUDA kernels and a GPU are available", _add_info, _run_info),
+    "bench": (
+        "benchmarks: convergence against Adam, SGD, RMSprop, Polyak-SGD and L-BFGS; scaling; report; plots",
+        _add_bench,
+        _run_bench,
+    ),
 }
 
 

@@ -1,0 +1,105 @@
+"""What every result records about where it ran, and peak resident memory on Linux.
+
+The same fields as ``bench/common.py`` (which serves the scripts in ``bench/``), here inside
+the package so ``python -m sven_ext bench`` works from an installed wheel; plus the load
+average, because timings on a shared machine mean little without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def environment() -> dict:
+    """Versions, machine, threads, load and git revision (``"unknown"`` outside a checkout)."""
+    cpu = "unknown"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        sha = "unknown"
+    import sven_ext
+
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "sven_ext": sven_ext.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average": load,
+        "git": sha,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+# glibc keeps freed memory for reuse and raises its mmap threshold after frees, so a freed
+# tensor's pages stay resident and a later peak would go unseen. A fixed threshold makes every
+# allocation over 64 KiB its own mapping, returned on free: resident memory tracks live tensors.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def exact_memory_accounting(argv: list[str]) -> None:
+    """Re-executes ``python argv...`` with the allocator settings above unless they are in force.
+
+    Args:
+        argv: the arguments after the interpreter that reproduce this invocation
+            (e.g. ``["-m", "sven_ext", "bench", "scaling", ...]``).
+    """
+    if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.environ.update(MALLOC_ENV)
+        os.execv(sys.executable, [sys.executable, *argv])
+
+
+class PeakMemory:
+    """Peak resident memory of this process over a region, above what it held at the start.
+
+    Uses Linux's resettable high-water mark (``/proc/self/clear_refs``), so it counts every
+    allocation, torch's and the BLAS library's alike. ``extra_bytes`` is ``None`` where that
+    is unavailable.
+    """
+
+    def __enter__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start_kib = _status_kib("VmRSS")
+        except (OSError, AttributeError):
+            self.start_kib = None
+        return self
+
+    def __exit__(self, *exc):
+        self.extra_bytes = None if self.start_kib is None else (_status_kib("VmHWM") - self.start_kib) * 1024
+        return False
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Runs the block with ``count`` torch intra-op threads, then restores the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,258 @@
+"""The grid x seeds loop: one JSON line per run, resumable, with hyper-parameter selection.
+
+A results file holds JSON lines of two kinds: ``{"kind": "environment", ...}``, written each
+time a run of the harness starts (machine, versions, load, the command), and
+``{"kind": "run", ...}``, one per training run, appended and flushed as soon as it finishes.
+Starting again with the same file skips every run already in it (same task protocol,
+optimizer, value and seed), so an interrupted benchmark resumes where it stopped.
+
+Timing counts the optimizer steps only (forward, backward, update); evaluations are excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backends.gram import gram_matrix
+from ..demo import warmup_then_decay
+from .environment import environment, torch_threads
+from .optimizers import OptimizerSpec
+from .tasks import Problem, Task, parameter_count
+
+# A run counts as diverged once its batch loss is not finite or its validation metric grows
+# this far above its initial value (the models here start at a validation loss of about 1).
+DIVERGENCE_FACTOR = 1e3
+EVALS_PER_EPOCH = 8
+# Optimizers that follow another one's selection (the other Sven backends) run this many seeds:
+# they repeat the tuned configuration to measure the backend's time, not to tune.
+FOLLOWER_SEEDS = 2
+
+
+def run_id(task: str, config: dict, optimizer: str, value: float, seed: int) -> str:
+    """The identity of a run in a results file: task, its protocol, optimizer, value, seed."""
+    return json.dumps([task, config, optimizer, value, seed], sort_keys=True)
+
+
+def load_runs(path: Path) -> list[dict]:
+    """The ``"run"`` records of a results file (empty if it does not exist)."""
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    return [r for r in records if r.get("kind") == "run"]
+
+
+def final_metric(run: dict, metric: str) -> float:
+    """The run's final validation ``metric``; ``inf`` unless the run finished normally."""
+    if run["status"] != "ok":
+        return math.inf
+    value = run["final"].get(f"val_{metric}", math.inf)
+    return value if math.isfinite(value) else math.inf
+
+
+def runs_for(runs: Iterable[dict], task: Task, optimizer: str) -> list[dict]:
+    """The runs of ``optimizer`` on ``task`` under the task's current protocol."""
+    config = json.dumps(task.config(), sort_keys=True)
+    return [r for r in runs if r["task"] == task.name and r["optimizer"] == optimizer
+            and json.dumps(r["task_config"], sort_keys=True) == config]
+
+
+def select(runs: list[dict], metric: str) -> tuple[float, float] | None:
+    """The grid value with the lowest median final validation ``metric`` over seeds.
+
+    Diverged runs count as ``inf``, so a value whose runs diverge for half the seeds or more
+    cannot win. Ties go to the smaller value.
+
+    Returns:
+        ``(value, median)``, or ``None`` when there are no runs.
+    """
+    by_value: dict[float, list[float]] = {}
+    for run in runs:
+        by_value.setdefault(run["value"], []).append(final_metric(run, metric))
+    if not by_value:
+        return None
+    medians = {value: statistics.median(scores) for value, scores in by_value.items()}
+    best = min(sorted(medians), key=lambda value: medians[value])
+    return best, medians[best]
+
+
+def grid_for(spec: OptimizerSpec, task: Task, runs: list[dict]) -> tuple[float, ...]:
+    """The values ``spec`` runs at: its grid, or the value its ``follows`` optimizer selected.
+
+    An optimizer that follows another one that has no runs on the task tunes its own grid.
+    """
+    if spec.follows is not None:
+        chosen = select(runs_for(runs, task, spec.follows), task.metric)
+        if chosen is not None:
+            return (chosen[0],)
+    return spec.grid(task)
+
+
+def _spectrum(problem: Problem) -> list[float]:
+    """Singular values of the Jacobian of the probe batch's per-sample losses, descending."""
+    eigenvalues = torch.linalg.eigvalsh(gram_matrix(problem.model, problem.probe(), check=False))
+    return [float(f"{s:.4g}") for s in eigenvalues.clamp_min(0).sqrt().flip(0).tolist()]
+
+
+def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per_epoch: int = EVALS_PER_EPOCH,
+          spectra: bool = False, progress: bool = True) -> dict:
+    """Trains one run and returns its record (without the ``kind`` field).
+
+    Args:
+        task: the problem and protocol.
+        spec: the optimizer.
+        value: its tuned hyper-parameter.
+        seed: initial weights and batch order.
+        evals_per_epoch: validation evaluations per epoch (for curves against wall time).
+        spectra: record the probe batch's Jacobian singular values after every epoch.
+        progress: show a progress bar of the steps.
+    """
+    problem = task.build(seed)
+    spectra = spectra and problem.probe() is not None
+    stepper = spec.build(problem, value, task)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = problem.steps_per_epoch()
+    total = task.epochs * steps_per_epoch
+    schedule = None
+    if task.schedule and spec.scheduled:
+        schedule = torch.optim.lr_scheduler.LambdaLR(stepper.optimizer, warmup_then_decay(steps_per_epoch, total))
+    eval_every = max(1, steps_per_epoch // evals_per_epoch)
+
+    curve: dict[str, list] = {"step": [], "epoch": [], "seconds": []}
+    epochs: dict[str, list] = {"epoch": [], "seconds": [], "train_loss": []}
+    record = {"spectra": {"epoch": [], "singular_values": []}} if spectra else {}
+    ranks: list[int] = []
+
+    def evaluate(step: int, seconds: float) -> float:
+        metrics = problem.evaluate("val")
+        curve["step"].append(step)
+        curve["epoch"].append(step / steps_per_epoch)
+        curve["seconds"].append(seconds)
+        for name, number in metrics.items():
+            curve.setdefault(f"val_{name}", []).append(number)
+        return metrics[task.metric]
+
+    def snapshot(epoch: int) -> None:
+        if spectra:
+            record["spectra"]["epoch"].append(epoch)
+            record["spectra"]["singular_values"].append(_spectrum(problem))
+
+    initial = evaluate(0, 0.0)
+    snapshot(0)
+    status, reason = "ok", None
+    seconds, step = 0.0, 0
+    bar = tqdm(total=None if task.budget_seconds else total, desc=f"  {spec.name} {value:g} seed {seed}",
+               leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(1, task.epochs + 1):
+            weighted, examples = 0.0, 0
+            for batch, size in problem.batches(generator):
+                start = time.perf_counter()
+                loss = stepper.step(batch)
+                if schedule is not None:
+                    schedule.step()
+                seconds += time.perf_counter() - start
+                step += 1
+                weighted += loss * size
+                examples += size
+                bar.update()
+                if not math.isfinite(loss):
+                    status, reason = "diverged", f"non-finite batch loss at step {step}"
+                    break
+                if step % eval_every == 0:
+                    latest = evaluate(step, seconds)
+                    if not math.isfinite(latest) or latest > DIVERGENCE_FACTOR * initial:
+                        status, reason = "diverged", f"validation {task.metric} {latest:.3g} at step {step}"
+                        break
+                    bar.set_postfix({f"val_{task.metric}": f"{latest:.3e}"}, refresh=False)
+                if task.budget_seconds is not None and seconds >= task.budget_seconds:
+                    break
+            epochs["epoch"].append(epoch)
+            epochs["seconds"].append(seconds)
+            epochs["train_loss"].append(weighted / max(examples, 1))
+            if status != "ok":
+                break
+            if curve["step"][-1] != step:
+                evaluate(step, seconds)
+            snapshot(epoch)
+            if hasattr(stepper.optimizer, "last_info") and "rank" in stepper.optimizer.last_info:
+                ranks.append(stepper.optimizer.last_info["rank"])
+            if task.budget_seconds is not None and seconds >= task.budget_seconds:
+                break
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError) as error:
+        status, reason = "diverged", f"{type(error).__name__} at step {step}: {str(error).splitlines()[0][:200]}"
+    finally:
+        bar.close()
+
+    final = {name: values[-1] for name, values in curve.items() if name.startswith("val_")}
+    if status == "ok":
+        for split in problem.splits[1:]:
+            final.update({f"{split}_{name}": number for name, number in problem.evaluate(split).items()})
+        final["train_loss"] = epochs["train_loss"][-1]
+    record.update({
+        "task": task.name, "task_config": task.config(), "optimizer": spec.name, "hyper": spec.hyper,
+        "value": value, "seed": seed, "status": status, "reason": reason,
+        "parameters": parameter_count(problem.model), "steps": step, "seconds": seconds,
+        "final": final, "epochs": epochs, "curve": curve,
+    })
+    if ranks:
+        record["ranks"] = ranks
+    return record
+
+
+def run(tasks: list[Task], optimizers: list[OptimizerSpec], path: Path, *, command: str, threads: int = 1,
+        evals_per_epoch: int = EVALS_PER_EPOCH, progress: bool = True, stream=None) -> list[dict]:
+    """Runs every (task, optimizer, grid value, seed) not yet in ``path``; appends each to it.
+
+    Spectra are recorded for the first seed of each task. ``torch`` runs on ``threads``
+    intra-op threads (restored afterwards): the models are small, and on a shared machine more
+    threads mostly wait on each other.
+
+    Returns:
+        Every run record in ``path`` afterwards.
+    """
+    stream = sys.stderr if stream is None else stream
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {run_id(r["task"], r["task_config"], r["optimizer"], r["value"], r["seed"]) for r in load_runs(path)}
+    with torch_threads(threads), path.open("a") as handle:
+        handle.write(json.dumps({"kind": "environment", "command": command, **environment()}) + "\n")
+        handle.flush()
+        outer = tqdm(total=_planned(tasks, optimizers), desc="runs", disable=not progress, dynamic_ncols=True,
+                     file=stream)
+        for task in tasks:
+            for spec in optimizers:
+                if not spec.applies_to(task):
+                    continue
+                for value in grid_for(spec, task, load_runs(path)):
+                    for seed in seeds_for(spec, task):
+                        outer.set_description(f"{task.name} {spec.name}")
+                        key = run_id(task.name, task.config(), spec.name, value, seed)
+                        if key not in done:
+                            result = train(task, spec, value, seed, evals_per_epoch=evals_per_epoch,
+                                           spectra=seed == task.seeds[0], progress=progress)
+                            handle.write(json.dumps({"kind": "run", **result}) + "\n")
+                            handle.flush()
+                            done.add(key)
+                        outer.update()
+        outer.close()
+    return load_runs(path)
+
+
+def seeds_for(spec: OptimizerSpec, task: Task) -> tuple[int, ...]:
+    """The seeds ``spec`` runs: all of the task's, or the first :data:`FOLLOWER_SEEDS` for a follower."""
+    return task.seeds[:FOLLOWER_SEEDS] if spec.follows else task.seeds
+
+
+def _planned(tasks: list[Task], optimizers: list[OptimizerSpec]) -> int:
+    return sum(len(seeds_for(spec, task)) * (1 if spec.follows else len(spec.grid(task)))
+               for task in tasks for spec in optimizers if spec.applies_to(task))
+

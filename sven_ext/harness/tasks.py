@@ -1,0 +1,400 @@
+"""The benchmark problems, behind one small interface the optimizers and the runner share.
+
+A :class:`Task` describes a problem and its protocol (epochs, batch size, seeds, which Sven
+backends apply); :meth:`Task.build` makes a :class:`Problem` for one seed: the model with
+that seed's initial weights and the data. The data (and its train / validation / test split)
+does not depend on the seed, so the seed moves only the initial weights and the batch order,
+and every optimizer run with one seed starts from the same weights and sees the same batches.
+
+Tasks:
+
+- ``regression_1d``: the paper's ``y = exp(-10 x^2) sin(2 x)``, MLP 1-16-16-16-1 (GELU).
+- ``polynomial``: a random polynomial of true degree 4 in 6 inputs, every monomial up to
+  degree 4 present (interaction terms included), MLP 6-16-16-16-1 (GELU).
+- ``digits_regression`` / ``digits_ce``: scikit-learn's bundled 8x8 digits (1,797 images,
+  nothing downloaded), MLP 64-32-32-10 (GELU), fitted to one-hot targets by squared error or
+  to the labels by cross-entropy; separate validation and test splits.
+- ``poisson``: the 2-D Poisson problem of :mod:`sven_ext.examples.poisson` (full batch, signed
+  residual rows through the functional backend), each run given the same wall-time budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import regression_1d
+from ..residuals import Residuals
+
+DATA_SEED = 0  # the data of every task; run seeds move weights and batch order only
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """``Linear - GELU - ... - Linear`` with the given widths (float32), seeded by the caller."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i:
+            layers.append(nn.GELU())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
+
+
+class Problem:
+    """One seed's model and data, and the few operations the optimizers need.
+
+    Attributes:
+        model: the module being trained (its initial weights fixed by the seed).
+        splits: names of the evaluation splits, ``"val"`` first, then ``"test"`` if there is one.
+    """
+
+    model: nn.Module
+    splits: tuple[str, ...] = ("val",)
+
+    def steps_per_epoch(self) -> int:
+        """Steps in one epoch."""
+        raise NotImplementedError
+
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[object, int]]:
+        """One epoch: ``(batch, examples)`` pairs, ``batch`` opaque to everyone but this problem."""
+        raise NotImplementedError
+
+    def rows(self, batch) -> torch.Tensor | Residuals:
+        """Sven's rows for ``batch``: per-sample losses ``(B,)`` or :class:`sven_ext.Residuals`."""
+        raise NotImplementedError
+
+    def loss(self, batch) -> torch.Tensor:
+        """The scalar loss first-order optimizers minimise on ``batch`` (the mean of the rows' losses)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the current model on ``split``; ``"loss"`` always among them."""
+        raise NotImplementedError
+
+    def probe(self) -> Callable[[], torch.Tensor] | None:
+        """A closure of per-sample losses on a fixed batch, whose Jacobian spectrum is tracked (or None)."""
+        return None
+
+
+class SupervisedProblem(Problem):
+    """Mini-batches of ``(x, y)`` pairs, a per-sample loss, validation (and test) splits.
+
+    Args:
+        model: the module.
+        data: ``{"train": (x, y), "val": (x, y), "test": (x, y)}``, test optional.
+        loss: ``"mse"`` (per-sample mean squared error over the outputs) or ``"ce"``
+            (per-sample cross-entropy of integer labels).
+        batch_size: samples per step (the last batch holds the remainder).
+        accuracy: report the arg-max accuracy (targets one-hot for ``"mse"``, labels for ``"ce"``).
+    """
+
+    def __init__(self, model: nn.Module, data: dict, loss: str, batch_size: int, accuracy: bool):
+        self.model = model
+        self.data = data
+        self.kind = loss
+        self.batch_size = batch_size
+        self.accuracy = accuracy
+        self.splits = tuple(s for s in ("val", "test") if s in data)
+
+    def per_sample(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.kind == "ce":
+            return F.cross_entropy(out, y, reduction="none")
+        return (out - y).square().mean(dim=1)
+
+    def steps_per_epoch(self):
+        return -(-self.data["train"][0].shape[0] // self.batch_size)
+
+    def batches(self, generator):
+        x, y = self.data["train"]
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start in range(0, x.shape[0], self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield (x[index], y[index]), index.numel()
+
+    def rows(self, batch):
+        return self.per_sample(*batch)
+
+    def loss(self, batch):
+        return self.per_sample(*batch).mean()
+
+    @torch.no_grad()
+    def evaluate(self, split):
+        x, y = self.data[split]
+        out = self.model(x)
+        if self.kind == "ce":
+            metrics = {"loss": float(F.cross_entropy(out, y))}
+            labels = y
+        else:
+            metrics = {"loss": float((out - y).square().mean())}
+            labels = y.argmax(dim=1)
+        if self.accuracy:
+            metrics["accuracy"] = float((out.argmax(dim=1) == labels).double().mean())
+        return metrics
+
+    def probe(self):
+        x, y = self.data["train"]
+        x, y = x[: self.batch_size], y[: self.batch_size]
+        return lambda: self.per_sample(x, y)
+
+
+class PoissonTaskProblem(Problem):
+    """The 2-D Poisson problem, full batch: every step sees all collocation rows.
+
+    ``evaluate("val")`` reports the PINN loss and the relative L2 error on the held-out grid
+    (``rel_l2``, the metric the task is judged by).
+    """
+
+    def __init__(self, problem, model: nn.Module, steps_per_epoch: int):
+        self.problem = problem
+        self.model = model
+        self.steps = steps_per_epoch
+        self.splits = ("val",)
+
+    def steps_per_epoch(self):
+        return self.steps
+
+    def batches(self, generator):
+        del generator  # full batch: nothing to shuffle
+        for _ in range(self.steps):
+            yield None, self.problem.rows
+
+    def rows(self, batch):
+        return self.problem.residuals(self.model)
+
+    def loss(self, batch):
+        return self.problem.loss(self.model)
+
+    def evaluate(self, split):
+        with torch.enable_grad():  # the loss needs the Laplacian, through autograd
+            loss = float(self.problem.loss(self.model).detach())
+        return {"loss": loss, "rel_l2": self.problem.relative_l2(self.model)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A problem and its protocol.
+
+    Attributes:
+        name: identifier (command line, results).
+        title: one line for tables and plots.
+        epochs: passes over the training data (``poisson``: records of ``steps_per_epoch`` steps,
+            at most; its runs stop at ``budget_seconds``).
+        batch_size: samples per step (``None``: full batch).
+        seeds: run seeds.
+        settings: sizes and other knobs of the data and model (recorded with every result).
+        metric: the validation metric hyper-parameters are selected by (lower is better).
+        schedule: whether learning rates follow a one-epoch warm-up then a linear decay to 0.
+        sven_backends: the Sven backends that apply.
+        sven: fixed Sven settings (``k``, ``rtol``, ...), the same for every backend.
+        grids: per-optimizer grid overrides for this task (same length as the defaults).
+        budget_seconds: training wall time per run (``None``: run all epochs).
+        builder: ``builder(task, seed) -> Problem``.
+    """
+
+    name: str
+    title: str
+    epochs: int
+    batch_size: int | None
+    seeds: tuple[int, ...]
+    settings: dict
+    metric: str = "loss"
+    schedule: bool = True
+    sven_backends: tuple[str, ...] = ("gram", "sketch", "dense")
+    sven: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)
+    budget_seconds: float | None = None
+    builder: Callable[["Task", int], Problem] | None = None
+
+    def build(self, seed: int) -> Problem:
+        """The problem for ``seed``: the model initialised with ``torch.manual_seed(seed)``, the task's data."""
+        return self.builder(self, seed)
+
+    def config(self) -> dict:
+        """What identifies this task's protocol in a results file (two runs compare only if equal)."""
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "settings": self.settings,
+                "metric": self.metric, "schedule": self.schedule, "sven": self.sven,
+                "budget_seconds": self.budget_seconds}
+
+
+# ---------------------------------------------------------------- data sets
+
+
+def polynomial_data(n: int, inputs: int, degree: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Points of a random polynomial with every monomial of total degree <= ``degree``.
+
+    Coefficients are standard normal, so interaction terms (``x_1 x_3^2 x_6``, ...) carry as
+    much weight as pure powers; the polynomial and the points come from one generator.
+
+    Returns:
+        ``x`` ``(n, inputs)`` uniform in ``[-1, 1]``, raw targets ``y`` ``(n, 1)`` (float64),
+        and the number of monomials.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    exponents = [e for e in itertools.product(range(degree + 1), repeat=inputs) if sum(e) <= degree]
+    powers = torch.tensor(exponents, dtype=torch.float64)  # (M, inputs)
+    coefficients = torch.randn(len(exponents), generator=generator, dtype=torch.float64)
+    x = torch.rand(n, inputs, generator=generator, dtype=torch.float64) * 2.0 - 1.0
+    monomials = (x.unsqueeze(1) ** powers).prod(dim=2)  # (n, M)
+    return x, (monomials @ coefficients).unsqueeze(1), len(exponents)
+
+
+def load_digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits: ``(1797, 64)`` pixels in ``[0, 1]`` and ``(1797,)`` labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            "the digits tasks need scikit-learn (its bundled 8x8 digits, nothing is downloaded): "
+            "pip install scikit-learn"
+        ) from error
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    return x, torch.tensor(digits.target, dtype=torch.long)
+
+
+def _split(n: int, fractions: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(DATA_SEED))
+    n_val, n_test = round(fractions[0] * n), round(fractions[1] * n)
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _build_regression_1d(task: Task, seed: int) -> Problem:
+    s = task.settings
+    data = regression_1d(s["n_train"], s["n_val"], seed=DATA_SEED)
+    torch.manual_seed(seed)
+    model = mlp([1, 16, 16, 16, 1])
+    return SupervisedProblem(model, {"train": (data.x_train, data.y_train), "val": (data.x_val, data.y_val)},
+                             "mse", task.batch_size, accuracy=False)
+
+
+def _build_polynomial(task: Task, seed: int) -> Problem:
+    s = task.settings
+    n = s["n_train"] + s["n_val"] + s["n_test"]
+    x, y, _ = polynomial_data(n, s["inputs"], s["degree"], DATA_SEED)
+    train, val, test = torch.arange(s["n_train"]), torch.arange(s["n_train"], s["n_train"] + s["n_val"]), \
+        torch.arange(s["n_train"] + s["n_val"], n)
+    mean, std = y[train].mean(), y[train].std()
+    y = (y - mean) / std  # a validation MSE of 1 is what predicting the mean achieves
+    x, y = x.float(), y.float()
+    torch.manual_seed(seed)
+    model = mlp([s["inputs"], 16, 16, 16, 1])
+    data = {name: (x[index], y[index]) for name, index in (("train", train), ("val", val), ("test", test))}
+    return SupervisedProblem(model, data, "mse", task.batch_size, accuracy=False)
+
+
+def _build_digits(task: Task, seed: int) -> Problem:
+    x, labels = load_digits_arrays()
+    train, val, test = _split(x.shape[0], (task.settings["val_fraction"], task.settings["test_fraction"]))
+    targets = labels if task.settings["loss"] == "ce" else F.one_hot(labels, 10).float()
+    if task.settings.get("n_train"):
+        train = train[: task.settings["n_train"]]
+    torch.manual_seed(seed)
+    model = mlp([64, 32, 32, 10])
+    data = {name: (x[index], targets[index]) for name, index in (("train", train), ("val", val), ("test", test))}
+    return SupervisedProblem(model, data, task.settings["loss"], task.batch_size, accuracy=True)
+
+
+def poisson_available() -> bool:
+    """Whether :mod:`sven_ext.examples.poisson` and the functional backend are in this build."""
+    try:
+        from ..backends import BACKEND_NAMES, check_backend_name
+        from ..examples import poisson  # noqa: F401
+
+        check_backend_name("functional")
+        return "functional" in BACKEND_NAMES
+    except (ImportError, NotImplementedError):
+        return False
+
+
+def _build_poisson(task: Task, seed: int) -> Problem:
+    from ..examples.poisson import PoissonProblem
+
+    s = task.settings
+    problem = PoissonProblem(s["interior"], s["boundary"], s["boundary_weight"], s["grid"], seed=seed)
+    model = problem.model(s["width"], s["depth"], seed=seed)
+    return PoissonTaskProblem(problem, model, s["steps_per_epoch"])
+
+
+# ---------------------------------------------------------------- the task list
+
+_FULL = {
+    "regression_1d": Task(
+        "regression_1d", "1-D regression exp(-10x^2) sin(2x), MLP 1-16-16-16-1, batch 32", epochs=20, batch_size=32,
+        seeds=(0, 1, 2, 3, 4), settings={"n_train": 10_000, "n_val": 10_000},
+        sven={"k": 16, "rtol": 1e-3}, builder=_build_regression_1d),
+    "polynomial": Task(
+        "polynomial", "random degree-4 polynomial of 6 inputs (210 monomials), MLP 6-16-16-16-1, batch 32",
+        epochs=10, batch_size=32, seeds=(0, 1, 2),
+        settings={"n_train": 4096, "n_val": 2048, "n_test": 2048, "inputs": 6, "degree": 4},
+        sven={"k": 16, "rtol": 1e-3}, builder=_build_polynomial),
+    "digits_regression": Task(
+        "digits_regression", "8x8 digits, squared error to one-hot labels, MLP 64-32-32-10, batch 32", epochs=20,
+        batch_size=32, seeds=(0, 1, 2), settings={"loss": "mse", "val_fraction": 0.2, "test_fraction": 0.2},
+        sven={"k": 16, "rtol": 1e-3}, builder=_build_digits),
+    "digits_ce": Task(
+        "digits_ce", "8x8 digits, cross-entropy, MLP 64-32-32-10, batch 32", epochs=20, batch_size=32,
+        seeds=(0, 1, 2), settings={"loss": "ce", "val_fraction": 0.2, "test_fraction": 0.2},
+        sven={"k": 16, "rtol": 1e-3}, builder=_build_digits),
+    "poisson": Task(
+        "poisson", "2-D Poisson, tanh MLP 2-16-16-1, 256 interior + 64 boundary rows, full batch, float64",
+        epochs=10_000, batch_size=None, seeds=(0, 1), metric="rel_l2", schedule=False,
+        settings={"interior": 256, "boundary": 64, "boundary_weight": 1.0, "grid": 101, "width": 16, "depth": 2,
+                  "steps_per_epoch": 5},
+        sven_backends=("functional",), sven={"k": 320, "rtol": 1e-6}, budget_seconds=8.0,
+        grids={"sven": (0.25, 0.5, 0.75, 1.0), "adam": (1e-3, 3e-3, 1e-2, 3e-2), "sgd": (1e-4, 3e-4, 1e-3, 3e-3),
+               "rmsprop": (1e-4, 3e-4, 1e-3, 3e-3), "polyak": (1e-3, 1e-2, 1e-1, 1.0),
+               "lbfgs": (0.1, 0.3, 1.0, 3.0)},
+        builder=_build_poisson),
+}
+
+# --quick: the same tasks at toy sizes (a few minutes for everything).
+_QUICK_CHANGES = {
+    "regression_1d": {"epochs": 3, "seeds": (0, 1), "settings": {"n_train": 1024, "n_val": 1024}},
+    "polynomial": {"epochs": 3, "seeds": (0, 1),
+                   "settings": {"n_train": 1024, "n_val": 512, "n_test": 512, "inputs": 6, "degree": 4}},
+    "digits_regression": {"epochs": 3, "seeds": (0, 1),
+                          "settings": {"loss": "mse", "val_fraction": 0.2, "test_fraction": 0.2, "n_train": 512}},
+    "digits_ce": {"epochs": 3, "seeds": (0, 1),
+                  "settings": {"loss": "ce", "val_fraction": 0.2, "test_fraction": 0.2, "n_train": 512}},
+    "poisson": {"seeds": (0,), "budget_seconds": 1.0,
+                "settings": {"interior": 64, "boundary": 32, "boundary_weight": 1.0, "grid": 41, "width": 8,
+                             "depth": 2, "steps_per_epoch": 5},
+                "sven": {"k": 96, "rtol": 1e-6}},
+}
+
+TASK_NAMES = tuple(_FULL)
+
+
+def get_tasks(names: list[str] | None = None, quick: bool = False) -> list[Task]:
+    """The tasks called ``names`` (default: all that this build supports), full size or ``quick``.
+
+    Raises:
+        ValueError: for an unknown name, or ``poisson`` when the functional backend is missing.
+    """
+    unknown = sorted(set(names or ()) - set(_FULL))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {TASK_NAMES}")
+    available = poisson_available()
+    if names is None:
+        names = [n for n in TASK_NAMES if n != "poisson" or available]
+    elif "poisson" in names and not available:
+        raise ValueError("the poisson task needs sven_ext.examples.poisson and the functional backend")
+    tasks = [_FULL[n] for n in names]
+    if quick:
+        tasks = [dataclasses.replace(t, **_QUICK_CHANGES[t.name]) for t in tasks]
+    return tasks
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,176 @@
+"""The benchmark harness (sven_ext.harness) on toy configurations: runs, resuming, selection, report, plots."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from sven_ext.__main__ import main
+from sven_ext.harness import optimizers, plots, report, runner, scaling, tasks
+
+
+def _tiny(name="regression_1d", **settings):
+    task = tasks.get_tasks([name], quick=True)[0]
+    return dataclasses.replace(task, epochs=2, seeds=(0, 1), settings={**task.settings, **settings})
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "runs.jsonl"
+    task = _tiny(n_train=96, n_val=64)
+    specs = optimizers.get_optimizers(["sven-dense", "sven-gram", "adam", "lbfgs"])
+    runs = runner.run([task], specs, path, command="test", progress=False)
+    return task, path, runs
+
+
+def test_every_run_is_one_json_line_with_its_protocol(tiny_results):
+    task, path, runs = tiny_results
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["kind"] == "environment" and lines[0]["command"] == "test" and "torch" in lines[0]
+    # 3 tuned optimizers x 4 values x 2 seeds, then the dense backend at gram's value on 2 seeds.
+    assert len(runs) == 3 * optimizers.GRID_SIZE * 2 + 2
+    assert {r["status"] for r in runs} <= {"ok", "diverged"}
+    assert all(r["reason"] for r in runs if r["status"] == "diverged")
+    finished = [r for r in runs if r["status"] == "ok"]
+    # The largest step sizes may blow up on 6 steps of a toy problem; every optimizer has some that do not.
+    assert {r["optimizer"] for r in finished} == {"sven-gram", "sven-dense", "adam", "lbfgs"}
+    for run in finished:
+        assert run["task_config"] == json.loads(json.dumps(task.config()))
+        assert run["steps"] == 2 * 3  # 96 samples in batches of 32, 2 epochs
+        assert len(run["epochs"]["train_loss"]) == 2
+        assert run["curve"]["step"][0] == 0 and run["curve"]["step"][-1] == 6
+        assert run["curve"]["seconds"] == sorted(run["curve"]["seconds"])
+        assert math.isfinite(run["final"]["val_loss"])
+    gram_value, _ = runner.select(runner.runs_for(runs, task, "sven-gram"), "loss")
+    assert {r["value"] for r in runner.runs_for(runs, task, "sven-dense")} == {gram_value}
+    spectra = [r for r in runs if "spectra" in r]
+    assert spectra and all(r["seed"] == 0 for r in spectra)
+    assert len(spectra[0]["spectra"]["singular_values"]) == 3  # initial + 2 epochs
+    assert all(len(r["ranks"]) == 2 for r in finished if r["optimizer"].startswith("sven"))
+
+
+def test_epoch_train_loss_is_example_weighted():
+    # 100 samples in batches of 32: the last batch has 4, and must weigh 4/100.
+    task = _tiny(n_train=100, n_val=16)
+    task = dataclasses.replace(task, epochs=1, seeds=(0,), schedule=False)
+    spec = optimizers.OPTIMIZERS["sgd"]
+    problem = task.build(0)
+    stepper = spec.build(problem, 0.0 + 1e-12, task)
+    weighted, count = 0.0, 0
+    for batch, size in problem.batches(torch.Generator().manual_seed(0)):
+        weighted += stepper.step(batch) * size
+        count += size
+    record = runner.train(task, spec, 1e-12, 0, progress=False)
+    assert count == 100
+    assert record["epochs"]["train_loss"][0] == pytest.approx(weighted / count, rel=1e-5)
+
+
+def test_running_again_resumes_without_repeating(tiny_results):
+    task, path, runs = tiny_results
+    specs = optimizers.get_optimizers(["sven-dense", "sven-gram", "adam", "lbfgs"])
+    again = runner.run([task], specs, path, command="again", progress=False)
+    assert len(again) == len(runs)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["command"] for line in lines if line["kind"] == "environment"] == ["test", "again"]
+
+
+def test_diverged_runs_are_recorded_and_never_selected(tmp_path):
+    task = dataclasses.replace(_tiny(n_train=64, n_val=32), seeds=(0,), grids={"sgd": (1e-3, 1e4, 1e5, 1e6)})
+    runs = runner.run([task], [optimizers.OPTIMIZERS["sgd"]], tmp_path / "r.jsonl", command="t", progress=False)
+    statuses = {r["value"]: r["status"] for r in runs}
+    assert statuses[1e-3] == "ok" and statuses[1e6] == "diverged"
+    assert next(r for r in runs if r["value"] == 1e6)["reason"]
+    assert runner.select(runs, "loss")[0] == 1e-3
+
+
+def test_selection_takes_the_lowest_median_over_seeds():
+    def run(value, seed, loss, status="ok"):
+        return {"value": value, "seed": seed, "status": status, "final": {"val_loss": loss}}
+
+    runs = [run(1, 0, 1.0), run(1, 1, 1.0), run(1, 2, 1.0),
+            run(2, 0, 0.1), run(2, 1, 0.1), run(2, 2, 9.0, "diverged"),  # median 0.1 despite one diverged
+            run(3, 0, 0.01), run(3, 1, math.nan, "diverged"), run(3, 2, 5.0, "diverged")]
+    assert runner.select(runs, "loss") == (2, 0.1)
+
+
+def test_report_and_plots(tiny_results, tmp_path):
+    task, _, runs = tiny_results
+    text = report.format_report(runs, [task])
+    assert "| Sven (gram) | lr |" in text and "| Adam | lr |" in text and "| L-BFGS |" in text
+    assert "Sven vs best-tuned Adam" in text and "Grid:" in text
+    written = plots.convergence_plots(runs, [task], tmp_path)
+    assert {p.name for p in written} == {"convergence_regression_1d.png", "spectra.png"}
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_splits_are_disjoint_and_labelled():
+    pytest.importorskip("sklearn")
+    for name in ("digits_regression", "digits_ce"):
+        problem = tasks.get_tasks([name])[0].build(0)
+        sizes = {split: problem.data[split][0].shape[0] for split in ("train", "val", "test")}
+        assert sum(sizes.values()) == 1797 and sizes["val"] == sizes["test"] == 359
+        rows = {split: {tuple(r.tolist()) for r in problem.data[split][0]} for split in ("val", "test")}
+        assert problem.splits == ("val", "test")
+        assert len(rows["val"] & rows["test"]) < 5  # the digits set has a few duplicate images
+        metrics = problem.evaluate("test")
+        assert set(metrics) == {"loss", "accuracy"} and 0 <= metrics["accuracy"] <= 1
+
+
+def test_polynomial_has_every_monomial_up_to_degree_4():
+    x, y, monomials = tasks.polynomial_data(512, 6, 4, seed=0)
+    assert monomials == math.comb(6 + 4, 4) == 210  # interaction terms included, not an additive sum
+    assert x.shape == (512, 6) and y.shape == (512, 1)
+    assert x.abs().max() <= 1
+    problem = tasks.get_tasks(["polynomial"], quick=True)[0].build(0)
+    assert problem.data["train"][1].std() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_same_seed_same_start_and_batches_for_every_optimizer():
+    task = _tiny(n_train=64, n_val=16)
+    first, second = task.build(3), task.build(3)
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    batches = [[b[0][0] for b, _ in p.batches(torch.Generator().manual_seed(3))] for p in (first, second)]
+    assert all(torch.equal(a, b) for a, b in zip(*batches))
+
+
+def test_cli_quick_convergence_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "quick.jsonl"
+    assert main(["bench", "convergence", "--quick", "--tasks", "regression_1d", "--optimizers", "adam",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "| Adam | lr |" in capsys.readouterr().out
+    assert main(["bench", "report", str(out), "--quick", "--out", str(tmp_path / "report.md")]) == 0
+    assert (tmp_path / "report.md").read_text().startswith("**1-D regression")
+    assert main(["bench", "plots", str(out), "--quick", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "convergence_regression_1d.png").exists()
+
+
+def test_scaling_point_and_plot(tmp_path):
+    point = scaling.measure_point("sven-gram", width=8, batch=6, repeats=1)
+    assert point["parameters"] == 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10 and point["median_s"] > 0
+    path = tmp_path / "s.jsonl"
+    records = [{"kind": "point", "sweep": sweep, "method": method, "status": "ok", "fixed": "", "batch": b,
+                "parameters": p, "median_s": t, "peak_extra_bytes": m}
+               for sweep in ("parameters", "batch") for method in ("adam", "sven-gram")
+               for b, p, t, m in ((32, 1e4, 0.01, 1e6), (64, 1e5, 0.02, 0))]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert plots.scaling_plots(path, tmp_path) == [tmp_path / "scaling.png"]
+    assert len(scaling.plan(quick=True)) < len(scaling.plan(quick=False))
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.get_tasks(["nope"])
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optimizers.get_optimizers(["nope"])
+
+
+@pytest.mark.skipif(not tasks.poisson_available(), reason="the functional backend is not in this build")
+def test_poisson_task_builds_and_evaluates():
+    problem = tasks.get_tasks(["poisson"], quick=True)[0].build(0)
+    metrics = problem.evaluate("val")
+    assert set(metrics) == {"loss", "rel_l2"} and metrics["rel_l2"] > 0
+    assert problem.steps_per_epoch() == 5
