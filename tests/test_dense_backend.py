@@ -164,15 +164,6 @@ def test_params_restricts_what_moves():
     assert relative(update, expected) < 1e-10
 
 
-def test_backend_names():
-    model = mlp((3, 4, 1))
-    with pytest.raises(ValueError, match="backend must be one of"):
-        sven_ext.Sven(model, backend="svd")
-    for name in ("functional",):
-        with pytest.raises(NotImplementedError, match=name):
-            sven_ext.Sven(model, backend=name)
-
-
 def test_closure_returning_a_scalar_is_rejected():
     model = mlp((3, 4, 1))
     x = torch.randn(5, 3, dtype=torch.float64)

@@ -168,7 +168,6 @@ def test_unknown_names_are_rejected():
         optimizers.get_optimizers(["nope"])
 
 
-@pytest.mark.skipif(not tasks.poisson_available(), reason="the functional backend is not in this build")
 def test_poisson_task_builds_and_evaluates():
     problem = tasks.get_tasks(["poisson"], quick=True)[0].build(0)
     metrics = problem.evaluate("val")

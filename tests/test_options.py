@@ -10,7 +10,7 @@ import sven_ext
 from sven_ext.testing import mlp, relative_difference, sven_update
 
 F64 = 1e-9
-BACKENDS = ["gram", "sketch"]  # compared with "dense"
+BACKENDS = ["gram", "sketch", "functional"]  # compared with "dense"
 
 
 def data(batch=9, d_in=3, d_out=2, seed=0):
@@ -235,7 +235,7 @@ def test_rmsprop_before_by_hand():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["dense", *BACKENDS])
+@pytest.mark.parametrize("backend", ["dense", "gram", "sketch"])  # functional: no contraction after a move
 def test_variable_k_applies_a_prefix_of_the_components_while_the_loss_falls(backend):
     model = mlp((3, 8, 2), seed=11)
     x, y = data(batch=12)
@@ -251,6 +251,16 @@ def test_variable_k_applies_a_prefix_of_the_components_while_the_loss_falls(back
         for n, p in moved.named_parameters():
             p.add_(update[n])
         assert residuals(x, y)(moved).values.square().sum() < residuals(x, y)(model).values.square().sum()
+
+
+def test_variable_k_on_the_functional_backend_is_a_clear_error():
+    model = mlp((3, 8, 2), seed=11)
+    x, y = data(batch=12)
+    opt = sven_ext.Sven(model, backend="functional", variable_k=True, k=4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="variable_k needs U_k and a contraction from the backend"):
+        opt.step(lambda: residuals(x, y)(model))
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
 def test_variable_k_does_not_combine_with_rmsprop():

@@ -304,18 +304,6 @@ def _build_digits(task: Task, seed: int) -> Problem:
     return SupervisedProblem(model, data, task.settings["loss"], task.batch_size, accuracy=True)
 
 
-def poisson_available() -> bool:
-    """Whether :mod:`sven_ext.examples.poisson` and the functional backend are in this build."""
-    try:
-        from ..backends import BACKEND_NAMES, check_backend_name
-        from ..examples import poisson  # noqa: F401
-
-        check_backend_name("functional")
-        return "functional" in BACKEND_NAMES
-    except (ImportError, NotImplementedError):
-        return False
-
-
 def _build_poisson(task: Task, seed: int) -> Problem:
     from ..examples.poisson import PoissonProblem
 
@@ -379,17 +367,12 @@ def get_tasks(names: list[str] | None = None, quick: bool = False) -> list[Task]
     """The tasks called ``names`` (default: all that this build supports), full size or ``quick``.
 
     Raises:
-        ValueError: for an unknown name, or ``poisson`` when the functional backend is missing.
+        ValueError: for an unknown name.
     """
     unknown = sorted(set(names or ()) - set(_FULL))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; choose from {TASK_NAMES}")
-    available = poisson_available()
-    if names is None:
-        names = [n for n in TASK_NAMES if n != "poisson" or available]
-    elif "poisson" in names and not available:
-        raise ValueError("the poisson task needs sven_ext.examples.poisson and the functional backend")
-    tasks = [_FULL[n] for n in names]
+    tasks = [_FULL[n] for n in (TASK_NAMES if names is None else names)]
     if quick:
         tasks = [dataclasses.replace(t, **_QUICK_CHANGES[t.name]) for t in tasks]
     return tasks
