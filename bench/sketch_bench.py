@@ -79,7 +79,7 @@ def large_rows(args) -> dict:
             times.append(time.perf_counter() - start)
         peaks.append(mem.extra_bytes)
         print(f"  step {len(times)}: {times[-1]:.1f} s, peak extra {_gib(mem.extra_bytes)}", flush=True)
-    hwm = common._status_kib("VmHWM") * 1024
+    hwm = common.status_kib("VmHWM") * 1024
     info = {k: v for k, v in opt.last_info.items() if k not in ("singular_values",)}
     return {
         "model": "MLP 16-1024-1024-1 tanh, float32, Residuals (B, 1)", "parameters": params, "rows": rows,
@@ -109,7 +109,7 @@ def transformer(args) -> dict:
 
     print(f"  transformer: {params / 1e6:.1f}M parameters, B={args.batch}, T=128", flush=True)
     results = {}
-    baseline = common._status_kib("VmRSS") * 1024
+    baseline = common.status_kib("VmRSS") * 1024
     for test_matrix in args.test_matrices:
         opt = sven_ext.Sven(model, lr=1e-4, k=args.k, backend="sketch", test_matrix=test_matrix,
                             power_iterations=args.q)
@@ -139,7 +139,7 @@ def transformer(args) -> dict:
                  "float32",
         "parameters": params, "batch": rows, "k": args.k, "power_iterations": args.q,
         "model_and_data_rss_bytes": baseline, "results": results,
-        "process_peak_rss_bytes": common._status_kib("VmHWM") * 1024,
+        "process_peak_rss_bytes": common.status_kib("VmHWM") * 1024,
         "dense_jacobian_bytes": rows * params * 8,
         "dense_note": "the dense backend needs J (R x P float64) = R * P * 8 bytes before its SVD (which "
                       "copies it) and jacrev's transients; computed, not run",

@@ -9,7 +9,6 @@ example of the API: see :func:`sven_step` next to :func:`adam_step`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import sys
 import time
@@ -24,6 +23,7 @@ import sven_ext
 
 from .backends import BACKEND_NAMES
 from .data import Split, batches, regression_1d
+from .harness.environment import torch_threads
 
 # Peak learning rates. Sven's k is batch // 2, as the paper suggests; on this task it does
 # not bind (rtol = 1e-3 keeps 11-15 of the 32 singular values, so k = 32 gives the same
@@ -203,7 +203,7 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> list[History]:
 
     # The model is tiny: intra-op threads have nothing to split (same speed on an idle
     # machine) and, on a busy one, only wait on each other (4x slower measured).
-    with _torch_threads(1):
+    with torch_threads(1):
         model = copy.deepcopy(initial)
         sven = sven_ext.Sven(model, lr=config.lr, k=config.k, rtol=1e-3, backend=config.backend)
         histories = [train("Sven", model, sven, sven_step, data, config)]
@@ -285,16 +285,6 @@ def _banner(device: torch.device) -> str:
         f"sven_ext {sven_ext.__version__}, torch {torch.__version__}, device {device}"
         f" (CUDA kernels compiled: {'yes' if sven_ext.WITH_CUDA else 'no'})"
     )
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _positive_int(text: str) -> int:

@@ -1,8 +1,8 @@
-"""What every result records about where it ran, and peak resident memory on Linux.
+"""What every result records about where it ran, peak resident memory on Linux, and timing.
 
-The same fields as ``bench/common.py`` (which serves the scripts in ``bench/``), here inside
-the package so ``python -m sven_ext bench`` works from an installed wheel; plus the load
-average, because timings on a shared machine mean little without it.
+Inside the package so ``python -m sven_ext bench`` works from an installed wheel; the scripts
+in ``bench/`` use it through ``bench/common.py``. The load average is recorded because timings
+on a shared machine mean little without it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import contextlib
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +52,8 @@ def environment() -> dict:
     }
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
@@ -84,14 +86,30 @@ class PeakMemory:
     def __enter__(self):
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self.start_kib = _status_kib("VmRSS")
+            self.start_kib = status_kib("VmRSS")
         except (OSError, AttributeError):
             self.start_kib = None
         return self
 
     def __exit__(self, *exc):
-        self.extra_bytes = None if self.start_kib is None else (_status_kib("VmHWM") - self.start_kib) * 1024
+        self.extra_bytes = None if self.start_kib is None else (status_kib("VmHWM") - self.start_kib) * 1024
         return False
+
+
+def measure(fn, *, repeats: int, warmup: int = 1) -> dict:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and its peak extra memory
+    (``None`` where the high-water mark is unavailable)."""
+    for _ in range(warmup):
+        fn()
+    times, peaks = [], []
+    for _ in range(repeats):
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        peaks.append(memory.extra_bytes)
+    return {"median_s": statistics.median(times), "times_s": times,
+            "peak_extra_bytes": None if None in peaks else max(peaks)}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ is not run at larger sizes.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..optimizer import Sven
-from .environment import PeakMemory, environment, torch_threads
+from .environment import environment, measure, torch_threads
 from .tasks import mlp, parameter_count
 
 K = 32
@@ -65,16 +64,7 @@ def measure_point(method: str, width: int, batch: int, repeats: int) -> dict:
     start = time.perf_counter()
     step()
     warmup = time.perf_counter() - start
-    times, peaks = [], []
-    for _ in range(repeats):
-        with PeakMemory() as memory:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        peaks.append(memory.extra_bytes)
-    peak = None if None in peaks else max(peaks)
-    return {"median_s": statistics.median(times), "times_s": times, "warmup_s": warmup,
-            "peak_extra_bytes": peak, "parameters": parameter_count(model)}
+    return {**measure(step, repeats=repeats, warmup=0), "warmup_s": warmup, "parameters": parameter_count(model)}
 
 
 def plan(quick: bool) -> list[dict]:
