@@ -29,6 +29,10 @@ Layers and their uses:
 
 BatchNorm using batch statistics couples the samples: there is no per-sample
 gradient, and :func:`capture` raises an error naming the module.
+
+A model wrapped in ``DistributedDataParallel`` is recorded through the modules it wraps, with
+DDP's gradient synchronisation off while recording: data-parallel Sven reduces its step itself
+(:mod:`sven_ext.distributed`).
 """
 
 from __future__ import annotations
@@ -646,6 +650,7 @@ class Capture:
         self.params = params
         self.calls: list[_Call] = []
         self._handles: list = []
+        self._no_sync = None
         for name, module in model.named_modules():
             if _batch_statistics(module):
                 raise ValueError(
@@ -659,12 +664,21 @@ class Capture:
         for name, module, kind, owned in self.plan:
             hook = self._hook(name, kind, owned)
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            # Sven differentiates with torch.autograd.grad, which runs no AccumulateGrad hooks, so DDP's
+            # gradient all-reduce never fires; no_sync also keeps DDP's forward from preparing its reducer
+            # for a backward pass that does not come. Sven reduces the step itself.
+            self._no_sync = self.model.no_sync()
+            self._no_sync.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._no_sync is not None:
+            self._no_sync.__exit__(*exc)
+            self._no_sync = None
 
     def _hook(self, name: str, kind: str, owned: list[tuple[str, torch.Tensor]]):
         def hook(module, args, kwargs, output):

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from . import distributed
 from .backends import SketchSettings, StepSettings, check_backend_name, make_backend
 from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES, step_key
 from .linalg import DEFAULT_ATOL, Truncation
@@ -85,6 +86,14 @@ class Sven(torch.optim.Optimizer):
             ``last_info["variable_k_rank"]`` says how many were applied). Not with ``rmsprop`` or
             ``momentum``.
         callback: called with ``last_info`` after every successful step (logging).
+        process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``)
+            for data parallelism: each rank's closure returns the rows of its own shard of the batch
+            (shards may differ in size), and every rank takes the same step, the one for the
+            concatenated batch in rank order (:mod:`sven_ext.distributed`). ``step`` then returns
+            the losses of the whole batch. Parameters must start equal on every rank, and ``seed``
+            must be the same everywhere. Backends ``"auto"``, ``"gram"`` and ``"sketch"``;
+            ``last_info["communicated_bytes"]`` says what the step sent, next to
+            ``last_info["gradient_allreduce_bytes"]``. ``None``: a single process.
 
     Example::
 
@@ -126,6 +135,7 @@ class Sven(torch.optim.Optimizer):
         track_svd_info: bool = False,
         variable_k: bool = False,
         callback=None,
+        process_group=None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -183,6 +193,9 @@ class Sven(torch.optim.Optimizer):
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
         check_backend_name(backend)
+        distributed.check_group(process_group)
+        if process_group is not None:
+            distributed.check_options(backend, variable_k, track_svd_info)
 
         model_params = {id(p) for p in model.parameters()}
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
@@ -215,9 +228,11 @@ class Sven(torch.optim.Optimizer):
         self.model = model
         self.track_svd_info = track_svd_info
         self.callback = callback
+        self.process_group = process_group
         self.last_info: dict = {}
         self.svd_history: list[dict] = []
         self._backends: dict = {}
+        self._verified: set = set()  # parameters whose factors passed the first-step check
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -227,7 +242,7 @@ class Sven(torch.optim.Optimizer):
         if key not in self._backends:
             if len(self._backends) >= _BACKEND_CACHE:  # param_fraction draws many subsets
                 self._backends.pop(next(iter(self._backends)))
-            self._backends[key] = make_backend(name, self.model, params)
+            self._backends[key] = make_backend(name, self.model, params, self._verified)
         return self._backends[key]
 
     @torch.no_grad()
@@ -266,6 +281,7 @@ class Sven(torch.optim.Optimizer):
             functional_mode=first["functional_mode"],
             microbatch_size=first["microbatch_size"],
             column_scale=self._column_scale(params, first),
+            process_group=self.process_group,
         )
         outputs = []
 
@@ -275,13 +291,16 @@ class Sven(torch.optim.Optimizer):
             return output
 
         buffers = _snapshot_buffers(self.model)
+        # Data-parallel: nothing is applied unless every rank got this far (a no-op for one process).
+        agreement = distributed.Agreement(self.process_group)
         try:
-            backend = self._backend(first["backend"], params)
-            result = backend.compute(recorded, settings, self._resolve_k)
-            updates = self._updates(params, result.directions, first)
-            if first["variable_k"]:
-                kept = self._variable_k(closure, params, result, first)  # moves the parameters itself
-                updates = []
+            with agreement:
+                backend = self._backend(first["backend"], params)
+                result = backend.compute(recorded, settings, self._resolve_k)
+                updates = self._updates(params, result.directions, first)
+                if first["variable_k"]:
+                    kept = self._variable_k(closure, params, result, first)  # moves the parameters itself
+                    updates = []
         except BaseException:
             # The closure may have moved buffers (e.g. running statistics) before the failure.
             _restore_buffers(buffers)
@@ -305,6 +324,8 @@ class Sven(torch.optim.Optimizer):
         }
         if first["variable_k"]:
             self.last_info["variable_k_rank"] = kept
+        if self.process_group is not None:
+            agreement.report(self.last_info)
         if result.solution.rank == 0:
             largest = result.solution.all_singular_values
             largest = float(largest[0]) if largest.numel() else 0.0
@@ -324,6 +345,8 @@ class Sven(torch.optim.Optimizer):
         values changed since construction (e.g. by a scheduler) are still valid."""
         first = self.param_groups[0]
         check_backend_name(first["backend"])
+        if self.process_group is not None:
+            distributed.check_options(first["backend"], first["variable_k"], self.track_svd_info)
         for index, group in enumerate(self.param_groups):
             lr = group["lr"]
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr >= 0 and math.isfinite(lr)):
@@ -343,12 +366,14 @@ class Sven(torch.optim.Optimizer):
             return params
         generator = torch.Generator().manual_seed(step_key(first["seed"], step))
         target = fraction * sum(p.numel() for p in params)
+        order = torch.randperm(len(params), generator=generator).tolist()
         chosen, total = set(), 0
-        for index in torch.randperm(len(params), generator=generator).tolist():
-            if total >= target:
-                break
-            chosen.add(index)
-            total += params[index].numel()
+        for index in order:
+            # Take a tensor when it brings the count closer to the target (tensors differ a lot in size).
+            if abs(total + params[index].numel() - target) < abs(total - target):
+                chosen.add(index)
+                total += params[index].numel()
+        chosen = chosen or {order[0]}
         return [p for i, p in enumerate(params) if i in chosen]  # keep the optimizer's order
 
     def _column_scale(self, params: list[torch.Tensor], first: dict):

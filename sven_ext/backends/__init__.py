@@ -20,10 +20,11 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
 
 
-def make_backend(name: str, model, params) -> Backend:
-    """The backend called ``name`` for ``model`` (``"auto"`` chooses per step, see :mod:`sven_ext.costs`)."""
+def make_backend(name: str, model, params, verified: set | None = None) -> Backend:
+    """The backend called ``name`` for ``model`` (``"auto"`` chooses per step, see :mod:`sven_ext.costs`);
+    ``verified``: see :class:`Backend`."""
     check_backend_name(name)
-    return _BACKENDS[name](model, params)
+    return _BACKENDS[name](model, params, verified)
 
 
 __all__ = ["Backend", "StepDirection", "StepSettings", "SketchSettings", "BACKEND_NAMES", "check_backend_name",

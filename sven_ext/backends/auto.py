@@ -24,11 +24,11 @@ class AutoBackend(Backend):
 
     name = "auto"
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
-        super().__init__(model, params)
-        self.gram = GramBackend(model, params)
-        self.sketch = SketchBackend(model, params)
-        self.dense = DenseBackend(model, params)
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], verified: set | None = None):
+        super().__init__(model, params, verified)
+        self.gram = GramBackend(model, params, self.verified)
+        self.sketch = SketchBackend(model, params, self.verified)
+        self.dense = DenseBackend(model, params, self.verified)
         self._coupled = [name or "<root>" for name, m in model.named_modules() if _batch_statistics(m)]
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
@@ -36,8 +36,16 @@ class AutoBackend(Backend):
         budget_given = settings.max_memory is not None
         budget = settings.max_memory if budget_given else costs.available_bytes(device)
         if self._coupled:
+            if settings.process_group is not None:
+                raise NotImplementedError(
+                    f"backend='auto': module(s) {self._coupled} normalise with batch statistics, so only the dense "
+                    "backend applies, and it does not run data-parallel (process_group). Call model.eval() "
+                    "(running statistics) to use the gram or sketch backend"
+                )
             return self._dense(closure, settings, resolve_k, budget, budget_given)
-        rows, uses, checked = self.gram.factors(closure, settings)
+        rows, uses, checked, shard = self.gram.batch_factors(closure, settings)
+        if shard is not None and not budget_given:
+            budget = shard.minimum(budget)  # every rank must make the same choice
         count, captured = rows.residual.numel(), rows.captured.numel()
         sk = settings.sketch
         columns = min(resolve_k(count) + sk.oversampling, count)
@@ -46,7 +54,7 @@ class AutoBackend(Backend):
                                        self.sketch.transient_budget_bytes, count)
         name, reason = costs.choose(gram, sketch, factor_bytes(uses), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
-        result = chosen.solve(rows, uses, checked, settings, resolve_k)
+        result = chosen.solve(rows, uses, checked, settings, resolve_k, shard)
         result.info.update(backend=name, auto_reason=reason)
         return result
 

@@ -52,6 +52,9 @@ class StepSettings:
         column_scale: one positive tensor per parameter (its shape), ``S``: the step is solved for
             the column-scaled Jacobian ``J S`` and mapped back, so the direction is
             ``S (J S)^+ r`` (RMSProp before the pseudo-inverse); ``None``: ``S = I``.
+        process_group: ``torch.distributed`` process group whose ranks each hold a shard of the
+            batch: the step is that of the concatenated batch, identical on every rank
+            (:mod:`sven_ext.distributed`); ``None``: this process's batch only.
     """
 
     truncation: Truncation
@@ -63,6 +66,7 @@ class StepSettings:
     functional_mode: str = "exact"
     microbatch_size: int | None = None
     column_scale: list[torch.Tensor] | None = None
+    process_group: torch.distributed.ProcessGroup | None = None
 
 
 @dataclass
@@ -94,13 +98,17 @@ class Backend(abc.ABC):
     Args:
         model: the module whose forward pass the closure runs.
         params: the parameters that move, in a fixed order.
+        verified: ids of parameters whose captured factors were already checked against autograd;
+            backends built for different subsets of one optimizer's parameters share it, so each
+            parameter is checked once.
     """
 
     name: str = ""
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], verified: set | None = None):
         self.model = model
         self.params = params
+        self.verified = set() if verified is None else verified
 
     @abc.abstractmethod
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:

@@ -50,6 +50,9 @@ class DenseBackend(Backend):
     name = "dense"
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        if settings.process_group is not None:
+            raise NotImplementedError("the dense backend does not run data-parallel (process_group): use 'gram' or "
+                                      "'sketch'")
         with torch.enable_grad():
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
         return self.solve(rows, settings, resolve_k)

@@ -23,6 +23,10 @@ per-sample rows and mapped, ``K' = T K T^T``, and the direction is ``J^T (T^T c'
 ``K_S = J S^2 J^T`` and the direction ``S^2 J^T c``; an elementwise ``S`` breaks the Kronecker
 structure of the ``T = 1`` route, so every parameter but the materialised small ones takes the
 per-row-gradient route with scaled columns.
+
+Data-parallel steps (``StepSettings.process_group``): :meth:`GramBackend.batch_factors` gathers
+every rank's rows and factors (:mod:`sven_ext.distributed`), ``K`` and ``c`` are those of the
+concatenated batch on every rank, and each rank contracts its own rows, summed by one all-reduce.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import math
 
 import torch
 
-from .. import costs, ops
+from .. import costs, distributed, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, capture, factor_bytes
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
@@ -57,22 +61,22 @@ class GramBackend(Backend):
     name = "gram"
     row_budget_bytes = 1 << 27
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
-        super().__init__(model, params)
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], verified: set | None = None):
+        super().__init__(model, params, verified)
         self._names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
-        self._checked = False
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
-        rows, uses, checked = self.factors(closure, settings)
+        rows, uses, checked, shard = self.batch_factors(closure, settings)
         estimate = costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
                                        settings.column_scale is not None)
         costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
-        return self.solve(rows, uses, checked, settings, resolve_k)
+        return self.solve(rows, uses, checked, settings, resolve_k, shard)
 
-    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
-        """The step from captured factors (what :meth:`factors` returned)."""
+    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
+              shard: distributed.Shard | None = None) -> StepDirection:
+        """The step from captured factors (what :meth:`batch_factors` returned)."""
         scale = check_column_scale(settings.column_scale, self.params)
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
@@ -80,21 +84,35 @@ class GramBackend(Backend):
         gram, paths = self._gram(uses, rows, dtype, scale)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
         solution = solve_gram(gram, residual, truncation)
-        directions = self._step_directions(uses, rows, solution.coefficients, scale)
+        contract = self._contraction(uses, rows, scale, shard)
+        directions = contract(solution.coefficients)
         info = {
             "gram_bytes": gram.nbytes,
             "factor_bytes": factor_bytes(uses),
             "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
             "checked": checked,
+            **({} if shard is None else shard.info(self.params)),
         }
-        return StepDirection(directions, rows, solution, info,
-                             contract=lambda c: self._step_directions(uses, rows, c, scale))
+        return StepDirection(directions, rows, solution, info, contract=contract)
 
     def gram(self, closure, settings: StepSettings) -> torch.Tensor:
         """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
         rows, uses, _ = self.factors(closure, settings)
         scale = check_column_scale(settings.column_scale, self.params)
         return self._gram(uses, rows, settings.solve_dtype, scale)[0]
+
+    def batch_factors(self, closure, settings: StepSettings):
+        """:meth:`factors` of the step's whole batch: ``(rows, uses, checked, shard)``.
+
+        With ``settings.process_group`` the rows and uses are every rank's, concatenated in rank
+        order, and ``shard`` (:class:`sven_ext.distributed.Shard`) holds this rank's own; else
+        they are this process's and ``shard`` is ``None``.
+        """
+        if settings.process_group is None:
+            return (*self.factors(closure, settings), None)
+        shard, checked = distributed.gather_factors(settings.process_group,
+                                                    lambda: self.factors(closure, settings), self._names)
+        return shard.rows, shard.uses, checked, shard
 
     def factors(self, closure, settings: StepSettings):
         """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran)."""
@@ -103,7 +121,7 @@ class GramBackend(Backend):
                 output = closure()
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.
-            probe = None if self._checked else self._probe(rows.captured)
+            probe = None if all(id(p) in self.verified for p in self.params) else self._probe(rows.captured)
             uses = cap.uses(rows.per_sample, settings.chunk_rows)
             by_param = {id(p): [] for p in self.params}
             for use in uses:
@@ -112,7 +130,7 @@ class GramBackend(Backend):
             self._check_uncovered(rows.captured, by_param)
             if probe is not None:
                 self._check_factors(uses, *probe)
-                self._checked = True
+                self.verified.update(id(p) for p in self.params)
         return rows, uses, probe is not None
 
     # ----------------------------------------------------------------- checks
@@ -157,6 +175,17 @@ class GramBackend(Backend):
                 )
 
     # ----------------------------------------------------------------- K and J^T c
+
+    def _contraction(self, uses: list, rows: Rows, scale, shard):
+        """``c -> S^2 J^T T^T c`` for coefficients ``c`` ``(R,)`` over the step's rows.
+
+        With a shard, each rank contracts its own rows and one all-reduce sums the ranks' parts
+        (the communication of a gradient all-reduce), so the per-row work is split.
+        """
+        if shard is None:
+            return lambda c: self._step_directions(uses, rows, c, scale)
+        return lambda c: shard.reduce(
+            lambda: self._step_directions(shard.local_uses, shard.local_rows, shard.local(c), scale))
 
     def _step_directions(self, uses: list, rows: Rows, c: torch.Tensor, scale) -> list[torch.Tensor]:
         """``S^2 J^T T^T c``: the direction of the step's coefficients ``c`` ``(R,)``, per parameter."""
@@ -394,6 +423,5 @@ def gram_matrix(model: torch.nn.Module, closure, *, params=None, kappa: float = 
     """
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     settings = StepSettings(Truncation(None, 0.0), kappa, dtype)
-    backend = GramBackend(model, params)
-    backend._checked = not check
+    backend = GramBackend(model, params, verified=None if check else {id(p) for p in params})
     return backend.gram(closure, settings)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import costs, ops
+from .. import costs, distributed, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, _chunk, _first_axis, factor_bytes
 from ..linalg import solve_projected
 from ..residuals import Rows
@@ -161,6 +161,11 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y).Q
 
 
+def _summed(shard, compute) -> torch.Tensor:
+    """``compute()``, summed over the ranks of a data-parallel step (``shard=None``: as it is)."""
+    return compute() if shard is None else shard.reduce(lambda: [compute()], "sketch")[0]
+
+
 class SketchBackend(GramBackend):
     """Randomized range finder and Rayleigh-Ritz core over the factors; ``c`` and ``J^T c`` as in gram.
 
@@ -178,16 +183,25 @@ class SketchBackend(GramBackend):
     fused: bool | None = None
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
-        rows, uses, checked = self.factors(closure, settings)
+        rows, uses, checked, shard = self.batch_factors(closure, settings)
         count, sk = rows.residual.numel(), settings.sketch
         columns = min(resolve_k(count) + sk.oversampling, count)
         estimate = costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
                                          self.transient_budget_bytes, count)
         costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
-        return self.solve(rows, uses, checked, settings, resolve_k)
+        return self.solve(rows, uses, checked, settings, resolve_k, shard)
 
-    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k) -> StepDirection:
-        """The step from captured factors (the closure has run)."""
+    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
+              shard: distributed.Shard | None = None) -> StepDirection:
+        """The step from captured factors (the closure has run).
+
+        With a shard (data-parallel), ``rows`` and ``uses`` are the whole batch's and every rank
+        draws the same test matrices from the shared seed. The passes over the factors are split
+        by parameter: each rank forms ``Y`` and ``M``'s terms for its share of the components,
+        and an all-reduce sums them (``R x s`` and ``s x s`` numbers, where all-reducing
+        ``Z_p`` would move ``P x s``); the final contraction is split by row
+        (:meth:`GramBackend._contraction`). ``sketch_residual`` is then not computed.
+        """
         scale = check_column_scale(settings.column_scale, self.params)
         sk = settings.sketch
         dtype = settings.solve_dtype
@@ -199,22 +213,28 @@ class SketchBackend(GramBackend):
         basis = sk.basis if sk.basis is not None and sk.basis.shape[0] == count else None
         width = columns + (0 if basis is None else basis.shape[1])
         plan = self._plan(uses, rows.captured.numel(), width, settings, residual.device, scale)
+        if shard is not None:
+            plan.components = shard.share(plan.components, [c.width for c in plan.components])
         exact = width >= count
         if exact:
             q = torch.eye(count, dtype=dtype, device=residual.device)
         else:
             omega = Omega(sk.test_matrix, columns, sk.seed, sk.step, self.params, residual.device)
-            y = rows.to_rows(self._sketch(plan, omega, dtype))
+            y = rows.to_rows(_summed(shard, lambda: self._sketch(plan, omega, dtype)))
             if basis is not None:
                 y = torch.cat([y, basis.to(dtype)], dim=1)
             for _ in range(sk.power_iterations):
-                y = rows.to_rows(self._products(plan, rows.to_captured(_orth(y)), push=True)[1])
+                basis_rows = rows.to_captured(_orth(y))
+                y = rows.to_rows(_summed(shard, lambda: self._products(plan, basis_rows, push=True)[1]))
             q = _orth(y)
         # ||J||_F from the factors is that of the captured, unscaled Jacobian: only then comparable.
-        norms = rows.row_map is None and scale is None
+        norms = rows.row_map is None and scale is None and shard is None
         core, _, norm_sq = self._products(plan, rows.to_captured(q), push=False, norms=norms)
+        if shard is not None:
+            core = _summed(shard, lambda: core)
         solution = solve_projected(q, core, residual, truncation)
-        directions = self._step_directions(uses, rows, solution.coefficients, scale)
+        contract = self._contraction(uses, rows, scale, shard)
+        directions = contract(solution.coefficients)
         captured = float(core.diagonal().sum())
         info = {
             "sketch_size": q.shape[1],
@@ -228,9 +248,9 @@ class SketchBackend(GramBackend):
             "transient_budget": plan.budget,
             "fused": plan.fused,
             "checked": checked,
+            **({} if shard is None else shard.info(self.params)),
         }
-        return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors},
-                             contract=lambda c: self._step_directions(uses, rows, c, scale))
+        return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors}, contract=contract)
 
     # ----------------------------------------------------------------- planning
 
