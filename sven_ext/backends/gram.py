@@ -37,7 +37,7 @@ import math
 import torch
 
 from .. import costs, distributed, ops
-from ..capture import DirectUse, EmbeddingUse, LinearUse, capture, factor_bytes
+from ..capture import DirectUse, EmbeddingUse, LinearUse, _sample_index, capture, factor_bytes
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
 from .base import Backend, StepDirection, StepSettings, check_column_scale
@@ -326,22 +326,51 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
             dd = (d[:, g] @ d[:, g].T).to(dtype)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
         return "gemm"
+    work = _gemm_dtype(use.a.dtype)
     seq_cost = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
-    chunk = _chunk(rows, groups * din * dout, budget)
+    chunk = _chunk(rows, groups * din * dout * torch.finfo(work).bits // 64, budget)
     passes = math.ceil(rows / chunk)
     row_cost = groups * (rows * steps * din * dout * (passes + 1) / 2 + rows * rows * din * dout / 2)
     if seq_cost <= row_cost:
         a = _per_row(use.a, rows)
-        work = _gemm_dtype(use.a.dtype)
         for g in range(groups):
             # seq_gram accumulates the sum over (t, t') in float64 whatever the input precision.
             gram.add_(ops.seq_gram(a[:, :, g].to(work), use.d[:, :, g].to(work)).to(dtype))
-        if use.bias is not None:
-            bias = use.d.sum(1).reshape(rows, -1).to(dtype)
-            gram.addmm_(bias, bias.T)
-        return "seq_gram"
-    _rows_gram([use], list(use.params), gram, budget)
-    return "rows"
+        path = "seq_gram"
+    else:
+        _weight_rows_gram(use, gram, chunk, work)
+        path = "rows"
+    if use.bias is not None:
+        # The bias's per-row gradients are sum_t d_t: its Gram adds to the weight's, no concatenation.
+        bias = use.d.sum(1).reshape(rows, -1).to(dtype)
+        gram.addmm_(bias, bias.T)
+    return path
+
+
+def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, chunk: int, work: torch.dtype) -> None:
+    """``K += G G^T`` with ``G`` the per-row weight gradients ``sum_t d_t a_t^T``, ``chunk`` rows at a time.
+
+    The per-row gradients and their products run in ``work``, the factors' precision (their
+    rounding already bounds ``K``'s accuracy, as in the ``T = 1`` route); blocks are added to
+    ``gram`` in its dtype.
+    """
+    rows = gram.shape[0]
+    a, d = use.a.to(work), use.d.to(work)
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        index = _sample_index(start, stop, rows, a.shape[0], a.device)
+        return torch.einsum("rtgi,rtgo->rgoi", a[index], d[start:stop]).reshape(stop - start, -1)
+
+    starts = list(range(0, rows, chunk))
+    for i, start in enumerate(starts):
+        stop = min(start + chunk, rows)
+        gi = block(start, stop)
+        gram[start:stop, start:stop] += (gi @ gi.T).to(gram.dtype)
+        for other in starts[i + 1:]:
+            end = min(other + chunk, rows)
+            cross = (gi @ block(other, end).T).to(gram.dtype)
+            gram[start:stop, other:end] += cross
+            gram[other:end, start:stop] += cross.T
 
 
 def _gemm_dtype(factor_dtype: torch.dtype) -> torch.dtype:
