@@ -15,80 +15,18 @@ and ``ops.embedding_gram`` against its reference and the per-sample gradients sc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
-import time
 from pathlib import Path
 
 import torch
 
-import sven_ext
 from sven_ext import ops, reference
+from sven_ext.harness.environment import environment, median_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = ["64,64,256,256", "256,4,512,512", "128,16,784,512"]
 DEFAULT_EMBEDDING_SHAPES = ["64,64,256,1000", "256,16,128,50000"]  # B, T, Dd, vocab
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        sha = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return sha + ("+dirty" if dirty.stdout.strip() else "") if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: str) -> dict:
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "sven_ext": sven_ext.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))},
-        "git_sha": git_sha(),
-        "device": device,
-    }
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def timed(fn, device: str, warmup: int, repeats: int) -> tuple[float, object]:
-    """Median wall time of fn() over `repeats` calls after `warmup` calls, and its last result."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def fused_flops(b: int, t: int, da: int, dd: int) -> float:
@@ -113,7 +51,7 @@ def mm_gflops(dtype, device: str, n: int = 1024) -> float:
     """The library GEMM's rate on this machine: the ceiling the fused kernel's GEMM flops run against."""
     x = torch.randn(n, n, dtype=dtype, device=device)
     y = torch.randn(n, n, dtype=dtype, device=device)
-    sec, _ = timed(lambda: torch.mm(x, y), device, 2, 7)
+    sec, _ = median_seconds(lambda: torch.mm(x, y), repeats=7, warmup=2)
     return 2 * n**3 / sec / 1e9
 
 
@@ -129,7 +67,7 @@ def bench_seq(shape, dtype, device, args, ceiling: float) -> dict:
     flops = fused_flops(b, t, da, dd)
     row = {"op": "seq_gram", "B": b, "T": t, "Da": da, "Dd": dd, "dtype": str(dtype).replace("torch.", ""),
            "fused_gflop": flops / 1e9}
-    t_op, k = timed(lambda: ops.seq_gram(a, d), device, args.warmup, args.repeats)
+    t_op, k = median_seconds(lambda: ops.seq_gram(a, d), repeats=args.repeats, warmup=args.warmup)
     row["seq_gram_s"] = t_op
     row["seq_gram_gflops"] = flops / t_op / 1e9
     row["of_mm_rate"] = row["seq_gram_gflops"] / ceiling
@@ -137,7 +75,7 @@ def bench_seq(shape, dtype, device, args, ceiling: float) -> dict:
     if not args.skip_reference:
         baselines["reference"] = lambda: reference.seq_gram(a, d)
     for name, fn in baselines.items():
-        t_base, k_base = timed(fn, device, min(args.warmup, 1), max(1, args.repeats // 2))
+        t_base, k_base = median_seconds(fn, repeats=max(1, args.repeats // 2), warmup=min(args.warmup, 1))
         row[f"{name}_s"] = t_base
         row[f"speedup_vs_{name}"] = t_base / t_op
         row[f"max_rel_diff_vs_{name}"] = rel_diff(k, k_base)
@@ -152,7 +90,7 @@ def bench_embedding(shape, dtype, device, args) -> dict:
     flops = fused_flops(b, t, 0, dd)
     row = {"op": "embedding_gram", "B": b, "T": t, "Dd": dd, "vocab": vocab, "dtype": str(dtype).replace("torch.", ""),
            "fused_gflop": flops / 1e9}
-    t_op, k = timed(lambda: ops.embedding_gram(idx, d), device, args.warmup, args.repeats)
+    t_op, k = median_seconds(lambda: ops.embedding_gram(idx, d), repeats=args.repeats, warmup=args.warmup)
     row["embedding_gram_s"] = t_op
     # Equivalent rate: the fused formula's flops, though the grouping by value does far fewer.
     row["embedding_gram_gflops"] = flops / t_op / 1e9
@@ -162,7 +100,7 @@ def bench_embedding(shape, dtype, device, args) -> dict:
     if not args.skip_reference:
         baselines["reference"] = lambda: reference.embedding_gram(idx, d)
     for name, fn in baselines.items():
-        t_base, k_base = timed(fn, device, min(args.warmup, 1), max(1, args.repeats // 2))
+        t_base, k_base = median_seconds(fn, repeats=max(1, args.repeats // 2), warmup=min(args.warmup, 1))
         row[f"{name}_s"] = t_base
         row[f"speedup_vs_{name}"] = t_base / t_op
         row[f"max_rel_diff_vs_{name}"] = rel_diff(k, k_base)
@@ -215,7 +153,7 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
 
-    env = environment(args.device)  # before the runs: the load average that they met
+    env = {**environment(), "device": args.device}  # before the runs: the load average that they met
     rows, ceilings = [], {}
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)

@@ -21,31 +21,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json  # noqa: E402
+from common import median_seconds, write_json  # noqa: E402
 
 from sven_ext import ops  # noqa: E402
 
 DEFAULT_SHAPES = ["4096,1,784,512,42", "1024,16,256,256,42", "256,1,1024,1024,138"]
 TARGET = 0.40
-
-
-def median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fused_flops(r: int, t: int, d_in: int, d_out: int, cols: int) -> float:
@@ -56,7 +43,7 @@ def mm_rate(m: int, k: int, n: int, dtype, args) -> float:
     x = torch.randn(m, k, dtype=dtype)
     y = torch.randn(k, n, dtype=dtype)
     out = torch.empty(m, n, dtype=dtype)
-    sec = median_time(lambda: torch.mm(x, y, out=out), args.warmup, max(args.repeats, 3))
+    sec = median_seconds(lambda: torch.mm(x, y, out=out), repeats=max(args.repeats, 3), warmup=args.warmup)[0]
     return 2.0 * m * k * n / sec / 1e9
 
 
@@ -75,13 +62,13 @@ def bench_shape(shape, dtype, args, square_rate: float) -> dict:
     row["mm_gflops"] = mm_rate(r, k, cols, dtype, args)
     row["mm_square_gflops"] = square_rate
 
-    t_project = median_time(lambda: ops.linear_project(a, d, z), args.warmup, args.repeats)
+    t_project = median_seconds(lambda: ops.linear_project(a, d, z), repeats=args.repeats, warmup=args.warmup)[0]
     row["project_s"] = t_project
     row["project_gflops"] = flops / t_project / 1e9
     for distribution in ("gaussian", "rademacher"):
         kwargs = dict(seed=1, stream=2, row_offset=0, cols=cols, distribution=distribution)
-        t_sketch = median_time(lambda: ops.linear_sketch(a, d, **kwargs), args.warmup, args.repeats)
-        t_gen = median_time(lambda: ops.linear_sketch(a[:1], d[:1], **kwargs), args.warmup, args.repeats)
+        t_sketch = median_seconds(lambda: ops.linear_sketch(a, d, **kwargs), repeats=args.repeats, warmup=args.warmup)[0]
+        t_gen = median_seconds(lambda: ops.linear_sketch(a[:1], d[:1], **kwargs), repeats=args.repeats, warmup=args.warmup)[0]
         row[f"{distribution}_s"] = t_sketch
         row[f"{distribution}_gflops"] = flops / t_sketch / 1e9
         row[f"{distribution}_generation_s"] = t_gen

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from sven_ext.harness.environment import PeakMemory, environment, measure, status_kib
+from sven_ext.harness.environment import PeakMemory, environment, measure, median_seconds, status_kib
 from sven_ext.harness.environment import exact_memory_accounting as _exact_memory_accounting
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,4 +28,4 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-__all__ = ["RESULTS", "PeakMemory", "environment", "measure", "status_kib", "exact_memory_accounting", "write_json"]
+__all__ = ["RESULTS", "PeakMemory", "environment", "measure", "median_seconds", "status_kib", "exact_memory_accounting", "write_json"]

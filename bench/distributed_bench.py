@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,16 +36,6 @@ from sven_ext import testing  # noqa: E402
 
 def _shards(batch: int, world: int) -> list[int]:
     return [batch // world + (r < batch % world) for r in range(world)]
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _worker(rank: int, args, directory: str, queue) -> None:
@@ -68,8 +56,8 @@ def _worker(rank: int, args, directory: str, queue) -> None:
     for backend in args.backends:
         net = copy.deepcopy(model)
         optimizer = sven_ext.Sven(net, lr=0.1, backend=backend, seed=0, process_group=dist.group.WORLD)
-        seconds = _median_time(lambda: optimizer.step(lambda: F.cross_entropy(net(xs), ys, reduction="none")),
-                               args.repeats)
+        seconds, _ = common.median_seconds(
+            lambda: optimizer.step(lambda: F.cross_entropy(net(xs), ys, reduction="none")), repeats=args.repeats)
         info = optimizer.last_info
         rows[backend] = {
             "communicated_bytes": info["communicated_bytes"],
@@ -95,7 +83,7 @@ def _worker(rank: int, args, directory: str, queue) -> None:
 
     gradient_bytes = 2 * (args.world - 1) / args.world * params * itemsize
     rows["gradient_allreduce"] = {"communicated_bytes": int(round(gradient_bytes)),
-                                  "step_s": _median_time(data_parallel_sgd, args.repeats)}
+                                  "step_s": common.median_seconds(data_parallel_sgd, repeats=args.repeats)[0]}
     if rank == 0:
         sketch = rows.get("sketch", {})
         columns, passes = sketch.get("sketch_size"), 1 + (sketch.get("power_iterations") or 0)

@@ -21,16 +21,21 @@ import torch
 
 
 def environment() -> dict:
-    """Versions, machine, threads, load and git revision (``"unknown"`` outside a checkout)."""
+    """Versions, machine, threads and their environment variables, load, and the git revision
+    (``+dirty`` with uncommitted changes; ``"unknown"`` outside a checkout)."""
     cpu = "unknown"
     try:
         cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
     except (OSError, AttributeError):
         pass
+    here = Path(__file__).parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
+                             cwd=here, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, timeout=10).stdout.strip()
+        sha = (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
         sha = "unknown"
     import sven_ext
 
@@ -45,7 +50,9 @@ def environment() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "thread_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))},
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
         "load_average": load,
         "git": sha,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -94,6 +101,25 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.extra_bytes = None if self.start_kib is None else (status_kib("VmHWM") - self.start_kib) * 1024
         return False
+
+
+def median_seconds(fn, *, repeats: int, warmup: int = 1) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and the last result.
+
+    CUDA work is waited for around each call (when CUDA is in use), so the times are the device's.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
 
 
 def measure(fn, *, repeats: int, warmup: int = 1) -> dict:
