@@ -341,23 +341,28 @@ def test_auto_switches_to_the_sketch_when_gram_does_not_fit():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ten_thousand_steps_of_the_1d_regression(backend):
+    """The demo's task and schedule (warm-up, then linear decay), 10,000 steps, every backend."""
     from sven_ext.data import batches, regression_1d
-    from sven_ext.demo import make_mlp
+    from sven_ext.demo import DEFAULT_K, DEFAULT_LR, make_mlp, warmup_then_decay
 
+    steps, batch = 10_000, 32
     torch.manual_seed(0)
     split = regression_1d(n_train=4000, n_val=2000, dtype=torch.float64)
     model = make_mlp().double()
-    opt = sven_ext.Sven(model, lr=0.2, k=16, backend=backend)
+    opt = sven_ext.Sven(model, lr=DEFAULT_LR, k=DEFAULT_K, backend=backend)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay(4000 // batch, steps))
     generator = torch.Generator().manual_seed(0)
-    steps = 0
-    while steps < 10_000:
-        for x, y in batches(split.x_train, split.y_train, 32, generator):
+    done = 0
+    while done < steps:
+        for x, y in batches(split.x_train, split.y_train, batch, generator):
             losses = opt.step(lambda: (model(x) - y).square().sum(1))
-            assert torch.isfinite(losses).all()
-            steps += 1
-            if steps == 10_000:
+            assert torch.isfinite(losses).all(), f"step {done}"
+            schedule.step()
+            done += 1
+            if done == steps:
                 break
     with torch.no_grad():
         val = float((model(split.x_val) - split.y_val).square().mean())
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert val < 1e-4, val  # mean-predictor level is 1; Sven reaches ~1e-7 in the demo
+    # Predicting the mean scores 1; the demo (10k points, 6,260 steps) ends near 4e-8.
+    assert val < 1e-5, val
