@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    description="Train every task x optimizer x grid value x seed; "
                                                "append one JSON line per run (resumable).")
     convergence.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None,
-                             help="tasks (default: all this build supports)")
+                             help="tasks (default: all)")
     convergence.add_argument("--optimizers", nargs="+", choices=OPTIMIZER_NAMES, default=None,
                              help="optimizers (default: all)")
     convergence.add_argument("--quick", action="store_true", help="toy sizes, 2 seeds: a few minutes in all")

@@ -364,7 +364,7 @@ TASK_NAMES = tuple(_FULL)
 
 
 def get_tasks(names: list[str] | None = None, quick: bool = False) -> list[Task]:
-    """The tasks called ``names`` (default: all that this build supports), full size or ``quick``.
+    """The tasks called ``names`` (default: all), full size or ``quick``.
 
     Raises:
         ValueError: for an unknown name.
