@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..backends.gram import gram_matrix
 from ..demo import warmup_then_decay
 from .environment import environment, torch_threads
-from .optimizers import OptimizerSpec
+from .optimizers import OPTIMIZERS, OptimizerSpec
 from .tasks import Problem, Task, parameter_count
 
 # A run counts as diverged once its batch loss is not finite or its validation metric grows
@@ -60,10 +60,14 @@ def final_metric(run: dict, metric: str) -> float:
 
 
 def runs_for(runs: Iterable[dict], task: Task, optimizer: str) -> list[dict]:
-    """The runs of ``optimizer`` on ``task`` under the task's current protocol."""
+    """The runs of ``optimizer`` on ``task`` under the task's current protocol and, for a tuned
+    optimizer, at the values of its current grid (so every optimizer is selected from equally
+    many values even when a results file also holds runs of an earlier grid)."""
     config = json.dumps(task.config(), sort_keys=True)
+    spec = OPTIMIZERS[optimizer]
+    grid = None if spec.follows else set(spec.grid(task))
     return [r for r in runs if r["task"] == task.name and r["optimizer"] == optimizer
-            and json.dumps(r["task_config"], sort_keys=True) == config]
+            and json.dumps(r["task_config"], sort_keys=True) == config and (grid is None or r["value"] in grid)]
 
 
 def select(runs: list[dict], metric: str) -> tuple[float, float] | None:
