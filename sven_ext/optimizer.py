@@ -393,14 +393,15 @@ class Sven(torch.optim.Optimizer):
         direction is not finite."""
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         beta, eps, momentum = first["rmsprop_beta"], first["rmsprop_eps"], first["momentum"]
+        directions = [d.to(p.dtype) for p, d in zip(params, directions)]
+        # One flag for all parameters: a single host sync on a GPU, not one per tensor.
+        if not bool(torch.stack([torch.isfinite(d).all() for d in directions]).all()):
+            raise FloatingPointError(
+                "the Sven direction is not finite (NaN or Inf); the parameters were not changed. "
+                "The residuals or the model's scale may overflow solve_dtype"
+            )
         updates = []
         for p, direction in zip(params, directions):
-            direction = direction.to(p.dtype)
-            if not torch.isfinite(direction).all():
-                raise FloatingPointError(
-                    "the Sven direction is not finite (NaN or Inf); the parameters were not changed. "
-                    "The residuals or the model's scale may overflow solve_dtype"
-                )
             old, new = self.state.get(p, {}), {}
             if first["rmsprop"] is not None:
                 square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction, value=1 - beta)
