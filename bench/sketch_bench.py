@@ -71,14 +71,7 @@ def large_rows(args) -> dict:
     def closure():
         return sven_ext.Residuals(model(x) - y)
 
-    times, peaks = [], []
-    for _ in range(args.repeats):
-        with common.PeakMemory() as mem:
-            start = time.perf_counter()
-            opt.step(closure)
-            times.append(time.perf_counter() - start)
-        peaks.append(mem.extra_bytes)
-        print(f"  step {len(times)}: {times[-1]:.1f} s, peak extra {_gib(mem.extra_bytes)}", flush=True)
+    times, peaks = _timed_steps(opt, closure, args.repeats, "step")
     hwm = common.status_kib("VmHWM") * 1024
     info = {k: v for k, v in opt.last_info.items() if k not in ("singular_values",)}
     return {
@@ -90,6 +83,19 @@ def large_rows(args) -> dict:
         "last_info": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                       for k, v in info.items()},
     }
+
+
+def _timed_steps(opt, closure, count: int, label: str) -> tuple[list[float], list[int]]:
+    """Times and peak extra memory of ``count`` steps, each printed as it finishes (these steps take minutes)."""
+    times, peaks = [], []
+    for _ in range(count):
+        with common.PeakMemory() as mem:
+            start = time.perf_counter()
+            opt.step(closure)
+            times.append(time.perf_counter() - start)
+        peaks.append(mem.extra_bytes)
+        print(f"  {label} {len(times)}: {times[-1]:.1f} s, peak extra {_gib(mem.extra_bytes)}", flush=True)
+    return times, peaks
 
 
 # ----------------------------------------------------------------------------- (b) 100M transformer
@@ -113,15 +119,7 @@ def transformer(args) -> dict:
     for test_matrix in args.test_matrices:
         opt = sven_ext.Sven(model, lr=1e-4, k=args.k, backend="sketch", test_matrix=test_matrix,
                             power_iterations=args.q)
-        times, peaks = [], []
-        for _ in range(args.steps):
-            with common.PeakMemory() as mem:
-                start = time.perf_counter()
-                opt.step(closure)
-                times.append(time.perf_counter() - start)
-            peaks.append(mem.extra_bytes)
-            print(f"  {test_matrix} step {len(times)}: {times[-1]:.1f} s, peak extra {_gib(mem.extra_bytes)}",
-                  flush=True)
+        times, peaks = _timed_steps(opt, closure, args.steps, f"{test_matrix} step")
         results[test_matrix] = {"step_times_s": times, "median_s_after_first": statistics.median(times[1:] or times),
                                 "peak_extra_bytes": max(peaks), "sketch_size": opt.last_info["sketch_size"],
                                 "rank": opt.last_info["rank"]}

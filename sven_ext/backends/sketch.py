@@ -329,16 +329,17 @@ class SketchBackend(GramBackend):
         return y
 
     def _products(self, plan: _Plan, q: torch.Tensor, push: bool, norms: bool = False):
-        """``M = sum_p Z_p^T Z_p`` with ``Z_p = S_p J_p^T q`` and, with ``push``, ``Y = sum_p J_p S_p Z_p``.
+        """With ``Z_p = S_p J_p^T q``: the core ``M = sum_p Z_p^T Z_p``, or with ``push`` (a power
+        iteration, which needs no core) ``Y = sum_p J_p S_p Z_p`` instead.
 
         ``q`` ``(rows, s)`` is over the captured rows, and so is ``Y``.
 
-        Returns ``(M, Y or None, ||J||_F^2 or None)``; the norm is computed with ``norms`` where
-        every component allows it cheaply (one use per component, or per-row gradients at hand).
+        Returns ``(M or None, Y or None, ||J||_F^2 or None)``; the norm is computed with ``norms``
+        where every component allows it cheaply (one use per component, or per-row gradients at hand).
         """
         columns = q.shape[1]
         work = q.to(plan.work)
-        core = torch.zeros(columns, columns, dtype=q.dtype, device=q.device)
+        core = None if push else torch.zeros(columns, columns, dtype=q.dtype, device=q.device)
         y = torch.zeros(plan.rows, columns, dtype=q.dtype, device=q.device) if push else None
         norm_sq = 0.0 if norms else None
         for comp in plan.components:
@@ -349,12 +350,13 @@ class SketchBackend(GramBackend):
                     if norm_sq is not None:
                         norm_sq += float(g.to(q.dtype).square().sum())
                 z = plan.scale_rows(comp, z)
-                wide = z.to(q.dtype)
-                core.addmm_(wide.T, wide)
                 if push:
                     z = plan.scale_rows(comp, z)
                     for r0, r1, g in self._row_blocks(comp, plan):
                         y[r0:r1] += g @ z
+                else:
+                    wide = z.to(q.dtype)
+                    core.addmm_(wide.T, wide)
                 continue
             for p in comp.params:
                 uses = comp.by_param[id(p)]
@@ -363,12 +365,13 @@ class SketchBackend(GramBackend):
                     for use in uses[1:]:
                         z += use.pull(p, lo, hi, work, plan.budget)
                     z = plan.scale(p, lo, hi, z)
-                    wide = z.reshape(-1, columns).to(q.dtype)
-                    core.addmm_(wide.T, wide)
                     if push:
                         z = plan.scale(p, lo, hi, z)
                         for use in uses:
                             y += use.push(p, lo, hi, z, plan.budget, plan.fused)
+                    else:
+                        wide = z.reshape(-1, columns).to(q.dtype)
+                        core.addmm_(wide.T, wide)
             if norm_sq is not None:
                 norm_sq = norm_sq + comp.uses[0].frobenius_sq(q.dtype, plan.budget) if len(comp.uses) == 1 else None
         return core, y, norm_sq
