@@ -122,9 +122,29 @@ def median_seconds(fn, *, repeats: int, warmup: int = 1) -> tuple[float, object]
     return statistics.median(times), out
 
 
+def interleaved_times(fns: dict, *, repeats: int, warmup: int = 1) -> dict:
+    """``{name: {"median_s", "times_s"}}`` of each ``fns[name]()``, called in turn, one call of each
+    per round, so that a load that comes and goes on a shared machine touches every entry alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
 def measure(fn, *, repeats: int, warmup: int = 1) -> dict:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, and its peak extra memory
-    (``None`` where the high-water mark is unavailable)."""
+    (``None`` where the high-water mark is unavailable).
+
+    The peak is exact only under :data:`MALLOC_ENV` (:func:`exact_memory_accounting`), and the time
+    is realistic only without it: there every allocation over 64 KiB maps fresh pages, whose
+    first-touch faults made the Sven step on a 670k-parameter MLP 1.7x slower (Adam's 1.15x).
+    """
     for _ in range(warmup):
         fn()
     times, peaks = [], []
