@@ -14,6 +14,7 @@ import torch
 
 from . import distributed
 from .backends import SketchSettings, StepSettings, check_backend_name, make_backend
+from .backends.base import ElementSubset
 from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES, step_key
 from .linalg import DEFAULT_ATOL, Truncation
 from .residuals import Residuals
@@ -67,10 +68,16 @@ class Sven(torch.optim.Optimizer):
             (may differ between param groups, like ``lr``).
         microbatch_size: ``m``: average the losses of consecutive groups of ``m`` samples before
             forming rows (``B / m`` rows; ``m`` must divide ``B``). Per-sample losses only.
-        param_fraction: each step moves a random subset of the parameter tensors holding about this
-            fraction of the elements (at least one tensor); the others are not captured, so the
-            step costs less time and memory. Drawn from ``seed`` and the step counter.
-        mask_by_block: subsets are whole parameter tensors (``True``, the only mode available).
+        param_fraction: each step moves a random subset of about this fraction of the elements,
+            drawn from ``seed`` and the step counter; the step is the Sven step of ``J``
+            restricted to them (zero elsewhere, weight decay included).
+        mask_by_block: ``True``: the subset is whole parameter tensors (at least one); the others
+            are not captured, so the step costs less time and memory. ``False``: elements of
+            every tensor: of a weight, ``sqrt(f)`` of its output units on ``sqrt(f)`` of its
+            inputs (a product set; any tensor seen as ``(shape[0], rest)``), its layer's bias on
+            the same units, ``f`` of the entries of other 1-D tensors. The gram backend turns
+            these into smaller factors for ungrouped Linear/conv layers (cheaper ``K`` and
+            ``J^T c``); elsewhere the subset is a 0/1 column scale at full cost.
         rmsprop: ``None``, ``"before"`` (the step is solved for ``J S`` with
             ``S = (sqrt(v) + eps)^(-1/2)`` and mapped back: RMSProp-preconditioned Sven) or
             ``"after"`` (the direction is divided by ``sqrt(v) + eps``). ``v`` is the running
@@ -172,11 +179,6 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(f"param_fraction must be in (0, 1], got {param_fraction!r}")
         if not isinstance(mask_by_block, bool):
             raise ValueError(f"mask_by_block must be True or False, got {mask_by_block!r}")
-        if not mask_by_block:
-            raise NotImplementedError(
-                "param_fraction with mask_by_block=False (random element subsets) is not available in this "
-                "version of sven_ext; use mask_by_block=True (random subsets of parameter tensors)"
-            )
         if rmsprop not in RMSPROP_MODES:
             raise ValueError(f"rmsprop must be one of {RMSPROP_MODES}, got {rmsprop!r}")
         for name, value in (("rmsprop_beta", rmsprop_beta), ("momentum", momentum)):
@@ -266,7 +268,7 @@ class Sven(torch.optim.Optimizer):
         first = self._step_settings()
         state = self.state.get("sven", {})  # read only: the state changes once the step has succeeded
         step = state.get("step", 0)
-        params = self._subset(self._trainable(), first, step)
+        params, subsets = self._subset(self._trainable(), first, step)
         settings = StepSettings(
             truncation=Truncation(first["k"], first["rtol"], first["atol"], first["damping"]),
             kappa=first["kappa"],
@@ -281,6 +283,7 @@ class Sven(torch.optim.Optimizer):
             functional_mode=first["functional_mode"],
             microbatch_size=first["microbatch_size"],
             column_scale=self._column_scale(params, first),
+            element_subsets=subsets,
             process_group=self.process_group,
         )
         outputs = []
@@ -297,9 +300,9 @@ class Sven(torch.optim.Optimizer):
             with agreement:
                 backend = self._backend(first["backend"], params)
                 result = backend.compute(recorded, settings, self._resolve_k)
-                updates = self._updates(params, result.directions, first)
+                updates = self._updates(params, result.directions, first, subsets)
                 if first["variable_k"]:
-                    kept = self._variable_k(closure, params, result, first)  # moves the parameters itself
+                    kept = self._variable_k(closure, params, result, first, subsets)  # moves the parameters
                     updates = []
         except BaseException:
             # The closure may have moved buffers (e.g. running statistics) before the failure.
@@ -319,7 +322,8 @@ class Sven(torch.optim.Optimizer):
             "rows": result.rows.residual.numel(),
             "loss": float(result.rows.losses.sum()),
             "moved_parameters": len(params),
-            "moved_elements": sum(p.numel() for p in params),
+            "moved_elements": sum(p.numel() if s is None else s.numel(p)
+                                  for p, s in zip(params, subsets or [None] * len(params))),
             **result.info,
         }
         if first["variable_k"]:
@@ -359,12 +363,15 @@ class Sven(torch.optim.Optimizer):
                     )
         return first
 
-    def _subset(self, params: list[torch.Tensor], first: dict, step: int) -> list[torch.Tensor]:
-        """The parameters this step moves: all, or a random subset of tensors (``param_fraction``)."""
+    def _subset(self, params: list[torch.Tensor], first: dict, step: int):
+        """``(params, subsets)``: the parameters this step moves (all, or a random subset of
+        tensors) and, with ``mask_by_block=False``, the elements of each (else ``None``)."""
         fraction = first["param_fraction"]
         if fraction >= 1:
-            return params
+            return params, None
         generator = torch.Generator().manual_seed(step_key(first["seed"], step))
+        if not first["mask_by_block"]:
+            return params, draw_element_subsets(self.model, params, fraction, generator)
         target = fraction * sum(p.numel() for p in params)
         order = torch.randperm(len(params), generator=generator).tolist()
         chosen, total = set(), 0
@@ -374,7 +381,7 @@ class Sven(torch.optim.Optimizer):
                 chosen.add(index)
                 total += params[index].numel()
         chosen = chosen or {order[0]}
-        return [p for i, p in enumerate(params) if i in chosen]  # keep the optimizer's order
+        return [p for i, p in enumerate(params) if i in chosen], None  # keep the optimizer's order
 
     def _column_scale(self, params: list[torch.Tensor], first: dict):
         """RMSProp before the pseudo-inverse: ``S = (sqrt(v) + eps)^(-1/2)`` (``None`` before any ``v``)."""
@@ -388,20 +395,24 @@ class Sven(torch.optim.Optimizer):
             for p in params
         ]
 
-    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor], first: dict) -> list[_Update]:
+    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor], first: dict,
+                 subsets) -> list[_Update]:
         """The change of every moved parameter and its new state; raises before any change if a
-        direction is not finite."""
+        direction is not finite. ``subsets``: element subsets (weight decay only on them) or ``None``."""
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         beta, eps, momentum = first["rmsprop_beta"], first["rmsprop_eps"], first["momentum"]
         directions = [d.to(p.dtype) for p, d in zip(params, directions)]
-        # One flag for all parameters: a single host sync on a GPU, not one per tensor.
-        if not bool(torch.stack([torch.isfinite(d).all() for d in directions]).all()):
+        # One flag for all parameters (a single host sync on a GPU) from one sum per tensor, where NaN and
+        # Inf propagate: one vectorised pass (on CPU 20x faster than isfinite().all() on 5.8M parameters).
+        # A finite sum proves every entry finite; a sum that overflowed is confirmed entry by entry.
+        if not bool(torch.stack([d.sum() for d in directions]).isfinite().all()) \
+                and not all(bool(torch.isfinite(d).all()) for d in directions):
             raise FloatingPointError(
                 "the Sven direction is not finite (NaN or Inf); the parameters were not changed. "
                 "The residuals or the model's scale may overflow solve_dtype"
             )
         updates = []
-        for p, direction in zip(params, directions):
+        for p, direction, subset in zip(params, directions, subsets or [None] * len(params)):
             old, new = self.state.get(p, {}), {}
             if first["rmsprop"] is not None:
                 square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction, value=1 - beta)
@@ -413,10 +424,11 @@ class Sven(torch.optim.Optimizer):
                 new["momentum_buffer"] = buffer
                 direction = buffer
             group = group_of[id(p)]
-            updates.append(_Update(self.state, p, direction, group["lr"], group["weight_decay"], new))
+            decay = None if subset is None or not group["weight_decay"] else subset.mask(p)
+            updates.append(_Update(self.state, p, direction, group["lr"], group["weight_decay"], new, decay))
         return updates
 
-    def _variable_k(self, closure, params: list[torch.Tensor], result, first: dict) -> int:
+    def _variable_k(self, closure, params: list[torch.Tensor], result, first: dict, subsets) -> int:
         """Moves ``params`` by the leading components ``J^T u_j (u_j^T r) / (s_j^2 + damping)`` for as long
         as each one lowers the batch loss; returns how many were kept. Restores ``params`` on error."""
         solution = result.solution
@@ -428,6 +440,8 @@ class Sven(torch.optim.Optimizer):
         weights = (u.T @ residual) / (solution.singular_values.to(u.dtype).square() + first["damping"])
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         start = [p.detach().clone() for p in params]
+        decays = [None if s is None or not group_of[id(p)]["weight_decay"] else s.mask(p)
+                  for p, s in zip(params, subsets or [None] * len(params))]
 
         def move(count: int) -> None:
             # Always from the start: the final parameters are one update, not a sum of trial moves.
@@ -435,8 +449,7 @@ class Sven(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 group = group_of[id(p)]
                 p.copy_(start[i])
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                _decay(p, group["lr"] * group["weight_decay"], decays[i])
                 if directions is not None:
                     p.sub_(directions[i].to(p.dtype), alpha=group["lr"])
 
@@ -492,6 +505,36 @@ class Sven(torch.optim.Optimizer):
         return max(1, rows // 2) if k is None else k
 
 
+def draw_element_subsets(model: torch.nn.Module, params: list[torch.Tensor], fraction: float,
+                         generator: torch.Generator) -> list[ElementSubset]:
+    """One random product set of about ``fraction`` of the elements per parameter
+    (``param_fraction`` with ``mask_by_block=False``): ``sqrt(fraction)`` of the first axis times
+    ``sqrt(fraction)`` of the rest (adjusted where one side is short), ``fraction`` of a 1-D
+    tensor's entries; a layer's bias takes its weight's output units, so that the gram backend
+    can restrict the layer's factors."""
+    def draw(count: int, size: int) -> torch.Tensor:
+        return torch.randperm(size, generator=generator)[:count].sort().values
+
+    weight_of = {id(m.bias): m.weight for m in model.modules()
+                 if isinstance(getattr(m, "weight", None), torch.Tensor)
+                 and isinstance(getattr(m, "bias", None), torch.Tensor)}
+    subsets = {}
+    for p in params:
+        first, rest = (p.shape[0], p[0].numel()) if p.dim() else (1, 1)
+        if p.dim() > 1:
+            units = min(first, max(1, round(math.sqrt(fraction) * first)))
+            features = min(rest, max(1, round(fraction * p.numel() / units)))
+            units = min(first, max(1, round(fraction * p.numel() / features)))  # where rest is short
+            subsets[id(p)] = ElementSubset(draw(units, first).to(p.device), draw(features, rest).to(p.device))
+        else:
+            subsets[id(p)] = ElementSubset(draw(max(1, round(fraction * first)), first).to(p.device))
+    for p in params:
+        weight = weight_of.get(id(p))
+        if p.dim() == 1 and weight is not None and id(weight) in subsets and weight.shape[0] == p.shape[0]:
+            subsets[id(p)] = ElementSubset(subsets[id(weight)].rows)
+    return [subsets[id(p)] for p in params]
+
+
 def _batch_loss(output) -> float:
     """The batch loss of a closure's output: the sum of the losses, or of the squared residuals."""
     if isinstance(output, Residuals):
@@ -499,16 +542,25 @@ def _batch_loss(output) -> float:
     return float(output.detach().sum())
 
 
+def _decay(p: torch.Tensor, rate: float, mask: torch.Tensor | None) -> None:
+    """Decoupled weight decay ``p -= rate * p``, only where ``mask`` is 1 (``None``: everywhere)."""
+    if rate:
+        if mask is None:
+            p.mul_(1 - rate)
+        else:
+            p.sub_(p * mask, alpha=rate)
+
+
 class _Update:
     """One parameter's change and its new optimizer state, applied only once every update exists."""
 
-    def __init__(self, state, p: torch.Tensor, direction: torch.Tensor, lr: float, weight_decay: float, new: dict):
+    def __init__(self, state, p: torch.Tensor, direction: torch.Tensor, lr: float, weight_decay: float, new: dict,
+                 decay_mask: torch.Tensor | None = None):
         self.state, self.p, self.direction = state, p, direction
-        self.lr, self.weight_decay, self.new = lr, weight_decay, new
+        self.lr, self.weight_decay, self.new, self.decay_mask = lr, weight_decay, new, decay_mask
 
     def apply(self) -> None:
-        if self.weight_decay:
-            self.p.mul_(1 - self.lr * self.weight_decay)
+        _decay(self.p, self.lr * self.weight_decay, self.decay_mask)
         self.p.sub_(self.direction, alpha=self.lr)
         if self.new:
             self.state[self.p] = {**self.state.get(self.p, {}), **self.new}

@@ -114,6 +114,9 @@ def _check_mlp(rank, world):
         # Two steps: the second is scaled by the first's RMSProp statistics, on a subset of tensors.
         "fraction_rmsprop": _compare(model, data, shards, rank, steps=2, backend="sketch", lr=0.5, k=3,
                                      param_fraction=0.5, rmsprop="before", warm_start=True, seed=3),
+        # Element subsets: the gram backend restricts every layer's factors (each rank its own shard's).
+        "elements": _compare(model, data, shards, rank, steps=2, backend="gram", lr=0.5, k=3,
+                             param_fraction=0.3, mask_by_block=False, weight_decay=0.1, seed=4),
     }
 
 
@@ -323,7 +326,7 @@ def test_mlp_matches_single_process(job):
     world, results = job
     rows = sum(SHARDS[world])
     for rank, result in enumerate(results):
-        for name in ("gram", "sketch", "auto", "fraction_rmsprop"):
+        for name in ("gram", "sketch", "auto", "fraction_rmsprop", "elements"):
             _assert_matches(result["mlp"][name], rows)
             assert result["mlp"][name]["losses"] < 1e-12  # step returns the whole batch's losses
         _assert_matches(result["mlp"]["microbatch"], sum(EVEN_SHARDS[world]) // 2)

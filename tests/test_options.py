@@ -206,9 +206,80 @@ def test_bad_option_values(kwargs, match):
         sven_ext.Sven(mlp((3, 4, 1)), **kwargs)
 
 
-def test_element_subsets_are_not_available_yet():
-    with pytest.raises(NotImplementedError, match="mask_by_block=False"):
-        sven_ext.Sven(mlp((3, 4, 1)), param_fraction=0.5, mask_by_block=False)
+def _element_steps(model, steps, **kwargs):
+    """Per step: the parameter changes and the subsets the optimizer drew."""
+    model = copy.deepcopy(model)
+    opt = sven_ext.Sven(model, **kwargs)
+    out = []
+    for s in range(steps):
+        x, y = data(seed=s)
+        params, subsets = opt._subset(opt._trainable(), opt.param_groups[0], s)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(lambda: squared_errors(x, y)(model))
+        out.append(([p.detach() - b for p, b in zip(model.parameters(), before)], subsets, opt.last_info))
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.6])
+def test_element_subsets_move_about_the_fraction_and_nothing_else(fraction):
+    model = mlp((3, 12, 20, 2), seed=12)
+    params = list(model.parameters())
+    for changes, subsets, info in _element_steps(model, 2, backend="gram", lr=0.3, k=4, seed=5,
+                                                  param_fraction=fraction, mask_by_block=False):
+        total = sum(p.numel() for p in params)
+        assert info["moved_parameters"] == len(params)
+        assert abs(info["moved_elements"] - fraction * total) <= 0.1 * total
+        for p, change, subset in zip(params, changes, subsets):
+            mask = subset.mask(p)
+            assert torch.all(change[mask == 0] == 0) and change.abs().sum() > 0
+            if p.dim() > 1:  # a bias has its weight's share of units (about sqrt(fraction))
+                assert abs(subset.numel(p) - fraction * p.numel()) <= max(2, 0.3 * fraction * p.numel()), p.shape
+        # A layer's bias moves on its weight's units.
+        assert torch.equal(subsets[1].rows, subsets[0].rows) and torch.equal(subsets[3].rows, subsets[2].rows)
+
+
+def test_element_subsets_differ_between_steps_and_repeat_per_seed():
+    model = mlp((3, 7, 7, 2), seed=13)
+    kwargs = dict(backend="gram", lr=0.1, k=3, param_fraction=0.3, mask_by_block=False)
+    first = _element_steps(model, 3, seed=1, **kwargs)
+    again = _element_steps(model, 3, seed=1, **kwargs)
+    other = _element_steps(model, 3, seed=2, **kwargs)
+    assert all(torch.equal(a, b) for (x, _, _), (y, _, _) in zip(first, again) for a, b in zip(x, y))
+    assert not torch.equal(first[0][1][0].rows, first[1][1][0].rows) or \
+        not torch.equal(first[0][1][0].cols, first[1][1][0].cols)
+    assert not all(torch.equal(a, b) for a, b in zip(first[0][0], other[0][0]))
+
+
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS])
+@pytest.mark.parametrize("options", [dict(), dict(weight_decay=0.1), dict(rmsprop="before", momentum=0.9),
+                                     dict(rmsprop="after")], ids=["plain", "decay", "before+momentum", "after"])
+def test_element_subsets_match_dense_over_steps(backend, options):
+    model = mlp((3, 6, 5, 2), seed=14)
+    batches = [data(seed=s) for s in range(3)]
+    kwargs = dict(lr=0.05, k=4, oversampling=20, param_fraction=0.4, mask_by_block=False, seed=4, **options)
+    mine, _ = _trajectory(model, backend, batches, **kwargs)
+    oracle, _ = _trajectory(model, "dense", batches, **kwargs)
+    start = dict(model.named_parameters())
+    assert relative_difference({n: p - start[n].detach() for n, p in mine.items()},
+                               {n: p - start[n].detach() for n, p in oracle.items()}) < F64
+
+
+def test_element_subsets_decay_only_the_subset():
+    model = mlp((3, 6, 2), seed=15)
+    kwargs = dict(backend="gram", lr=0.3, k=4, seed=2, param_fraction=0.3, mask_by_block=False)
+    (plain, subsets, _), = _element_steps(model, 1, **kwargs)
+    (decayed, _, _), = _element_steps(model, 1, weight_decay=0.1, **kwargs)
+    for p, a, b, subset in zip(model.parameters(), plain, decayed, subsets):
+        torch.testing.assert_close(b, a - 0.3 * 0.1 * p.detach() * subset.mask(p), rtol=1e-12, atol=1e-14)
+
+
+def test_element_subsets_with_variable_k_equal_dense():
+    model = mlp((3, 6, 2), seed=16)
+    kwargs = dict(lr=0.5, k=4, seed=2, param_fraction=0.5, mask_by_block=False, variable_k=True, weight_decay=0.05)
+    (gram, _, info), = _element_steps(model, 1, backend="gram", **kwargs)
+    (dense, _, _), = _element_steps(model, 1, backend="dense", **kwargs)
+    assert info["variable_k_rank"] >= 1
+    assert relative_difference(dict(enumerate(gram)), dict(enumerate(dense))) < F64
 
 
 def test_rmsprop_before_by_hand():

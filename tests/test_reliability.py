@@ -205,6 +205,31 @@ def test_a_failed_step_loses_nothing(monkeypatch, stage, backend):
     opt.step(lambda: closure(model))  # and the optimizer still works
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 3e38])
+def test_the_direction_check_is_exact(monkeypatch, value):
+    """One bad entry anywhere is caught; finite entries whose float32 sum overflows are not."""
+    model = mlp((3, 5, 2), dtype=torch.float32)
+    x, y = data(d_out=2, dtype=torch.float32)
+    opt = sven_ext.Sven(model, backend="gram", lr=1e-30, k=2)
+    opt.step(lambda: squared_errors(x, y)(model))  # checks the factors once
+
+    def directions(self, uses, c, in_param_dtype=True):
+        out = [torch.zeros_like(p) for p in self.params]
+        out[2].view(-1)[-1] = value
+        out[2].view(-1)[0] = value if value == 3e38 else 0.0  # 6e38 > float32's largest
+        return out
+
+    monkeypatch.setattr(gram_module.GramBackend, "_directions", directions)
+    before = copy.deepcopy(model.state_dict())
+    if math.isfinite(value):
+        opt.step(lambda: squared_errors(x, y)(model))
+        assert not torch.equal(model.state_dict()["2.weight"], before["2.weight"])
+    else:
+        with pytest.raises(FloatingPointError, match="not finite"):
+            opt.step(lambda: squared_errors(x, y)(model))
+        assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
 # ----------------------------------------------------------------------------- numerical edges
 
 

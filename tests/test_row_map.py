@@ -3,16 +3,22 @@
 ``microbatch_size = m``: the rows are ``(mean of m consecutive losses) ** (kappa / 2)``; the
 oracle is the dense backend on a closure that returns the group means itself. ``column_scale
 = S``: the direction is ``S (J S)^+ r``; the oracle builds ``J`` row by row with autograd,
-scales its columns and takes ``torch.linalg.svd``.
+scales its columns and takes ``torch.linalg.svd``. Element subsets (``param_fraction`` with
+``mask_by_block=False``) are the same oracle with a 0/1 scale: ``M (J M)^+ r``.
 """
+
+import math
 
 import pytest
 import torch
 
 import sven_ext
 from sven_ext.backends import SketchSettings, StepSettings, make_backend
+from sven_ext.backends import gram as gram_module
 from sven_ext.backends import sketch as sketch_module
+from sven_ext.backends.base import ElementSubset
 from sven_ext.linalg import Truncation
+from sven_ext.optimizer import draw_element_subsets
 from sven_ext.testing import LargestStorage, mlp, small_cnn, tiny_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -56,11 +62,11 @@ def group_means(losses, m):
     return lambda: losses().view(-1, m).mean(1)
 
 
-def step(backend, model, closure, k, kappa=2.0, m=None, scale=None, **sketch):
+def step(backend, model, closure, k, kappa=2.0, m=None, scale=None, subsets=None, **sketch):
     """``(flat direction, StepDirection)`` of one ``backend.compute`` call."""
     params = list(model.parameters())
     settings = StepSettings(Truncation(k, RTOL), kappa, microbatch_size=m, column_scale=scale,
-                            sketch=SketchSettings(**sketch))
+                            element_subsets=subsets, sketch=SketchSettings(**sketch))
     result = make_backend(backend, model, params).compute(closure, settings, lambda rows: min(k, rows))
     return torch.cat([d.reshape(-1) for d in result.directions]), result
 
@@ -246,6 +252,95 @@ def test_bad_column_scale(backend):
     for scale, match in _bad_scales(list(model.parameters())):
         with pytest.raises(ValueError, match=match):
             step(backend, model, losses, 2, scale=scale)
+
+
+# ----------------------------------------------------------------------------- element subsets
+
+
+def _subsets(model, fraction, seed):
+    params = list(model.parameters())
+    return draw_element_subsets(model, params, fraction, torch.Generator().manual_seed(seed))
+
+
+def _masks(model, subsets, scale=None):
+    params = list(model.parameters())
+    scale = scale or [torch.ones_like(p) for p in params]
+    return [s * subset.mask(p) for p, s, subset in zip(params, scale, subsets)]
+
+
+@pytest.mark.parametrize("name,k,kappa,m,fraction", [
+    ("mlp", 4, 2.0, None, 0.25), ("mlp", 4, 1.0, 2, 0.5), ("mlp", 12, 2.0, 3, 0.1), ("cnn", 6, 1.0, None, 0.3),
+    ("cnn", 6, 2.0, 2, 0.5), ("transformer", 3, 2.0, None, 0.3), ("transformer", 3, 1.0, 3, 0.5),
+])
+@pytest.mark.parametrize("scatter_flops", [0, math.inf], ids=["scattered", "masked"])
+def test_element_subsets_equal_the_masked_svd(monkeypatch, name, k, kappa, m, fraction, scatter_flops):
+    monkeypatch.setattr(gram_module, "SUBSET_SCATTER_FLOPS", scatter_flops)  # both contraction routes
+    model, losses = case(name)
+    subsets = _subsets(model, fraction, seed=len(name) + k)
+    rows = losses if m is None else group_means(losses, m)
+    oracle = scaled_oracle(model, rows, _masks(model, subsets), k, kappa)
+    backends = ("dense", "gram") if name == "transformer" else ("dense", "functional", "gram")  # double backward
+    for backend in backends:
+        mine, result = step(backend, model, losses, k, kappa, m, subsets=subsets)
+        assert relative(mine, oracle) < F64, backend
+    # Ungrouped Linear/conv layers keep their routes on the subset's factors.
+    paths = result.info["paths"]
+    restricted = {"mlp": ["0.weight", "0.bias", "2.weight", "4.weight"], "cnn": ["conv1.weight", "conv4.bias", "head.weight"],
+                  "transformer": ["blocks.0.qkv.weight", "blocks.0.fc2.bias"]}[name]
+    assert all(paths[n].endswith("(subset)") for n in restricted), paths
+    assert "(subset)" not in paths.get("conv2.weight", "")  # grouped: a 0/1 column scale
+
+
+def test_element_subset_directions_do_not_depend_on_the_route(monkeypatch):
+    model, losses = case("cnn")
+    subsets = _subsets(model, 0.3, seed=4)
+    monkeypatch.setattr(gram_module, "SUBSET_SCATTER_FLOPS", 0)  # restricted contraction, scattered
+    scattered, _ = step("gram", model, losses, 6, subsets=subsets)
+    monkeypatch.setattr(gram_module, "SUBSET_CHUNK_ELEMENTS", 1)  # one unit at a time
+    chunked, _ = step("gram", model, losses, 6, subsets=subsets)
+    monkeypatch.setattr(gram_module, "SUBSET_SCATTER_FLOPS", math.inf)  # whole contraction, masked
+    masked, _ = step("gram", model, losses, 6, subsets=subsets)
+    assert relative(chunked, scattered) < 1e-13 and relative(masked, scattered) < 1e-13
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_element_subsets_with_a_column_scale(name):
+    # RMSProp before the pseudo-inverse on a subset: S M (J S M)^+ r, through per-row gradients.
+    model, losses = case(name)
+    subsets, scale = _subsets(model, 0.4, seed=5), _scale(model.parameters(), seed=6)
+    oracle = scaled_oracle(model, losses, _masks(model, subsets, scale), 5, 2.0)
+    for backend in ("dense", "functional", "gram"):
+        mine, result = step(backend, model, losses, 5, 2.0, scale=scale, subsets=subsets)
+        assert relative(mine, oracle) < F64, backend
+    assert not any("(subset)" in path for path in result.info["paths"].values())
+
+
+def test_element_subsets_fall_back_where_a_bias_disagrees():
+    model, losses = case("mlp")
+    subsets = _subsets(model, 0.5, seed=8)
+    subsets[1] = ElementSubset(torch.tensor([0, 6]))  # 0.bias no longer on 0.weight's units
+    subsets[3] = None  # 2.bias moves entirely
+    oracle = scaled_oracle(model, losses, [s.mask(p) if s is not None else torch.ones_like(p)
+                                           for p, s in zip(model.parameters(), subsets)], 4, 2.0)
+    mine, result = step("gram", model, losses, 4, 2.0, subsets=subsets)
+    assert relative(mine, oracle) < F64
+    paths = result.info["paths"]
+    assert paths["0.weight"] == paths["2.weight"] == "rows" and paths["4.weight"].endswith("(subset)")
+
+
+@pytest.mark.parametrize("name,m,test_matrix", [("mlp", None, "gaussian"), ("mlp", 3, "khatri_rao"),
+                                                ("cnn", None, "rademacher")])
+def test_element_subsets_sketch_and_auto_exact_when_rank_fits(name, m, test_matrix):
+    model, losses = case(name, times=4)
+    k = 6 if m is None else 2
+    subsets = _subsets(model, 0.5, seed=9)
+    rows = losses if m is None else group_means(losses, m)
+    oracle = scaled_oracle(model, rows, _masks(model, subsets), k, 1.0)
+    mine, result = step("sketch", model, losses, k, 1.0, m, subsets=subsets, oversampling=2, test_matrix=test_matrix)
+    assert result.info["sketch_size"] == k + 2 < result.rows.residual.numel()
+    assert relative(mine, oracle) < EXACT
+    auto, _ = step("auto", model, losses, k, 1.0, m, subsets=subsets, oversampling=2)
+    assert relative(auto, oracle) < EXACT
 
 
 # ----------------------------------------------------------------------------- memory

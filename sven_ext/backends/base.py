@@ -34,6 +34,41 @@ class SketchSettings:
 
 
 @dataclass(frozen=True)
+class ElementSubset:
+    """The elements of one parameter that a step moves (``param_fraction`` with ``mask_by_block=False``).
+
+    A product set, so that the factors of a layer can be restricted to it: the entries ``cols``
+    of the rows ``rows`` of the parameter seen as ``(shape[0], numel / shape[0])`` (for a
+    Linear/conv weight: output units by input features; a 1-D parameter has ``cols=None``).
+
+    Attributes:
+        rows: sorted int64 indices into the first axis, on the parameter's device.
+        cols: sorted int64 indices into the rest flattened, or ``None``: all of it.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor | None = None
+
+    def mask(self, p: torch.Tensor) -> torch.Tensor:
+        """``1`` on the subset and ``0`` elsewhere, in ``p``'s shape and dtype."""
+        out = torch.zeros(_as_matrix_shape(p), dtype=p.dtype, device=p.device)
+        if self.cols is None:
+            out[self.rows] = 1
+        else:
+            out[self.rows.unsqueeze(1), self.cols] = 1
+        return out.view(p.shape)
+
+    def numel(self, p: torch.Tensor) -> int:
+        cols = _as_matrix_shape(p)[1] if self.cols is None else self.cols.numel()
+        return self.rows.numel() * cols
+
+
+def _as_matrix_shape(p: torch.Tensor) -> tuple[int, int]:
+    first = p.shape[0] if p.dim() else 1
+    return first, p.numel() // max(first, 1)
+
+
+@dataclass(frozen=True)
 class StepSettings:
     """Hyper-parameters a backend needs for one step.
 
@@ -52,6 +87,10 @@ class StepSettings:
         column_scale: one positive tensor per parameter (its shape), ``S``: the step is solved for
             the column-scaled Jacobian ``J S`` and mapped back, so the direction is
             ``S (J S)^+ r`` (RMSProp before the pseudo-inverse); ``None``: ``S = I``.
+        element_subsets: one :class:`ElementSubset` (or ``None``: all of it) per parameter: the
+            step is that of ``J`` restricted to those columns, zero elsewhere: a 0/1 column
+            scale on top of ``column_scale``, which the gram backend turns into smaller factors
+            where it can (:func:`effective_column_scale`); ``None``: every element moves.
         process_group: ``torch.distributed`` process group whose ranks each hold a shard of the
             batch: the step is that of the concatenated batch, identical on every rank
             (:mod:`sven_ext.distributed`); ``None``: this process's batch only.
@@ -66,6 +105,7 @@ class StepSettings:
     functional_mode: str = "exact"
     microbatch_size: int | None = None
     column_scale: list[torch.Tensor] | None = None
+    element_subsets: list[ElementSubset | None] | None = None
     process_group: torch.distributed.ProcessGroup | None = None
 
 
@@ -148,6 +188,31 @@ def check_column_scale(scale, params: list[torch.Tensor]) -> list[torch.Tensor] 
         if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise ValueError(f"column_scale[{i}] must be finite and > 0 everywhere (min {float(s.min()):.3g})")
     return list(scale)
+
+
+def effective_column_scale(settings: StepSettings, params: list[torch.Tensor],
+                           skip: set | None = None) -> list[torch.Tensor] | None:
+    """``S M``: the checked ``settings.column_scale`` times the 0/1 masks of ``settings.element_subsets``.
+
+    ``skip``: ids of parameters whose subset the caller applies itself (their mask is left out).
+    ``None`` when neither is set.
+    """
+    scale = check_column_scale(settings.column_scale, params)
+    subsets = settings.element_subsets
+    if subsets is None:
+        return scale
+    if len(subsets) != len(params):
+        raise ValueError(f"element_subsets must have one entry per moving parameter ({len(params)}), "
+                         f"got {len(subsets)}")
+    skip = set() if skip is None else skip
+    masks = [None if subset is None or id(p) in skip else subset.mask(p) for p, subset in zip(params, subsets)]
+    if scale is None and all(m is None for m in masks):
+        return None
+    out = []
+    for i, p in enumerate(params):
+        s = torch.ones_like(p) if scale is None else scale[i]
+        out.append(s if masks[i] is None else s * masks[i].to(s.dtype))
+    return out
 
 
 def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

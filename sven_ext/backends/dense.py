@@ -13,7 +13,7 @@ import torch
 from .. import costs
 from ..linalg import solve_jacobian
 from ..residuals import rows_from_closure_output
-from .base import Backend, StepDirection, StepSettings, check_column_scale, split_like
+from .base import Backend, StepDirection, StepSettings, effective_column_scale, split_like
 
 
 def jacobian(residual: torch.Tensor, params: list[torch.Tensor], chunk_rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -63,7 +63,7 @@ class DenseBackend(Backend):
         Microbatched rows are differentiated through the group means; a column scale ``S``
         solves for ``J S`` and maps back: ``direction = S (J S)^+ r``.
         """
-        scale = check_column_scale(settings.column_scale, self.params)
+        scale = effective_column_scale(settings, self.params)
         estimate = costs.estimate_dense(rows.residual.numel(), sum(p.numel() for p in self.params))
         costs.require_fit(estimate, 0, settings.max_memory, self.params[0].device)
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)

@@ -51,7 +51,7 @@ import torch
 from .. import ops
 from ..linalg import Solution, solve_gram, solve_projected
 from ..residuals import rows_from_closure_output
-from .base import Backend, StepDirection, StepSettings, check_column_scale, split_like
+from .base import Backend, StepDirection, StepSettings, effective_column_scale, split_like
 from .sketch import step_key
 
 
@@ -61,7 +61,7 @@ class JacobianProducts:
     Args:
         residual: ``(R,)`` tensor whose graph reaches ``params``; kept alive by this object.
         params: the ``P`` parameters (in total) that form the columns of ``J``, in order.
-        scale: ``None`` or one positive tensor per parameter, ``S``: the products are those of
+        scale: ``None`` or one non-negative tensor per parameter, ``S``: the products are those of
             the column-scaled ``J S`` (RMSProp before the pseudo-inverse).
 
     Raises:
@@ -159,7 +159,7 @@ class FunctionalBackend(Backend):
     name = "functional"
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
-        scale = check_column_scale(settings.column_scale, self.params)
+        scale = effective_column_scale(settings, self.params)
         with torch.enable_grad():
             # Microbatched rows are the group means themselves: the products differentiate through them.
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)

@@ -24,6 +24,13 @@ per-sample rows and mapped, ``K' = T K T^T``, and the direction is ``J^T (T^T c'
 structure of the ``T = 1`` route, so every parameter but the materialised small ones takes the
 per-row-gradient route with scaled columns.
 
+Element subsets (``StepSettings.element_subsets``, ``param_fraction`` with ``mask_by_block=False``)
+are product sets (output units x input features), so without a column scale an ungrouped
+Linear/conv weight keeps its routes on smaller factors: ``a`` restricted to the chosen features
+and ``d`` to the chosen units (its bias follows the units). ``K_w`` then costs about
+``sqrt(f)`` and ``J^T c`` about ``f`` of the full layer's. Every other parameter takes its
+subset as a 0/1 column scale.
+
 Data-parallel steps (``StepSettings.process_group``): :meth:`GramBackend.batch_factors` gathers
 every rank's rows and factors (:mod:`sven_ext.distributed`), ``K`` and ``c`` are those of the
 concatenated batch on every rank, and each rank contracts its own rows, summed by one all-reduce.
@@ -37,13 +44,19 @@ import math
 import torch
 
 from .. import costs, distributed, ops
-from ..capture import DirectUse, EmbeddingUse, LinearUse, _sample_index, capture, factor_bytes
+from ..capture import DirectUse, EmbeddingUse, LinearUse, _combine, _sample_index, capture, factor_bytes
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
-from .base import Backend, StepDirection, StepSettings, check_column_scale
+from .base import Backend, ElementSubset, StepDirection, StepSettings, check_column_scale, effective_column_scale
 
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
 SEQ_GRAM_COST_FACTOR = 2.0
+# Most elements of a temporary while an element subset's direction is scattered into its weight.
+SUBSET_CHUNK_ELEMENTS = 1 << 16
+# Scattering a subset's direction into its weight costs about what this many contraction flops per
+# weight element do (CPU here: ~5 ms for a 2048 x 2048 weight, a 64-sample contraction's GEMM).
+# Where the restricted contraction saves less, the full one, masked, is cheaper.
+SUBSET_SCATTER_FLOPS = 128
 
 
 class GramBackend(Backend):
@@ -77,14 +90,15 @@ class GramBackend(Backend):
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
               shard: distributed.Shard | None = None) -> StepDirection:
         """The step from captured factors (what :meth:`batch_factors` returned)."""
-        scale = check_column_scale(settings.column_scale, self.params)
+        restricted, scales = self._subsets_and_scales(uses, settings)
+        uses = _restrict(uses, restricted)
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
-        gram, paths = self._gram(uses, rows, dtype, scale)
+        gram, paths = self._gram(uses, rows, dtype, scales)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
         solution = solve_gram(gram, residual, truncation)
-        contract = self._contraction(uses, rows, scale, shard)
+        contract = self._contraction(uses, rows, scales, shard, restricted)
         directions = contract(solution.coefficients)
         info = {
             "gram_bytes": gram.nbytes,
@@ -98,8 +112,23 @@ class GramBackend(Backend):
     def gram(self, closure, settings: StepSettings) -> torch.Tensor:
         """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
         rows, uses, _ = self.factors(closure, settings)
+        restricted, scales = self._subsets_and_scales(uses, settings)
+        return self._gram(_restrict(uses, restricted), rows, settings.solve_dtype, scales)[0]
+
+    def _subsets_and_scales(self, uses: list, settings: StepSettings) -> tuple[dict, dict]:
+        """``({id(p): subset}, {id(p): S_p})``: the element subsets that become smaller factors,
+        and the column scales (RMSProp's, the other subsets' 0/1 masks) of the parameters that have one."""
         scale = check_column_scale(settings.column_scale, self.params)
-        return self._gram(uses, rows, settings.solve_dtype, scale)[0]
+        subsets = settings.element_subsets
+        restricted = {} if subsets is None or scale is not None else _restrictable(uses, self.params, subsets)
+        full = effective_column_scale(settings, self.params, skip=set(restricted))
+        if full is None:
+            return restricted, {}
+        subsets = subsets or [None] * len(self.params)
+        return restricted, {
+            id(p): s for p, s, subset in zip(self.params, full, subsets)
+            if scale is not None or (subset is not None and id(p) not in restricted)
+        }
 
     def batch_factors(self, closure, settings: StepSettings):
         """:meth:`factors` of the step's whole batch: ``(rows, uses, checked, shard)``.
@@ -176,23 +205,23 @@ class GramBackend(Backend):
 
     # ----------------------------------------------------------------- K and J^T c
 
-    def _contraction(self, uses: list, rows: Rows, scale, shard):
+    def _contraction(self, uses: list, rows: Rows, scales: dict, shard, restricted: dict):
         """``c -> S^2 J^T T^T c`` for coefficients ``c`` ``(R,)`` over the step's rows.
 
         With a shard, each rank contracts its own rows and one all-reduce sums the ranks' parts
         (the communication of a gradient all-reduce), so the per-row work is split.
         """
         if shard is None:
-            return lambda c: self._step_directions(uses, rows, c, scale)
+            return lambda c: self._step_directions(uses, rows, c, scales)
+        local = _restrict(shard.local_uses, restricted)
         return lambda c: shard.reduce(
-            lambda: self._step_directions(shard.local_uses, shard.local_rows, shard.local(c), scale))
+            lambda: self._step_directions(local, shard.local_rows, shard.local(c), scales))
 
-    def _step_directions(self, uses: list, rows: Rows, c: torch.Tensor, scale) -> list[torch.Tensor]:
+    def _step_directions(self, uses: list, rows: Rows, c: torch.Tensor, scales: dict) -> list[torch.Tensor]:
         """``S^2 J^T T^T c``: the direction of the step's coefficients ``c`` ``(R,)``, per parameter."""
         directions = self._directions(uses, rows.to_captured(c))
-        if scale is None:
-            return directions
-        return [d.mul_(s.to(d.dtype).square()) for d, s in zip(directions, scale)]
+        return [d.mul_(scales[id(p)].to(d.dtype).square()) if id(p) in scales else d
+                for p, d in zip(self.params, directions)]
 
     def _directions(self, uses: list, c: torch.Tensor, in_param_dtype: bool = True) -> list[torch.Tensor]:
         """``J^T c`` per parameter.
@@ -210,34 +239,139 @@ class GramBackend(Backend):
         dtype = None if in_param_dtype else c.dtype
         return [total[id(p)] if id(p) in total else torch.zeros_like(p, dtype=dtype) for p in self.params]
 
-    def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scale) -> tuple[torch.Tensor, dict]:
+    def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scales: dict) -> tuple[torch.Tensor, dict]:
         """The step's ``K' = T (sum_p J_p S_p^2 J_p^T) T^T`` in ``dtype``, and the route each parameter took.
 
-        ``scale``: the checked column scale (``None``: ``S = I``).
+        ``scales``: ``{id(p): S_p}`` of the parameters with a column scale (the others: ``S_p = I``).
         """
         count = rows.captured.numel()
         gram = torch.zeros(count, count, dtype=dtype, device=self.params[0].device)
-        scales = None if scale is None else {id(p): s for p, s in zip(self.params, scale)}
         paths = {}
         direct = []
         for params, group in _components(uses):
-            kinds = {type(u) for u in group}
+            kinds = {LinearUse if isinstance(u, LinearUse) else type(u) for u in group}
+            scaled = any(id(p) in scales for p in params)
             if len(params) == 1 and kinds == {DirectUse}:
                 g = sum(u.g.to(dtype) for u in group) if len(group) > 1 else group[0].g.to(dtype)
-                direct.append(g if scales is None else g * scales[id(params[0])].reshape(1, -1).to(dtype))
+                direct.append(g * scales[id(params[0])].reshape(1, -1).to(dtype) if scaled else g)
                 path = "direct"
-            elif scales is None and kinds == {LinearUse} and _mergeable(group):
+            elif not scaled and kinds == {LinearUse} and _mergeable(group):
                 path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes)
-            elif scales is None and len(params) == 1 and kinds == {EmbeddingUse}:
+                if isinstance(group[0], _SubsetLinearUse):
+                    path += " (subset)"
+            elif not scaled and len(params) == 1 and kinds == {EmbeddingUse}:
                 path = _embedding_gram(_merge_embedding(group), gram)
             else:
-                _rows_gram(group, params, gram, self.row_budget_bytes, scales)
+                _rows_gram(group, params, gram, self.row_budget_bytes, scales if scaled else None)
                 path = "rows"
             paths.update((id(p), path) for p in params)
         if direct:
             g = torch.cat(direct, dim=1)
             gram.addmm_(g, g.T)
         return rows.to_rows(rows.to_rows(gram).T), paths
+
+
+# --------------------------------------------------------------------------- element subsets
+
+
+@dataclasses.dataclass
+class _SubsetLinearUse(LinearUse):
+    """A Linear/conv use restricted to an element subset of its weight: ``a`` keeps the input
+    features ``features``, ``d`` the output units ``units`` (the bias moves on those units).
+
+    ``K`` routes read only ``a``, ``d`` and ``bias``, so they run unchanged on the smaller
+    factors; directions and per-row gradients are scattered into the full shapes, zero elsewhere,
+    or, where the scatter costs more than the restriction saves, the whole use's direction is
+    masked (``whole``; a merged use's ``whole`` is its first part's, and only ``K`` reads a merged use).
+    """
+
+    units: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    whole: LinearUse | None = None
+
+    def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
+        samples, steps = self.a.shape[:2]
+        share = self.units.numel() * self.features.numel() / self.param.numel()
+        if 2 * samples * steps * (1 - share) < SUBSET_SCATTER_FLOPS:
+            return self._masked_direction(c)
+        dc = _combine(self.d, c, self.a.shape[0])[:, :, 0]  # (S, T, units): one group
+        a = self.a[:, :, 0].to(c.dtype)
+        rest = self.param[0].numel()
+        weight = torch.zeros(self.param.shape[0], rest, dtype=c.dtype, device=c.device)
+        # A few units at a time, so that no temporary approaches the weight's size. Columns by
+        # scatter_, rows by index_copy_: on CPU 2.5x faster than one advanced-index assignment.
+        chunk = max(1, SUBSET_CHUNK_ELEMENTS // rest)
+        for lo in range(0, self.units.numel(), chunk):
+            hi = min(lo + chunk, self.units.numel())
+            part = torch.einsum("sto,sti->oi", dc[:, :, lo:hi], a)
+            rows = torch.zeros(hi - lo, rest, dtype=c.dtype, device=c.device)
+            rows.scatter_(1, self.features.expand(part.shape), part)
+            weight.index_copy_(0, self.units[lo:hi], rows)
+        if self.bias is None:
+            return [weight.view(self.param.shape)]
+        bias = torch.zeros(self.bias.shape, dtype=c.dtype, device=c.device)
+        bias.index_copy_(0, self.units, dc.sum((0, 1)))
+        return [weight.view(self.param.shape), bias]
+
+    def _masked_direction(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """The whole use's direction times the subset's 0/1 mask (two broadcast products)."""
+        weight, *bias = self.whole.direction(c)
+        units = torch.zeros(self.param.shape[0], dtype=c.dtype, device=c.device).index_fill_(0, self.units, 1)
+        features = torch.zeros(self.param[0].numel(), dtype=c.dtype, device=c.device).index_fill_(0, self.features, 1)
+        weight.view(units.numel(), -1).mul_(units[:, None]).mul_(features)
+        return [weight, *(b.mul_(units) for b in bias)]
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        part = super().rows(start, stop, dtype)
+        weight = torch.zeros(stop - start, self.param.shape[0], self.param[0].numel(), dtype=dtype, device=part.device)
+        units = self.units.numel()
+        weight[:, self.units.unsqueeze(1), self.features] = part[:, :units * self.features.numel()].view(
+            stop - start, units, -1)
+        if self.bias is None:
+            return weight.reshape(stop - start, -1)
+        bias = torch.zeros(stop - start, self.bias.numel(), dtype=dtype, device=part.device)
+        bias[:, self.units] = part[:, units * self.features.numel():]
+        return torch.cat([weight.reshape(stop - start, -1), bias], dim=1)
+
+
+def _restrictable(uses: list, params: list[torch.Tensor], subsets: list) -> dict:
+    """``{id(p): subset}`` of the parameters whose element subset can restrict their factors:
+    weights whose every use is an ungrouped Linear/conv, with their biases when a bias's subset
+    is the weight's units."""
+    chosen = {id(p): s for p, s in zip(params, subsets) if s is not None}
+
+    def fits(use) -> bool:
+        if not isinstance(use, LinearUse) or use.a.shape[2] != 1:
+            return False
+        weight = chosen.get(id(use.param))
+        if weight is None or weight.cols is None:
+            return False
+        if use.bias is None:
+            return True
+        bias = chosen.get(id(use.bias))
+        return bias is not None and bias.cols is None and torch.equal(bias.rows, weight.rows)
+
+    while True:  # a parameter that misfits in one use falls back everywhere, with its partners
+        misfits = {id(p) for use in uses if not fits(use) for p in use.params} & chosen.keys()
+        if not misfits:
+            return chosen
+        chosen = {key: s for key, s in chosen.items() if key not in misfits}
+
+
+def _restrict(uses: list, restricted: dict) -> list:
+    """``uses`` with every use of a restricted weight on its subset's factors."""
+    if not restricted:
+        return uses
+    out = []
+    for use in uses:
+        subset: ElementSubset | None = restricted.get(id(use.params[0])) if isinstance(use, LinearUse) else None
+        if subset is None:
+            out.append(use)
+            continue
+        a = use.a.index_select(3, subset.cols.to(use.a.device))
+        d = use.d.index_select(3, subset.rows.to(use.d.device))
+        out.append(_SubsetLinearUse(use.param, a, d, use.bias, units=subset.rows, features=subset.cols, whole=use))
+    return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -289,7 +423,7 @@ def _merge_linear(group: list) -> LinearUse:
     samples = max(u.a.shape[0] for u in group)
     a = torch.cat([u.a.expand(samples, *u.a.shape[1:]) for u in group], dim=1)
     d = torch.cat([u.d for u in group], dim=1)
-    return LinearUse(group[0].param, a, d, group[0].bias)
+    return dataclasses.replace(group[0], a=a, d=d)  # keeps a subset's indices
 
 
 def _merge_embedding(group: list) -> EmbeddingUse:
@@ -393,7 +527,8 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
                scales: dict | None = None) -> None:
     """``K += G G^T`` with ``G`` the per-row gradients of ``params`` (sum over ``group``), in row chunks.
 
-    ``scales``: ``{id(p): S_p}``; the columns of ``G`` are scaled by them (``K += G S^2 G^T``).
+    ``scales``: ``{id(p): S_p}``; the columns of ``G`` are scaled by them (``K += G S^2 G^T``;
+    a parameter not in it: ``S_p = I``).
     """
     dtype = gram.dtype
     rows = gram.shape[0]
@@ -402,7 +537,10 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
         offsets[id(p)] = width
         width += p.numel()
 
-    columns = None if scales is None else torch.cat([scales[id(p)].reshape(-1) for p in params]).to(dtype)
+    columns = None if scales is None else torch.cat([
+        scales[id(p)].reshape(-1).to(dtype) if id(p) in scales else torch.ones(p.numel(), dtype=dtype, device=p.device)
+        for p in params
+    ])
 
     def unscaled(start: int, stop: int) -> torch.Tensor:
         if len(group) == 1 and len(group[0].params) == len(params):

@@ -21,7 +21,7 @@ the ``torch.func`` fallback (:class:`sven_ext.capture.ModuleUse`) hold their who
 identity (``Q = I``): the solve is exact and no sketch is drawn.
 
 Microbatched rows (``StepSettings.microbatch_size``) and a column scale ``S``
-(``StepSettings.column_scale``) are exact maps of the same products: the factors describe the
+(``StepSettings.column_scale``, times the 0/1 masks of ``element_subsets``) are exact maps of the same products: the factors describe the
 captured per-sample rows, and the step's Jacobian is ``T J S`` (:class:`sven_ext.residuals.RowMap`),
 so ``Y = T (J (S Omega))``, ``Z = S J^T (T^T Q)`` and the push ``T (J (S Z))``. ``S`` multiplies
 the generated tiles and the ``Z`` tiles, so a scaled step draws dense tiles (no Khatri-Rao GEMM
@@ -48,8 +48,8 @@ from .. import costs, distributed, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, _chunk, _first_axis, factor_bytes
 from ..linalg import solve_projected
 from ..residuals import Rows
-from .base import StepDirection, StepSettings, check_column_scale
-from .gram import GramBackend, _components, _gemm_dtype
+from .base import StepDirection, StepSettings, effective_column_scale
+from .gram import GramBackend, _components, _gemm_dtype, _restrict
 
 TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
 # Power iterations by default (bench/results/sketch_accuracy.json, decaying-spectrum MLP regression,
@@ -202,7 +202,7 @@ class SketchBackend(GramBackend):
         ``Z_p`` would move ``P x s``); the final contraction is split by row
         (:meth:`GramBackend._contraction`). ``sketch_residual`` is then not computed.
         """
-        scale = check_column_scale(settings.column_scale, self.params)
+        scale = effective_column_scale(settings, self.params)
         sk = settings.sketch
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
@@ -233,7 +233,9 @@ class SketchBackend(GramBackend):
         if shard is not None:
             core = _summed(shard, lambda: core)
         solution = solve_projected(q, core, residual, truncation)
-        contract = self._contraction(uses, rows, scale, shard)
+        # J^T c on the subsets' smaller factors, where the gram backend would restrict them.
+        restricted, scales = self._subsets_and_scales(uses, settings)
+        contract = self._contraction(_restrict(uses, restricted), rows, scales, shard, restricted)
         directions = contract(solution.coefficients)
         captured = float(core.diagonal().sum())
         info = {
