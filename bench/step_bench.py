@@ -9,8 +9,12 @@ For each model and batch size it measures, side by side:
 - ``torchjd``: TorchJD's ``autogram.Engine.compute_gramian`` for the same matrix (forward + Gramian),
   when ``torchjd`` is installed (``pip install torchjd``).
 
-Peak memory is the process's resident high-water mark above what it held before each
-call (Linux ``/proc/self/clear_refs``), so BLAS and allocator overheads count too.
+Adam, the Sven step and the Gram matrix take turns, one call each per round, so a varying load
+touches them alike (TorchJD hooks every forward pass while its engine lives: it runs after them).
+Peak memory is the process's resident high-water mark above what it held before each call
+(Linux ``/proc/self/clear_refs``), so BLAS and allocator overheads count too; it comes from a
+second pass of the script under exact memory accounting (``bench/common.py``: ``exact_peaks``),
+whose allocator setting would slow the timed calls.
 
     python bench/step_bench.py                 # all models, writes bench/results/step_bench.json
     python bench/step_bench.py --models mlp1 --repeats 3
@@ -83,7 +87,8 @@ CASES = {
 }
 
 
-def run_case(key: str, repeats: int, dense_repeats: int) -> dict:
+def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> dict:
+    """The case's results (times; in the memory pass, peaks from 3 calls each instead) and summary."""
     case = CASES[key]
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -105,43 +110,51 @@ def run_case(key: str, repeats: int, dense_repeats: int) -> dict:
 
     sven_gram = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="gram")
     sven_dense = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="dense")
-    results = {
-        "adam": common.measure(adam_step, repeats=repeats),
-        "sven_gram": common.measure(lambda: sven_gram.step(closure), repeats=repeats),
-        # The factor check (one extra backward) ran in the first call below; time the Gram alone.
-        "gram_only": common.measure(lambda: sven_ext.gram_matrix(model, closure, check=False), repeats=repeats),
-    }
-    ours = sven_ext.gram_matrix(model, closure)
+    sven_gram.step(closure)  # the first step checks the factors (one extra backward)
+    # The factors were checked above: time the Gram alone.
+    steps = {"adam": adam_step, "sven_gram": lambda: sven_gram.step(closure),
+             "gram_only": lambda: sven_ext.gram_matrix(model, closure, check=False)}
+    if memory_pass:
+        results = {name: common.measure(fn, repeats=min(3, repeats)) for name, fn in steps.items()}
+    else:
+        results = common.interleaved_times(steps, repeats=repeats)
     if TorchJDEngine is not None:
+        # TorchJD hooks every forward pass of the model while its engine lives: measured on its own.
+        ours = sven_ext.gram_matrix(model, closure)
         engine = TorchJDEngine(*_direct_modules(model), batch_dim=0)
 
         def torchjd_gram():
             return engine.compute_gramian(closure())
 
-        results["torchjd"] = common.measure(torchjd_gram, repeats=repeats)
+        results["torchjd"] = common.measure(torchjd_gram, repeats=min(3, repeats) if memory_pass else repeats)
         theirs = torchjd_gram().to(torch.float64)
         results["torchjd"]["relative_difference_to_ours"] = float((theirs - ours).norm() / ours.norm())
         del engine
     if dense_repeats > 0:
         results["sven_dense"] = common.measure(lambda: sven_dense.step(closure), repeats=dense_repeats, warmup=0)
     rows = case["batch"]
-    factor_bytes = sven_gram.last_info.get("factor_bytes")
     summary = {
         "name": case["name"], "parameters": params, "batch": rows, "results": results,
-        "gram_bytes": 8 * rows * rows, "factor_bytes": factor_bytes,
+        "gram_bytes": 8 * rows * rows, "factor_bytes": sven_gram.last_info.get("factor_bytes"),
         "ratio_gram_step_to_adam": results["sven_gram"]["median_s"] / results["adam"]["median_s"],
     }
     if "sven_dense" in results:
         summary["speedup_gram_vs_dense"] = results["sven_dense"]["median_s"] / results["sven_gram"]["median_s"]
     if "torchjd" in results:
         summary["speedup_gram_vs_torchjd"] = results["torchjd"]["median_s"] / results["gram_only"]["median_s"]
-    extra = results["sven_gram"]["peak_extra_bytes"] - results["adam"]["peak_extra_bytes"]
-    summary["extra_peak_over_adam_bytes"] = extra
-    if factor_bytes is not None:
-        summary["memory_budget_bytes"] = 2 * (8 * rows * rows + factor_bytes)
     for method, r in results.items():
-        print(f"  {method:<11} median {r['median_s'] * 1e3:10.1f} ms   peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
+        print(f"  {method:<11} median {r['median_s'] * 1e3:10.1f} ms", flush=True)
     return summary
+
+
+def add_memory_summary(summary: dict) -> None:
+    """Extra peak of a Sven step over an Adam step, and the budget ``2 (8 B^2 + factors)``."""
+    results, rows = summary["results"], summary["batch"]
+    summary["extra_peak_over_adam_bytes"] = results["sven_gram"]["peak_extra_bytes"] - results["adam"]["peak_extra_bytes"]
+    if summary["factor_bytes"] is not None:
+        summary["memory_budget_bytes"] = 2 * (8 * rows * rows + summary["factor_bytes"])
+    for method, r in results.items():
+        print(f"  {summary['name'][:24]:<24} {method:<11} peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
 
 
 def _direct_modules(model):
@@ -152,15 +165,23 @@ def _direct_modules(model):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per method (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds, one call of each method per round")
     parser.add_argument("--dense-repeats", type=int, default=1, help="timed dense-backend steps (0 to skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default="step_bench.json", help="file name under bench/results/")
-    args = parser.parse_args(argv)
-    common.exact_memory_accounting()
+    args, _ = parser.parse_known_args(argv)  # the memory pass adds its own argument
+    memory_pass = common.memory_pass_file()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [run_case(key, args.repeats, args.dense_repeats) for key in args.models]
+    cases = [run_case(key, args.repeats, args.dense_repeats, memory_pass is not None) for key in args.models]
+    flat = {f"{key}/{method}": result for key, case in zip(args.models, cases) for method, result in case["results"].items()}
+    if memory_pass:
+        common.write_peaks(memory_pass, flat)
+        return
+    print("\npeak memory: a second pass under exact memory accounting", flush=True)
+    common.exact_peaks(flat)
+    for case in cases:
+        add_memory_summary(case)
     path = common.write_json(args.out, {"command": "python bench/step_bench.py " + " ".join(argv or sys.argv[1:]),
                                         "cases": cases})
     print(f"\nwrote {path}")
