@@ -110,3 +110,19 @@ def test_estimates_scale_as_expected():
         u = uses(rows)
         gram, sketch = costs.estimate_gram(u, rows), costs.estimate_sketch(u, rows, 18, 1, "gaussian")
         assert costs.choose(gram, sketch, 0, 1 << 40, False)[0] == expected
+
+
+def test_the_free_memory_is_read_only_for_big_steps(monkeypatch):
+    small = costs.Estimate("gram", 1 << 20, 1.0, "K needs 1 MiB")
+    big = costs.Estimate("gram", costs.UNCHECKED_BYTES, 1.0, "K needs 64 MiB")
+
+    def unread(device):
+        raise AssertionError("read the free memory for a small step")
+
+    monkeypatch.setattr(costs, "available_bytes", unread)
+    costs.require_fit(small, 1 << 20, None, torch.device("cpu"))
+    monkeypatch.setattr(costs, "available_bytes", lambda device: 1 << 20)
+    with pytest.raises(ValueError, match="backend='gram' needs about 65.0 MiB.*more than the free memory"):
+        costs.require_fit(big, 1 << 20, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="more than the max_memory"):
+        costs.require_fit(small, 1 << 20, 1 << 20, torch.device("cpu"))
