@@ -12,7 +12,10 @@ Rows and samples. A step has ``R = B * m`` rows (``m`` outputs per sample, row
 A module whose output has no batch axis 0 (a position embedding called with
 ``arange(T)``, ``batch_first=False`` attention) is recorded *whole*: ``S = 1``, its
 whole input is the one "sample" every row shares, and its ``D`` rows are full
-output-shaped tensors from a backward pass per row (slower, still exact).
+output-shaped tensors from a backward pass per row (slower, still exact). A module whose
+output's first axis merely has the batch's size (``pos(arange(T))`` with ``T == B``) or that
+mixes samples is recorded whole too once the gram backend's first-step check finds its
+per-sample factors wrong (``Capture.uses(shared=...)``).
 
 Layers and their uses:
 
@@ -707,12 +710,14 @@ class Capture:
 
         return hook
 
-    def uses(self, residual_rows: torch.Tensor, chunk_rows: int) -> list[Use]:
-        """The uses of every moving parameter, after the closure ran.
+    def uses(self, residual_rows: torch.Tensor, chunk_rows: int, shared: set | frozenset = frozenset()) -> list[Use]:
+        """The uses of every moving parameter, after the closure ran (it may be called again).
 
         Args:
             residual_rows: ``(B, m)`` residuals (``Rows.per_sample``) with autograd history.
             chunk_rows: rows per batched backward pass for whole-recorded calls.
+            shared: ids of modules to record whole even where their output's first axis has the
+                batch's size (e.g. ``pos(arange(T))`` with ``T == B``).
 
         Returns:
             A list of uses (each names the parameters it covers).
@@ -726,7 +731,8 @@ class Capture:
                         "backend reads it after the closure (avoid in-place ops on layer inputs)"
                     )
         for call in self.calls:
-            call.whole = not (call.batch_first and all(len(s) > 0 and s[0] == batch for s in call.shapes))
+            call.whole = id(call.module) in shared or not (
+                call.batch_first and all(len(s) > 0 and s[0] == batch for s in call.shapes))
         _output_gradients(
             residual_rows, [c for c in self.calls if not c.whole], [c for c in self.calls if c.whole], chunk_rows
         )

@@ -1,7 +1,10 @@
 """The exact Gram backend against the dense oracle, and the guarantees it makes."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sven_ext
@@ -243,12 +246,19 @@ def test_parameter_used_outside_its_module_is_named():
         opt.step(lambda: regression(x, y)(model))
 
 
-def test_residuals_that_mix_samples_are_caught():
+def test_residuals_that_mix_samples_are_recorded_whole():
+    # The first step's check finds the per-sample factors wrong; recorded whole, the layers are exact.
     model = mlp((3, 6, 1), seed=10)
     x, _ = data(7, (3,), 1)
-    opt = sven_ext.Sven(model, backend="gram")
-    with pytest.raises(RuntimeError, match="do not reproduce"):
-        opt.step(lambda: (model(x) - model(x).mean()).square().sum(1))
+
+    def mixed(m):
+        return (m(x) - m(x).mean()).square().sum(1)
+
+    assert compare_backends(model, mixed, lr=0.1) < F64
+    opt = sven_ext.Sven(model, backend="gram", lr=0.1)
+    opt.step(lambda: mixed(model))
+    assert {key for key in opt._verified if isinstance(key, tuple)} == {
+        (gram_module.SHARED, id(layer)) for layer in (model[0], model[2])}
 
 
 class SeqFirst(nn.Module):
@@ -268,11 +278,35 @@ def test_batch_not_on_axis_0():
     # T != B: the outputs have no batch axis 0, so the layers are recorded whole (exact, slower).
     x = torch.randn(7, 4, 3, dtype=torch.float64)
     assert compare_backends(model, lambda m: m(x).square(), lr=0.1) < F64
-    # T == B looks batch-first; the first step's check against autograd catches it.
+    # T == B looks batch-first; the first step's check against autograd catches it, and the layers
+    # are recorded whole from then on.
     x = torch.randn(7, 7, 3, dtype=torch.float64)
-    opt = sven_ext.Sven(model, backend="gram")
-    with pytest.raises(RuntimeError, match=r"'a\.weight' do not reproduce"):
+    assert compare_backends(model, lambda m: m(x).square(), lr=0.1) < F64
+    opt = sven_ext.Sven(model, backend="gram", lr=0.1)
+    trajectory = copy.deepcopy(model)
+    oracle = sven_ext.Sven(trajectory, backend="dense", lr=0.1)
+    for _ in range(3):  # later steps (no check) keep the layers whole
         opt.step(lambda: model(x).square())
+        oracle.step(lambda: trajectory(x).square())
+    assert relative_difference({n: p.detach() for n, p in model.named_parameters()},
+                               {n: p.detach() for n, p in trajectory.named_parameters()}) < F64
+
+
+def test_a_shared_position_embedding_with_as_many_positions_as_samples():
+    model = tiny_transformer(11, 8, 2, 5, shared_positions=True)
+    g = torch.Generator().manual_seed(7)
+    idx, targets = torch.randint(0, 11, (5, 5), generator=g), torch.randint(0, 11, (5, 5), generator=g)
+
+    def losses(m):
+        return F.cross_entropy(m(idx).transpose(1, 2), targets, reduction="none").mean(1)
+
+    for backend in ("gram", "sketch", "auto"):
+        assert compare_backends(model, losses, backend, lr=0.5, k=3, oversampling=10) < F64, backend
+    # param_fraction draws backends for new subsets: they share what the first check found.
+    opt = sven_ext.Sven(model, backend="gram", lr=0.5, k=3, param_fraction=0.5, seed=2)
+    for _ in range(4):
+        opt.step(lambda: losses(model))
+    assert (gram_module.SHARED, id(model.pos)) in opt._verified
 
 
 def test_auto_uses_gram():

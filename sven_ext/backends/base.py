@@ -138,9 +138,10 @@ class Backend(abc.ABC):
     Args:
         model: the module whose forward pass the closure runs.
         params: the parameters that move, in a fixed order.
-        verified: ids of parameters whose captured factors were already checked against autograd;
-            backends built for different subsets of one optimizer's parameters share it, so each
-            parameter is checked once.
+        verified: ids of parameters whose captured factors were already checked against autograd
+            (and the gram backend's ``(SHARED, id(module))`` entries: modules that check found
+            shared by every sample); backends built for different subsets of one optimizer's
+            parameters share it, so each parameter is checked once.
     """
 
     name: str = ""

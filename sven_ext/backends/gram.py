@@ -49,6 +49,19 @@ from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
 from .base import Backend, ElementSubset, StepDirection, StepSettings, check_column_scale, effective_column_scale
 
+# Entries ``(SHARED, id(module))`` of a backend's ``verified`` set: modules whose output every sample
+# shares although its first axis has the batch's size (found by the first-step factor check).
+SHARED = "shared"
+
+
+class FactorMismatch(RuntimeError):
+    """The captured factors do not reproduce autograd's gradient; ``params``: ids of the failing parameters."""
+
+    def __init__(self, message: str, params: set):
+        super().__init__(message)
+        self.params = params
+
+
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
 SEQ_GRAM_COST_FACTOR = 2.0
 # Most elements of a temporary while an element subset's direction is scattered into its weight.
@@ -151,16 +164,40 @@ class GramBackend(Backend):
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.
             probe = None if all(id(p) in self.verified for p in self.params) else self._probe(rows.captured)
-            uses = cap.uses(rows.per_sample, settings.chunk_rows)
+            shared = {key[1] for key in self.verified if isinstance(key, tuple) and key[0] == SHARED}
+            uses = cap.uses(rows.per_sample, settings.chunk_rows, shared)
             by_param = {id(p): [] for p in self.params}
             for use in uses:
                 for p in use.params:
                     by_param[id(p)].append(use)
             self._check_uncovered(rows.captured, by_param)
             if probe is not None:
-                self._check_factors(uses, *probe)
+                uses = self._check_or_share(cap, rows, uses, probe, shared, settings.chunk_rows)
                 self.verified.update(id(p) for p in self.params)
         return rows, uses, probe is not None
+
+    def _check_or_share(self, cap, rows: Rows, uses: list, probe, shared: set, chunk_rows: int) -> list:
+        """Checks the factors; where a parameter fails, tries its modules as shared by every sample.
+
+        A module's output is taken per sample when its first axis has the batch's size, so
+        ``pos(arange(T))`` with ``T == B`` is misread; recorded whole, its factors pass the check,
+        and the module is remembered (``(SHARED, id(module))`` in ``verified``) for later steps.
+        """
+        try:
+            self._check_factors(uses, *probe)
+            return uses
+        except FactorMismatch as mismatch:
+            suspects = {id(call.module) for call in cap.calls
+                        if not call.whole and any(id(p) in mismatch.params for _, p in call.params)}
+            if not suspects:
+                raise
+            retried = cap.uses(rows.per_sample, chunk_rows, shared | suspects)
+            try:
+                self._check_factors(retried, *probe)
+            except FactorMismatch:
+                raise mismatch from None
+        self.verified.update((SHARED, key) for key in suspects)
+        return retried
 
     # ----------------------------------------------------------------- checks
 
@@ -186,9 +223,14 @@ class GramBackend(Backend):
             )
 
     def _check_factors(self, uses: list, weights: torch.Tensor, grads) -> None:
-        """The factors' ``J^T w`` must match autograd's, parameter by parameter."""
+        """The factors' ``J^T w`` must match autograd's, parameter by parameter.
+
+        Raises:
+            FactorMismatch: naming the first parameter that fails; ``params`` holds every one.
+        """
         dtype = torch.float64
         from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
+        failed, message = set(), None
         for p, mine, true in zip(self.params, from_factors, grads):
             # Autograd's gradient is rounded to the parameter's dtype: the looser precision sets the bar.
             tolerance = math.sqrt(max(torch.finfo(weights.dtype).eps, torch.finfo(p.dtype).eps))
@@ -196,12 +238,15 @@ class GramBackend(Backend):
             error = float((mine - true).norm())
             scale = float(true.norm() + mine.norm())
             if error > tolerance * scale:
-                raise RuntimeError(
+                failed.add(id(p))
+                message = message or (
                     f"the gram backend's per-sample factors for parameter {self._names.get(id(p), '?')!r} do not "
                     f"reproduce its gradient (relative error {error / scale:.2e}): a module reads it outside "
                     "its own forward, a layer mixes samples (batch statistics, a loss normalised over the "
                     "batch), or a layer's batch is not on axis 0. Use backend='dense' for this model"
                 )
+        if failed:
+            raise FactorMismatch(message, failed)
 
     # ----------------------------------------------------------------- K and J^T c
 
