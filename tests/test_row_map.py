@@ -303,6 +303,31 @@ def test_element_subset_directions_do_not_depend_on_the_route(monkeypatch):
     assert relative(chunked, scattered) < 1e-13 and relative(masked, scattered) < 1e-13
 
 
+class TiedLayers(torch.nn.Module):
+    """Two Linear layers sharing one weight, each with its own bias: per-row gradients route."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_element_subsets_of_a_tied_weight_take_the_rows_route():
+    torch.manual_seed(3)
+    model = TiedLayers().double()
+    x, y = _randn(9, 4, seed=1), _randn(9, 2, seed=2)
+    losses = lambda: (model(x) - y).square().sum(1)  # noqa: E731
+    subsets = _subsets(model, 0.4, seed=3)
+    oracle = scaled_oracle(model, losses, _masks(model, subsets), 5, 2.0)
+    mine, result = step("gram", model, losses, 5, subsets=subsets)
+    assert relative(mine, oracle) < F64
+    assert result.info["paths"]["a.weight"] == "rows" and result.info["paths"]["head.weight"].endswith("(subset)")
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_element_subsets_with_a_column_scale(name):
     # RMSProp before the pseudo-inverse on a subset: S M (J S M)^+ r, through per-row gradients.
