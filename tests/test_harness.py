@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sven_ext import Residuals
 from sven_ext.__main__ import main
 from sven_ext.harness import optimizers, plots, report, runner, scaling, tasks
 
@@ -173,3 +174,68 @@ def test_poisson_task_builds_and_evaluates():
     metrics = problem.evaluate("val")
     assert set(metrics) == {"loss", "rel_l2"} and metrics["rel_l2"] > 0
     assert problem.steps_per_epoch() == 5
+
+
+def test_residual_rows_are_per_output_and_scaled_to_the_per_sample_loss():
+    pytest.importorskip("sklearn")
+    task = _tiny("digits_regression", n_train=64)
+    problem = task.build(0)
+    batch, _ = next(problem.batches(torch.Generator().manual_seed(0)))
+    rows = problem.rows(batch, "residuals")
+    assert isinstance(rows, Residuals) and rows.values.shape == (32, 10)  # ten signed rows per image
+    torch.testing.assert_close(rows.values.square().sum(dim=1), problem.rows(batch, "losses"))
+    with pytest.raises(ValueError, match="rows"):
+        tasks.get_tasks(["digits_ce"], quick=True)[0].build(0).rows(batch, "residuals")
+    # A Sven step on residual rows reports the mean per-sample loss, like the other optimizers.
+    stepper = optimizers.OPTIMIZERS["sven-gram"].build(problem, 0.1, task)
+    before = float(problem.loss(batch).detach())
+    assert stepper.step(batch) == pytest.approx(before, rel=1e-5)
+    assert float(problem.loss(batch).detach()) < before
+
+
+def test_changing_sven_settings_sets_aside_only_svens_runs(tmp_path):
+    task = dataclasses.replace(_tiny(n_train=64, n_val=32), seeds=(0,), sven={"k": 4, "rtol": 1e-3})
+    specs = optimizers.get_optimizers(["sven-gram", "adam"])
+    path = tmp_path / "r.jsonl"
+    first = runner.run([task], specs, path, command="t", progress=False)
+    changed = dataclasses.replace(task, sven={"k": 8, "rtol": 1e-3, "rows": "residuals"})
+    assert runner.runs_for(first, changed, "sven-gram") == []
+    assert runner.runs_for(first, changed, "adam") == runner.runs_for(first, task, "adam") != []
+    again = runner.run([changed], specs, path, command="t", progress=False)
+    assert len(again) == len(first) + optimizers.GRID_SIZE  # Sven again, Adam not
+    new = runner.runs_for(again, changed, "sven-gram")
+    assert len(new) == optimizers.GRID_SIZE and all(r["task_config"]["sven"]["rows"] == "residuals" for r in new)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch: ~20 s
+def test_scaling_point_times_and_peaks_in_separate_processes():
+    point = scaling.measure_point_apart("sven-gram", width=8, batch=6, repeats=2, threads=1)
+    assert point["parameters"] == 8 * 64 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+    assert len(point["times_s"]) == 2 and point["median_s"] > 0 and point["warmup_s"] > 0
+    assert point["peak_extra_bytes"] is None or point["peak_extra_bytes"] >= 0
+
+
+def test_a_follower_counts_only_at_its_leaders_selected_value():
+    task = _tiny(n_train=64, n_val=32)
+    config = json.loads(json.dumps(task.config()))
+
+    def run(optimizer, value, loss):
+        return {"kind": "run", "task": task.name, "task_config": config, "optimizer": optimizer, "value": value,
+                "seed": 0, "status": "ok", "final": {"val_loss": loss}}
+
+    grid = optimizers.OPTIMIZERS["sven-gram"].grid(task)
+    runs = [run("sven-gram", v, 1.0) for v in grid[:3]] + [run("sven-gram", grid[3], 0.1)]
+    # Dense ran at an earlier selection (grid[0]) and at the current one (grid[3]).
+    runs += [run("sven-dense", grid[0], 0.01), run("sven-dense", grid[3], 0.2)]
+    assert [r["value"] for r in runner.runs_for(runs, task, "sven-dense")] == [grid[3]]
+
+
+def test_formulation_sweep_covers_the_tasks_own_rows_on_one_seed():
+    from sven_ext.harness import formulations
+
+    base = tasks.get_tasks(["digits_regression"])[0]
+    variants = formulations.variants(base)
+    assert len({json.dumps(v.config(), sort_keys=True) for v in variants}) == len(formulations.FORMULATIONS)
+    assert all(v.seeds == base.seeds[:1] for v in variants)
+    assert sum(v.sven == base.sven for v in variants) == 1  # the protocol's formulation is among them
+    assert base.sven["rows"] == "residuals" and base.sven["k"] is None

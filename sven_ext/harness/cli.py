@@ -99,11 +99,8 @@ def _run_convergence(args: argparse.Namespace) -> int:
 
 
 def _run_scaling(args: argparse.Namespace) -> int:
-    from .environment import exact_memory_accounting
     from .scaling import run_scaling
 
-    exact_memory_accounting(["-m", "sven_ext", *sys.argv[1:]] if sys.argv[0].endswith("__main__.py")
-                            else sys.argv)
     path = args.out or _default_results("scaling", args.quick)
     run_scaling(path, quick=args.quick, threads=args.threads, repeats=args.repeats, command=_command(),
                 progress=not args.no_progress, max_seconds=args.max_seconds)

@@ -93,13 +93,15 @@ def _closure_optimizer(optimizer_class, **fixed):
 def _sven(backend: str):
     def build(problem: Problem, value: float, task: Task) -> Stepper:
         settings = dict(task.sven)
+        rows = settings.pop("rows", "losses")  # what the closure returns, not a Sven argument
         if backend == "functional":
             settings.setdefault("functional_mode", "exact")
         optimizer = Sven(problem.model, lr=value, backend=backend, **settings)
 
         def step(batch):
-            losses = optimizer.step(lambda: problem.rows(batch))
-            # Per-sample losses: their mean; signed residual rows: their sum of squares (the loss).
+            losses = optimizer.step(lambda: problem.rows(batch, rows))
+            # Mini-batches: the mean of the per-sample losses (for residual rows, each sample's sum
+            # of squares, which the problem scales to its loss); full batch: their sum (the loss).
             return float(losses.sum()) if task.batch_size is None else float(losses.mean())
 
         return Stepper(optimizer, step)
@@ -145,7 +147,8 @@ class OptimizerSpec:
 def _sven_spec(backend: str, follows: str | None) -> OptimizerSpec:
     return OptimizerSpec(
         f"sven-{backend}", f"Sven ({backend})", "sven", "lr", _sven(backend), backend=backend, follows=follows,
-        fixed="k, rtol per task (Task.sven); per-sample losses as rows (kappa = 2), residual rows on poisson",
+        fixed="k, rtol and the rows per task (Task.sven): per-sample losses as rows (kappa = 2) by default, "
+              "signed residuals per output where the task says so, residual rows on poisson",
     )
 
 

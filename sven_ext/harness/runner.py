@@ -37,9 +37,19 @@ EVALS_PER_EPOCH = 8
 FOLLOWER_SEEDS = 2
 
 
+def protocol(config: dict, optimizer: str) -> dict:
+    """The part of a task's ``config`` that identifies ``optimizer``'s runs: all of it for Sven,
+    all but the Sven settings (``"sven"``) for the others, so changing Sven's settings on a task
+    sets Sven's earlier runs aside without setting aside the other optimizers' runs."""
+    if optimizer.startswith("sven"):
+        return config
+    return {key: value for key, value in config.items() if key != "sven"}
+
+
 def run_id(task: str, config: dict, optimizer: str, value: float, seed: int) -> str:
-    """The identity of a run in a results file: task, its protocol, optimizer, value, seed."""
-    return json.dumps([task, config, optimizer, value, seed], sort_keys=True)
+    """The identity of a run in a results file: task, its protocol (:func:`protocol`), optimizer,
+    value, seed."""
+    return json.dumps([task, protocol(config, optimizer), optimizer, value, seed], sort_keys=True)
 
 
 def load_runs(path: Path) -> list[dict]:
@@ -60,14 +70,22 @@ def final_metric(run: dict, metric: str) -> float:
 
 
 def runs_for(runs: Iterable[dict], task: Task, optimizer: str) -> list[dict]:
-    """The runs of ``optimizer`` on ``task`` under the task's current protocol and, for a tuned
-    optimizer, at the values of its current grid (so every optimizer is selected from equally
-    many values even when a results file also holds runs of an earlier grid)."""
-    config = json.dumps(task.config(), sort_keys=True)
+    """The runs of ``optimizer`` on ``task`` under the task's current protocol (:func:`protocol`)
+    and, for a tuned optimizer, at the values of its current grid (so every optimizer is selected
+    from equally many values even when a results file also holds runs of an earlier grid); for a
+    follower, at the value its leader selects."""
+    runs = list(runs)
+    config = json.dumps(protocol(task.config(), optimizer), sort_keys=True)
     spec = OPTIMIZERS[optimizer]
-    grid = None if spec.follows else set(spec.grid(task))
+    if spec.follows:
+        # A follower counts at the value its leader selects now (its runs at an earlier selection do not).
+        chosen = select(runs_for(runs, task, spec.follows), task.metric)
+        values = None if chosen is None else {chosen[0]}
+    else:
+        values = set(spec.grid(task))
     return [r for r in runs if r["task"] == task.name and r["optimizer"] == optimizer
-            and json.dumps(r["task_config"], sort_keys=True) == config and (grid is None or r["value"] in grid)]
+            and json.dumps(protocol(r["task_config"], optimizer), sort_keys=True) == config
+            and (values is None or r["value"] in values)]
 
 
 def select(runs: list[dict], metric: str) -> tuple[float, float] | None:
@@ -192,7 +210,7 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
                 ranks.append(stepper.optimizer.last_info["rank"])
             if task.budget_seconds is not None and seconds >= task.budget_seconds:
                 break
-    except (RuntimeError, ValueError, torch.linalg.LinAlgError) as error:
+    except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError) as error:
         status, reason = "diverged", f"{type(error).__name__} at step {step}: {str(error).splitlines()[0][:200]}"
     finally:
         bar.close()

@@ -5,10 +5,11 @@ targets; ``w`` is chosen for about 1e4, 1e5, 1e6 and 1e7 parameters (at batch 12
 batch runs over 32 ... 4,096 rows (at about 1e5 parameters). Every Sven backend keeps
 ``k = 32`` singular values (the sketch adds its default oversampling).
 
-Each point is the median of ``repeats`` steps after one warm-up step, all methods measured in
-one process; peak memory is the resident high-water mark above what the process held before
-the step (Linux, with glibc told to return freed memory, see
-:func:`sven_ext.harness.environment.exact_memory_accounting`). Points that cannot fit are
+Each point runs in two fresh processes: one times ``repeats`` steps after a warm-up step (median),
+with the default allocator; the other takes the peak memory of 3 steps, the resident high-water
+mark above what the process held before each step, with glibc told to return freed memory
+(:data:`sven_ext.harness.environment.MALLOC_ENV`, which would slow the timed steps: every large
+allocation maps fresh pages). Points that cannot fit are
 recorded as skipped, with the reason: the dense backend's Jacobian is capped at
 ``DENSE_MAX_ENTRIES`` entries, and a method whose warm-up step took longer than ``max_seconds``
 is not run at larger sizes.
@@ -17,6 +18,9 @@ is not run at larger sizes.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..optimizer import Sven
-from .environment import environment, measure, torch_threads
+from .environment import MALLOC_ENV, environment, measure, torch_threads
 from .tasks import mlp, parameter_count
 
 K = 32
@@ -67,6 +71,22 @@ def measure_point(method: str, width: int, batch: int, repeats: int) -> dict:
     return {**measure(step, repeats=repeats, warmup=0), "warmup_s": warmup, "parameters": parameter_count(model)}
 
 
+def measure_point_apart(method: str, width: int, batch: int, repeats: int, threads: int) -> dict:
+    """:func:`measure_point`'s time from a process with the default allocator and its peak memory
+    from one under :data:`MALLOC_ENV` (3 steps)."""
+    def child(exact: bool, steps: int) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+        env.update(MALLOC_ENV if exact else {})
+        args = json.dumps({"method": method, "width": width, "batch": batch, "repeats": steps, "threads": threads})
+        out = subprocess.run([sys.executable, "-m", "sven_ext.harness.scaling", args], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        return json.loads(out.splitlines()[-1])
+
+    timed = child(False, repeats)
+    timed["peak_extra_bytes"] = child(True, min(3, repeats))["peak_extra_bytes"]
+    return timed
+
+
 def plan(quick: bool) -> list[dict]:
     """The points: ``{"sweep", "method", "width", "batch"}``, smallest first within each method."""
     widths = PARAMETER_WIDTHS[:2] if quick else PARAMETER_WIDTHS
@@ -105,10 +125,17 @@ def run_scaling(path: Path, *, quick: bool, threads: int, repeats: int, command:
             elif (point["sweep"], point["method"]) in too_slow:
                 record.update(status="skipped", reason=too_slow[(point["sweep"], point["method"])])
             else:
-                record.update(measure_point(point["method"], point["width"], point["batch"], repeats), status="ok")
+                record.update(measure_point_apart(point["method"], point["width"], point["batch"], repeats, threads),
+                              status="ok")
                 if record["warmup_s"] > max_seconds:
                     too_slow[(point["sweep"], point["method"])] = (
                         f"a smaller size took {record['warmup_s']:.0f} s per step (limit {max_seconds:.0f} s)")
             handle.write(json.dumps(record) + "\n")
             handle.flush()
 
+
+if __name__ == "__main__":  # one point, for measure_point_apart: JSON in argv[1], JSON out
+    point = json.loads(sys.argv[1])
+    with torch_threads(point["threads"]):
+        result = measure_point(point["method"], point["width"], point["batch"], point["repeats"])
+    print(json.dumps(result))
