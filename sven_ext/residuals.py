@@ -141,15 +141,28 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
     if (output.detach() < 0).any():
         raise ValueError("per-sample losses must be >= 0 (return signed residuals as sven_ext.Residuals)")
     if microbatch_size is None or microbatch_size == 1:
-        residual = output if kappa == 2.0 else output.pow(kappa / 2.0)
+        residual = _power(output, kappa)
         return Rows(residual, residual.unsqueeze(1), output.detach())
     batch = output.shape[0]
     if batch % microbatch_size:
         raise ValueError(f"microbatch_size={microbatch_size} does not divide the batch size {batch}")
     means = output.view(-1, microbatch_size).mean(1)
-    residual = means if kappa == 2.0 else means.pow(kappa / 2.0)
-    slope = means.detach().pow(kappa / 2.0 - 1.0) * (kappa / 2.0)
+    residual = _power(means, kappa)
+    fitted = means.detach() < torch.finfo(means.dtype).tiny
+    slope = torch.where(fitted, 0.0, means.detach().clamp_min(torch.finfo(means.dtype).tiny).pow(kappa / 2.0 - 1.0)
+                        * (kappa / 2.0))
     return Rows(residual, output.unsqueeze(1), output.detach(), RowMap(slope, microbatch_size))
+
+
+def _power(losses: torch.Tensor, kappa: float) -> torch.Tensor:
+    """``losses ** (kappa / 2)``. For ``kappa < 2`` its derivative is infinite at a zero loss (a float32
+    cross-entropy rounds to 0): such a loss is clamped to the dtype's smallest normal number, whose
+    zero gradient leaves the fitted sample a zero row rather than NaN."""
+    if kappa == 2.0:
+        return losses
+    if kappa < 2.0:
+        losses = losses.clamp_min(torch.finfo(losses.dtype).tiny)
+    return losses.pow(kappa / 2.0)
 
 
 def _check_rows(values: torch.Tensor, what: str) -> None:

@@ -206,6 +206,22 @@ def test_bad_option_values(kwargs, match):
         sven_ext.Sven(mlp((3, 4, 1)), **kwargs)
 
 
+@pytest.mark.parametrize("backend", ["dense", *BACKENDS, "auto"])
+@pytest.mark.parametrize("m", [None, 2])
+def test_fitted_samples_with_kappa_below_2_give_zero_rows(backend, m):
+    """l ** (kappa / 2) has an infinite derivative at l = 0: a fitted sample adds nothing, not NaN."""
+    model = mlp((3, 6, 2), seed=17)
+    x, _ = data(batch=8)
+    with torch.no_grad():
+        y = model(x).clone()
+    y[4:] += torch.linspace(0.5, 1.5, 8, dtype=y.dtype).view(4, 2)  # samples 0-3 have zero loss
+    kwargs = dict(lr=0.5, k=3, kappa=1.0, oversampling=20, microbatch_size=m)
+    mine, info = sven_update(model, squared_errors(x, y), backend=backend, **kwargs)
+    oracle, _ = sven_update(model, squared_errors(x[4:], y[4:]), backend="dense", **kwargs)
+    assert relative_difference(mine, oracle) < F64
+    assert info["rows"] == (8 if m is None else 4)
+
+
 def _element_steps(model, steps, **kwargs):
     """Per step: the parameter changes and the subsets the optimizer drew."""
     model = copy.deepcopy(model)
