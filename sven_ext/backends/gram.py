@@ -28,7 +28,9 @@ Element subsets (``StepSettings.element_subsets``, ``param_fraction`` with ``mas
 are product sets (output units x input features), so without a column scale an ungrouped
 Linear/conv weight keeps its routes on smaller factors: ``a`` restricted to the chosen features
 and ``d`` to the chosen units (its bias follows the units). ``K_w`` then costs about
-``sqrt(f)`` and ``J^T c`` about ``f`` of the full layer's. Every other parameter takes its
+``sqrt(f)`` and ``J^T c`` about ``f`` of the full layer's, scattered back into the weight
+(where the scatter costs more than the restriction saves, at small batches, the full
+contraction is masked instead: ``SUBSET_SCATTER_FLOPS``). Every other parameter takes its
 subset as a 0/1 column scale.
 
 Data-parallel steps (``StepSettings.process_group``): :meth:`GramBackend.batch_factors` gathers
