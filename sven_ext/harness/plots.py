@@ -135,7 +135,8 @@ def scaling_plots(results: Path, out_dir: Path) -> list[Path]:
             if memory:
                 axes[1][col].loglog(*zip(*memory), marker="o", ms=3, label=method)
         fixed = mine[0]["fixed"] if mine else ""
-        axes[0][col].set(ylabel="step time (s), median", title=f"vs {x_label} ({fixed})")
+        axes[0][col].set(ylabel="step time (s), median")
+        axes[0][col].set_title(f"vs {x_label}\n({fixed})", fontsize=9)
         axes[1][col].set(xlabel=x_label, ylabel="peak extra resident memory (MiB)")
         for row in range(2):
             axes[row][col].grid(True, which="both", alpha=0.3)
