@@ -176,6 +176,17 @@ def test_poisson_task_builds_and_evaluates():
     assert problem.steps_per_epoch() == 5
 
 
+def test_poisson_sven_steps_backtrack_to_a_lower_loss():
+    task = tasks.get_tasks(["poisson"], quick=True)[0]
+    problem = task.build(0)
+    stepper = optimizers.OPTIMIZERS["sven-functional"].build(problem, 1.0, task)
+    batch, _ = next(problem.batches(torch.Generator()))
+    losses = [stepper.step(batch) for _ in range(4)]
+    assert all(b < a for a, b in zip(losses, losses[1:]))  # each step lowered the loss
+    with pytest.raises(NotImplementedError, match="no line search"):
+        tasks.get_tasks(["regression_1d"], quick=True)[0].build(0).line_search([], 0.0)
+
+
 def test_residual_rows_are_per_output_and_scaled_to_the_per_sample_loss():
     pytest.importorskip("sklearn")
     task = _tiny("digits_regression", n_train=64)

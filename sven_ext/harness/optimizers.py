@@ -94,12 +94,16 @@ def _sven(backend: str):
     def build(problem: Problem, value: float, task: Task) -> Stepper:
         settings = dict(task.sven)
         rows = settings.pop("rows", "losses")  # what the closure returns, not a Sven argument
+        line_search = settings.pop("line_search", False)  # the problem rescales each step
         if backend == "functional":
             settings.setdefault("functional_mode", "exact")
         optimizer = Sven(problem.model, lr=value, backend=backend, **settings)
 
         def step(batch):
+            before = [p.detach().clone() for p in problem.model.parameters()] if line_search else None
             losses = optimizer.step(lambda: problem.rows(batch, rows))
+            if line_search:
+                problem.line_search(before, float(losses.sum()))
             # Mini-batches: the mean of the per-sample losses (for residual rows, each sample's sum
             # of squares, which the problem scales to its loss); full batch: their sum (the loss).
             return float(losses.sum()) if task.batch_size is None else float(losses.mean())
@@ -148,7 +152,8 @@ def _sven_spec(backend: str, follows: str | None) -> OptimizerSpec:
     return OptimizerSpec(
         f"sven-{backend}", f"Sven ({backend})", "sven", "lr", _sven(backend), backend=backend, follows=follows,
         fixed="k, rtol and the rows per task (Task.sven): per-sample losses as rows (kappa = 2) by default, "
-              "signed residuals per output where the task says so, residual rows on poisson",
+              "signed residuals per output where the task says so, residual rows on poisson "
+              "(with the example's backtracking line search)",
     )
 
 
