@@ -28,10 +28,10 @@ GRAM_PREFERENCE = 4.0
 # eigh(K) of n x n in float64: ~0.85 ns * n^3 measured at n = 2048..4096, against ~0.033 ns
 # per GEMM flop (30 GFLOP/s float64) on the same 2 cores: about 25 GEMM flops per n^3.
 EIGH_FLOPS_PER_N3 = 25.0
-# One number from ops.random_block: ~66 ns Gaussian (Philox plus Box-Muller), ~26 ns Rademacher,
-# measured on the same machine (the CPU generation did not scale with threads there): about
-# 2,000 and 800 GEMM flops. Khatri-Rao draws only (rows + rest) * s Gaussian numbers per matrix.
-RNG_FLOPS = {"gaussian": 2000.0, "rademacher": 800.0, "khatri_rao": 2000.0}
+# One number from ops.random_block: ~39 ns Gaussian (Philox plus Box-Muller, one call per pair of
+# columns), ~15 ns Rademacher, measured on the same machine at 1 thread: about 1,200 and 450 GEMM
+# flops. Khatri-Rao draws only (rows + rest) * s Gaussian numbers per matrix.
+RNG_FLOPS = {"gaussian": 1200.0, "rademacher": 450.0, "khatri_rao": 1200.0}
 # Per-row gradients of a fallback module through torch.func.vmap(grad): a few forward costs.
 MODULE_ROW_FLOPS = 10.0
 # A tensor op's fixed cost (~10 us of Python and dispatch) in GEMM flops; the sketch issues

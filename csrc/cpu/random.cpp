@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../torch/random.h"
+#include "sven_ext/sketch_tile.h"
 
 namespace sven_ext {
 namespace {
@@ -25,14 +26,25 @@ at::Tensor philox_raw_cpu(const at::Tensor& counters_in, int64_t seed) {
   return out;
 }
 
+// Entries come in pairs from one Philox call (columns 2m and 2m + 1, random_pair): each call
+// fills both, so an odd col_offset starts with the odd half of its pair. Bitwise random_entry().
 template <typename scalar_t>
 void fill_rows(scalar_t* out, int64_t row_begin, int64_t row_end, int64_t cols, Distribution dist, uint64_t seed,
                uint32_t stream, int64_t row_offset, int64_t col_offset) {
   for (int64_t i = row_begin; i < row_end; ++i) {
     const uint64_t row = static_cast<uint64_t>(row_offset + i);
     scalar_t* out_row = out + i * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      out_row[j] = static_cast<scalar_t>(random_entry(dist, seed, stream, row, static_cast<uint64_t>(col_offset + j)));
+    int64_t j = 0;
+    if (col_offset & 1) {
+      out_row[j++] = static_cast<scalar_t>(random_pair(dist, seed, stream, row, static_cast<uint64_t>(col_offset >> 1)).odd);
+    }
+    for (; j + 1 < cols; j += 2) {
+      const EntryPair e = random_pair(dist, seed, stream, row, static_cast<uint64_t>((col_offset + j) >> 1));
+      out_row[j] = static_cast<scalar_t>(e.even);
+      out_row[j + 1] = static_cast<scalar_t>(e.odd);
+    }
+    if (j < cols) {
+      out_row[j] = static_cast<scalar_t>(random_pair(dist, seed, stream, row, static_cast<uint64_t>((col_offset + j) >> 1)).even);
     }
   }
 }
