@@ -520,8 +520,10 @@ def draw_element_subsets(model: torch.nn.Module, params: list[torch.Tensor], fra
                  and isinstance(getattr(m, "bias", None), torch.Tensor)}
     subsets = {}
     for p in params:
-        first, rest = (p.shape[0], p[0].numel()) if p.dim() else (1, 1)
-        if p.dim() > 1:
+        first, rest = (p.shape[0], p.numel() // max(p.shape[0], 1)) if p.dim() else (1, 1)
+        if p.numel() == 0:
+            subsets[id(p)] = ElementSubset(torch.zeros(0, dtype=torch.long, device=p.device))
+        elif p.dim() > 1:
             units = min(first, max(1, round(math.sqrt(fraction) * first)))
             features = min(rest, max(1, round(fraction * p.numel() / units)))
             units = min(first, max(1, round(fraction * p.numel() / features)))  # where rest is short
