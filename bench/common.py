@@ -37,22 +37,24 @@ def memory_pass_file() -> str | None:
 
 
 def exact_peaks(results: dict) -> None:
-    """Replaces each result's ``peak_extra_bytes`` by that of a second run of this script under
-    exact memory accounting, which the script writes with :func:`write_peaks`.
+    """Sets each result's ``peak_extra_bytes`` from a second run of this script under exact memory
+    accounting, which the script writes with :func:`write_peaks`; that run's median time goes to
+    ``median_s_exact_accounting``, to show what the allocator setting costs.
 
     Two passes because no single allocator setting serves both: exact accounting maps fresh pages
-    for every allocation over 64 KiB (1.7x the time of a Sven step), the default one hides peaks.
+    for every allocation over 64 KiB (which slows allocation-heavy steps), the default one hides peaks.
     """
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "peaks.json"
         subprocess.run([sys.executable, *sys.argv, MEMORY_PASS, str(path)], check=True, stdout=subprocess.DEVNULL)
-        peaks = json.loads(path.read_text())
-    for key, peak in peaks.items():
+        measured = json.loads(path.read_text())
+    for key, (peak, seconds) in measured.items():
         results[key]["peak_extra_bytes"] = peak
+        results[key]["median_s_exact_accounting"] = seconds
 
 
 def write_peaks(path: str, results: dict) -> None:
-    Path(path).write_text(json.dumps({key: r["peak_extra_bytes"] for key, r in results.items()}))
+    Path(path).write_text(json.dumps({key: (r["peak_extra_bytes"], r["median_s"]) for key, r in results.items()}))
 
 
 def write_json(name: str, payload: dict) -> Path:

@@ -143,7 +143,7 @@ def measure(fn, *, repeats: int, warmup: int = 1) -> dict:
 
     The peak is exact only under :data:`MALLOC_ENV` (:func:`exact_memory_accounting`), and the time
     is realistic only without it: there every allocation over 64 KiB maps fresh pages, whose
-    first-touch faults made the Sven step on a 670k-parameter MLP 1.7x slower (Adam's 1.15x).
+    first-touch faults slowed the steps of ``bench/step_bench.py`` 1.4-2.4x.
     """
     for _ in range(warmup):
         fn()
