@@ -49,7 +49,7 @@ from .. import costs, distributed, ops
 from ..capture import DirectUse, EmbeddingUse, LinearUse, _combine, _sample_index, capture, factor_bytes
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
-from .base import Backend, ElementSubset, StepDirection, StepSettings, check_column_scale, effective_column_scale
+from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
 
 # Entries ``(SHARED, id(module))`` of a backend's ``verified`` set: modules whose output every sample
 # shares although its first axis has the batch's size (found by the first-step factor check).
@@ -133,16 +133,16 @@ class GramBackend(Backend):
     def _subsets_and_scales(self, uses: list, settings: StepSettings) -> tuple[dict, dict]:
         """``({id(p): subset}, {id(p): S_p})``: the element subsets that become smaller factors,
         and the column scales (RMSProp's, the other subsets' 0/1 masks) of the parameters that have one."""
-        scale = check_column_scale(settings.column_scale, self.params)
+        scaled = settings.column_scale is not None  # checked by effective_column_scale
         subsets = settings.element_subsets
-        restricted = {} if subsets is None or scale is not None else _restrictable(uses, self.params, subsets)
+        restricted = {} if subsets is None or scaled else _restrictable(uses, self.params, subsets)
         full = effective_column_scale(settings, self.params, skip=set(restricted))
         if full is None:
             return restricted, {}
         subsets = subsets or [None] * len(self.params)
         return restricted, {
             id(p): s for p, s, subset in zip(self.params, full, subsets)
-            if scale is not None or (subset is not None and id(p) not in restricted)
+            if scaled or (subset is not None and id(p) not in restricted)
         }
 
     def batch_factors(self, closure, settings: StepSettings):
