@@ -64,5 +64,6 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-__all__ = ["RESULTS", "PeakMemory", "environment", "interleaved_times", "measure", "median_seconds", "status_kib", "exact_memory_accounting",
+__all__ = ["RESULTS", "PeakMemory", "environment", "interleaved_times", "measure", "median_seconds", "status_kib",
+           "exact_memory_accounting",
            "exact_peaks", "memory_pass_file", "write_json", "write_peaks"]

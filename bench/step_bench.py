@@ -150,7 +150,8 @@ def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> d
 def add_memory_summary(summary: dict) -> None:
     """Extra peak of a Sven step over an Adam step, and the budget ``2 (8 B^2 + factors)``."""
     results, rows = summary["results"], summary["batch"]
-    summary["extra_peak_over_adam_bytes"] = results["sven_gram"]["peak_extra_bytes"] - results["adam"]["peak_extra_bytes"]
+    summary["extra_peak_over_adam_bytes"] = (results["sven_gram"]["peak_extra_bytes"]
+                                             - results["adam"]["peak_extra_bytes"])
     if summary["factor_bytes"] is not None:
         summary["memory_budget_bytes"] = 2 * (8 * rows * rows + summary["factor_bytes"])
     for method, r in results.items():
@@ -174,7 +175,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [run_case(key, args.repeats, args.dense_repeats, memory_pass is not None) for key in args.models]
-    flat = {f"{key}/{method}": result for key, case in zip(args.models, cases) for method, result in case["results"].items()}
+    flat = {f"{key}/{method}": result
+            for key, case in zip(args.models, cases) for method, result in case["results"].items()}
     if memory_pass:
         common.write_peaks(memory_pass, flat)
         return

@@ -249,9 +249,9 @@ class LinearUse:
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
         """``sum_r c_r g_r`` in the parameters' shapes and ``c.dtype``: one weighted GEMM per group."""
         dc = _combine(self.d, c, self.a.shape[0])
-        samples, steps, groups, din = self.a.shape
-        if groups == 1:  # one GEMM over (sample, position) pairs
-            weight = dc.reshape(-1, dc.shape[-1]).T @ self.a.to(c.dtype).expand(dc.shape[0], -1, -1, -1).reshape(-1, din)
+        if self.a.shape[2] == 1:  # ungrouped: one GEMM over (sample, position) pairs
+            a = self.a.to(c.dtype).expand(dc.shape[0], -1, -1, -1)
+            weight = dc.reshape(-1, dc.shape[-1]).T @ a.reshape(-1, a.shape[-1])
         else:
             weight = torch.einsum("stgo,stgi->goi", dc, self.a.to(c.dtype))
         weight = weight.reshape(self.param.shape)

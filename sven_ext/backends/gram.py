@@ -342,7 +342,8 @@ class _SubsetLinearUse(LinearUse):
         if 2 * samples * steps * (1 - share) < SUBSET_SCATTER_FLOPS:
             return self._masked_direction(c)
         dc = _combine(self.d, c, self.a.shape[0])[:, :, 0]  # (S, T, units): one group
-        a = self.a[:, :, 0].to(c.dtype)
+        a = self.a[:, :, 0].to(c.dtype).expand(dc.shape[0], -1, -1)
+        a = a.reshape(-1, a.shape[-1])  # (sample, position) pairs x features
         rest = self.param[0].numel()
         weight = torch.zeros(self.param.shape[0], rest, dtype=c.dtype, device=c.device)
         # A few units at a time, so that no temporary approaches the weight's size. Columns by
@@ -350,7 +351,7 @@ class _SubsetLinearUse(LinearUse):
         chunk = max(1, SUBSET_CHUNK_ELEMENTS // rest)
         for lo in range(0, self.units.numel(), chunk):
             hi = min(lo + chunk, self.units.numel())
-            part = torch.einsum("sto,sti->oi", dc[:, :, lo:hi], a)
+            part = dc[:, :, lo:hi].reshape(-1, hi - lo).T @ a
             rows = torch.zeros(hi - lo, rest, dtype=c.dtype, device=c.device)
             rows.scatter_(1, self.features.expand(part.shape), part)
             weight.index_copy_(0, self.units[lo:hi], rows)
