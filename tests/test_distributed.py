@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 from torch import nn
 
 import sven_ext
@@ -272,19 +273,28 @@ def _worker(rank, world, directory):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
-    results = {}
+    results, path = {}, os.path.join(directory, f"rank{rank}.json")
     try:
         for name, check in CHECKS.items():
             started = time.perf_counter()
             results[name] = check(rank, world)
             results[name + "_seconds"] = time.perf_counter() - started
+            _write(results, path)  # so far: what the test reports if this rank dies later
     except Exception:  # noqa: BLE001 - reported to the test, which fails with it
         results["error"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-    if "error" not in results:
-        dist.destroy_process_group()
+        _write(results, path)
+        return  # the other ranks may wait in a collective: destroying the group could hang
+    dist.barrier()  # no rank closes its connections while a peer still finishes a collective
+    dist.destroy_process_group()
+    # The results are on disk: skip the interpreter's teardown, where gloo's threads can still
+    # abort the process (SIGABRT) after everything has passed.
+    os._exit(0)
+
+
+def _write(results, path):
+    with open(path + ".part", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".part", path)
 
 
 # ----------------------------------------------------------------------------- test side
@@ -299,7 +309,10 @@ def _run(world, directory):
     try:
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-rank job did not finish in {JOB_SECONDS} s (a rank hangs)")
+                pytest.fail(f"the {world}-rank job did not finish in {JOB_SECONDS} s (a rank hangs)\n"
+                            + _reports(world, directory))
+    except ProcessException as died:
+        pytest.fail(f"{died}\n{_reports(world, directory)}")
     finally:
         for process in context.processes:
             if process.is_alive():
@@ -308,6 +321,20 @@ def _run(world, directory):
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}:\n{result['error']}"
     return results
+
+
+def _reports(world, directory) -> str:
+    """What each rank wrote before the job failed: its error, or the checks it finished."""
+    lines = []
+    for rank in range(world):
+        path = directory / f"rank{rank}.json"
+        if not path.exists():
+            lines.append(f"rank {rank}: wrote nothing")
+            continue
+        result = json.loads(path.read_text())
+        done = [name for name in CHECKS if name in result]
+        lines.append(f"rank {rank}: " + (result.get("error") or f"finished the checks {done}"))
+    return "\n".join(lines)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
