@@ -32,4 +32,8 @@ TORCH_LIBRARY(sven_ext, m) {
   // The same product with a stored z (d_out, d_in, s) in place of Omega: Y (R, s) float64,
   // Y[r, j] = sum_{o, i} G_r[o, i] * z[o, i, j].
   m.def("linear_project(Tensor a, Tensor d, Tensor z) -> Tensor");
+  // Writes a block into a row and column subset of each matrix: out (N, R, C) floating,
+  // rows (r,) and cols (c,) int64 distinct indices, block (N, r, c) of out's dtype,
+  // out[n, rows[i], cols[j]] = block[n, i, j]; every other entry of out is left as it is.
+  m.def("block_put_(Tensor(a!) out, Tensor rows, Tensor cols, Tensor block) -> ()");
 }

@@ -173,6 +173,47 @@ def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.T
     return torch.ops.sven_ext.linear_project(a, d, z)
 
 
+def block_put_(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Writes ``block`` into the rows ``rows`` and columns ``cols`` of ``out``, in place.
+
+    ``out[..., rows[i], cols[j]] = block[..., i, j]`` for every ``i``, ``j`` (and every
+    matrix ``n`` of a batch); every other entry of ``out`` is left as it is. The entries
+    are copied bitwise. The index vectors need not be sorted, but each must hold
+    distinct values in range. On CUDA that check costs one device-to-host copy of a few
+    counters (a sync) whenever ``rows`` or ``cols`` is non-empty. Non-contiguous
+    ``rows``, ``cols`` and ``block`` are copied to contiguous ones first, and so is a
+    ``block`` that shares memory with ``out``.
+
+    Args:
+        out: ``(R, C)`` or ``(N, R, C)`` float16, bfloat16, float32 or float64,
+            contiguous (it is written in place; a 2-D ``out`` is viewed as ``(1, R, C)``,
+            never copied).
+        rows: ``(r,)`` int64 distinct row indices in ``[0, R)``, on the device of ``out``.
+        cols: ``(c,)`` int64 distinct column indices in ``[0, C)``, on the device of ``out``.
+        block: ``(r, c)`` for a 2-D ``out``, ``(N, r, c)`` for a 3-D one; the dtype and
+            device of ``out``.
+
+    Returns:
+        ``out``, the tensor passed in.
+
+    Raises:
+        ValueError: ``out`` and ``block`` not both 2-D or both 3-D.
+        RuntimeError: from the op: a non-contiguous or non-floating ``out``; ``rows`` or
+            ``cols`` not 1-D int64, with a value out of range or repeated; ``block`` of
+            another dtype or a shape other than ``(N, r, c)``; tensors on several devices.
+    """
+    if out.dim() != block.dim() or out.dim() not in (2, 3):
+        raise ValueError(
+            "sven_ext.block_put_: out and block must be both 2-D ((R, C) and (r, c)) or both 3-D "
+            f"((N, R, C) and (N, r, c)), got shapes {tuple(out.shape)} and {tuple(block.shape)}"
+        )
+    if out.dim() == 2:
+        torch.ops.sven_ext.block_put_(out.unsqueeze(0), rows, cols, block.unsqueeze(0))
+    else:
+        torch.ops.sven_ext.block_put_(out, rows, cols, block)
+    return out
+
+
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -248,3 +289,22 @@ def _linear_project_fake(a, d, z):
         lambda: "sven_ext.linear_project: z must have shape (d_out, d_in, s)",
     )
     return a.new_empty((a.shape[0], z.shape[2]), dtype=torch.float64)
+
+
+@torch.library.register_fake("sven_ext::block_put_")
+def _block_put_fake(out, rows, cols, block):
+    op = "sven_ext.block_put_"
+    torch._check(out.dim() == 3 and block.dim() == 3, lambda: f"{op}: out and block must be 3-D")
+    torch._check(rows.dim() == 1 and cols.dim() == 1, lambda: f"{op}: rows and cols must be 1-D")
+    torch._check(
+        rows.device == out.device and cols.device == out.device and block.device == out.device,
+        lambda: f"{op}: out, rows, cols and block must be on one device",
+    )
+    _check_floating_fake(out, "block_put_", "out")
+    torch._check(rows.dtype == torch.int64 and cols.dtype == torch.int64, lambda: f"{op}: rows and cols must be int64")
+    torch._check(block.dtype == out.dtype, lambda: f"{op}: out and block must have one dtype")
+    torch._check(
+        block.shape[0] == out.shape[0] and block.shape[1] == rows.shape[0] and block.shape[2] == cols.shape[0],
+        lambda: f"{op}: block must have shape (N, rows.numel(), cols.numel())",
+    )
+    return None

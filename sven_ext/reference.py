@@ -203,3 +203,23 @@ def linear_project(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> torch.T
         g = torch.einsum("rto,rti->roi", d64[:, :, begin:end], a64).reshape(rows, (end - begin) * d_in)
         y += g @ z64[begin:end].reshape((end - begin) * d_in, cols)
     return y
+
+
+def block_put_(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Reference for ``sven_ext.ops.block_put_``: ``out[..., rows[i], cols[j]] = block[..., i, j]``, in place.
+
+    Torch's advanced-index assignment over the last two dims, for a 2-D ``(R, C)`` or a
+    3-D ``(N, R, C)`` ``out`` alike; the indices must be distinct and in range (not
+    checked here).
+
+    Args:
+        out: ``(R, C)`` or ``(N, R, C)``, written in place.
+        rows: ``(r,)`` int64 row indices.
+        cols: ``(c,)`` int64 column indices.
+        block: ``(r, c)`` or ``(N, r, c)``, out's dtype.
+
+    Returns:
+        ``out``.
+    """
+    out[..., rows[:, None], cols] = block
+    return out

@@ -109,7 +109,7 @@ run import 120 "$PY" -c "import sven_ext; print('sven_ext', sven_ext.__version__
 step "kernel and op-property tests (CUDA cases)"
 export PYTHONUNBUFFERED=1
 TAIL_LINES=8 run tests_kernels 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_gram_kernels.py \
-  tests/test_sketch_kernels.py tests/test_op_properties.py -k cuda -rs
+  tests/test_sketch_kernels.py tests/test_subset_kernels.py tests/test_op_properties.py -k cuda -rs
 
 # On PATH, or in the toolkit (bin/ or its own folder, depending on the toolkit's packaging).
 sanitizer=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" \

@@ -11,7 +11,9 @@ accumulation dtype; random_block counts bytes written against the copy bandwidth
 linear_sketch and linear_project count 2*R*T*d_out*d_in + 2*R*d_out*d_in*cols (forming the
 per-row gradients, projecting them) against the GEMM rate of their compute dtype, and are
 also compared with the unfused torch path (per-row gradients by einsum, Omega by
-random_block or the stored z, one mm) where that fits in memory.
+random_block or the stored z, one mm) where that fits in memory. block_put_ counts the
+bytes it reads and writes (the block in, as many out) against the copy bandwidth, and is
+compared with torch's index assignment ``out[:, rows[:, None], cols] = block``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from pathlib import Path
 
 import torch
 
-import sven_ext
-from sven_ext import ops, reference
-
 ROOT = Path(__file__).resolve().parents[2]
+# The source tree's in-place build (check.sh builds with build_ext --inplace), whatever the cwd.
+sys.path.insert(0, str(ROOT))
+
+import sven_ext  # noqa: E402
+from sven_ext import ops, reference  # noqa: E402
 
 
 class Timer:
@@ -79,7 +83,7 @@ def ceilings(device: str, timer: Timer, big: bool) -> dict:
     dst = torch.empty_like(src)
     t_copy = timer(lambda: dst.copy_(src))
     copy_bw = 2 * src.numel() * src.element_size() / t_copy
-    del src, dst
+    src = dst = None  # frees the copy buffers
     torch.backends.cuda.matmul.allow_tf32 = False
     out = {"copy_GBps": copy_bw / 1e9}
     for dtype in (torch.float32, torch.float64):
@@ -159,6 +163,17 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
             want = ops.linear_project(a, d, z) if other else reference.linear_project(a, d, z)
             ratio = ((got - want).abs() / sketch_bound(a, d, z, eps)).max().item()
             record(f"linear_project {name}", ratio <= 1, f"err/bound {ratio:.2e}")
+
+    # (N, R, C, r, c): one entry, odd sizes, a whole matrix, a thin subset of a tall one; a copy, so bitwise.
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        for n, big_r, big_c, r, c in [(1, 1, 1, 1, 1), (3, 37, 53, 11, 29), (2, 300, 401, 300, 401),
+                                      (1, 4099, 33, 4000, 7)]:
+            out = torch.randn(n, big_r, big_c, generator=gen).to(dtype)
+            block = torch.randn(n, r, c, generator=gen).to(dtype)
+            sub_rows, sub_cols = torch.randperm(big_r, generator=gen)[:r], torch.randperm(big_c, generator=gen)[:c]
+            want = (ops.block_put_ if other else reference.block_put_)(out.clone(), sub_rows, sub_cols, block)
+            got = ops.block_put_(out.to(device), sub_rows.to(device), sub_cols.to(device), block.to(device)).cpu()
+            record(f"block_put_ {str(dtype)[6:]} N{n} R{big_r} C{big_c} r{r} c{c}", torch.equal(got, want), "bitwise")
     return rows
 
 
@@ -226,6 +241,22 @@ def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
                 if baseline is not None and unfused_fits:
                     row["per_sample_ms"] = sketch_timer(baseline) * 1e3
                 rows.append(row)
+    # block_put_: a random half of the rows and of the columns (sorted), against torch's index assignment.
+    n, big_r, big_c = (4, 4096, 4096) if big else (1, 2048, 2048)
+    for dtype in (torch.float32, torch.float64):
+        out = torch.randn(n, big_r, big_c, generator=gen).to(dtype=dtype, device=device)
+        block = torch.randn(n, big_r // 2, big_c // 2, generator=gen).to(dtype=dtype, device=device)
+        sub_rows = torch.randperm(big_r, generator=gen)[: big_r // 2].sort().values.to(device)
+        sub_cols = torch.randperm(big_c, generator=gen)[: big_c // 2].sort().values.to(device)
+        sec = timer(lambda: ops.block_put_(out, sub_rows, sub_cols, block))
+        gbps = 2 * block.numel() * block.element_size() / sec / 1e9
+
+        def index_put():
+            out[:, sub_rows[:, None], sub_cols] = block
+
+        rows.append({"op": "block_put_", "shape": [n, big_r, big_c, big_r // 2, big_c // 2], "dtype": str(dtype)[6:],
+                     "ms": sec * 1e3, "GBps_moved": gbps, "of_copy_ceiling": gbps / ceil["copy_GBps"],
+                     "baseline_ms": timer(index_put) * 1e3})
     for distribution in ("gaussian", "rademacher"):
         out = torch.empty(fill_shape, device=device)
         sec = timer(lambda: torch.ops.sven_ext.philox_fill_(out, 7, 1, 0, 0, distribution))
@@ -242,15 +273,17 @@ def unfused(a: torch.Tensor, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def print_timings(rows: list[dict]) -> None:
-    print(f"  {'op':23s} {'shape':20s} {'dtype':9s} {'ms':>9s} {'rate':>15s} {'of ceiling':>10s} {'per-sample ms':>13s}")
+    # baseline: per-sample gradients (Gram ops), the unfused path (sketch ops), torch indexing (block_put_).
+    print(f"  {'op':23s} {'shape':20s} {'dtype':9s} {'ms':>9s} {'rate':>15s} {'of ceiling':>10s} {'baseline ms':>13s}")
     for r in rows:
         if "TFLOPs" in r:
             tflops = r["TFLOPs"]
             rate = f"{tflops:.2f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
             frac = r["of_mm_ceiling"]
         else:
-            rate, frac = f"{r['GBps_written']:.0f} GB/s", r["of_copy_ceiling"]
-        extra = f"{r['per_sample_ms']:13.3f}" if "per_sample_ms" in r else ""
+            rate, frac = f"{r.get('GBps_moved', r.get('GBps_written')):.0f} GB/s", r["of_copy_ceiling"]
+        baseline = r.get("per_sample_ms", r.get("baseline_ms"))
+        extra = f"{baseline:13.3f}" if baseline is not None else ""
         shape = "x".join(str(v) for v in r["shape"])
         print(f"  {r['op']:23s} {shape:20s} {r['dtype']:9s} {r['ms']:9.3f} {rate:>15s} {frac:10.1%} {extra}", flush=True)
 

@@ -28,10 +28,8 @@ Element subsets (``StepSettings.element_subsets``, ``param_fraction`` with ``mas
 are product sets (output units x input features), so without a column scale an ungrouped
 Linear/conv weight keeps its routes on smaller factors: ``a`` restricted to the chosen features
 and ``d`` to the chosen units (its bias follows the units). ``K_w`` then costs about
-``sqrt(f)`` and ``J^T c`` about ``f`` of the full layer's, scattered back into the weight
-(where the scatter costs more than the restriction saves, at small batches, the full
-contraction is masked instead: ``SUBSET_SCATTER_FLOPS``). Every other parameter takes its
-subset as a 0/1 column scale.
+``sqrt(f)`` and ``J^T c`` about ``f`` of the full layer's, written back into the weight by
+:func:`sven_ext.ops.block_put_`. Every other parameter takes its subset as a 0/1 column scale.
 
 Data-parallel steps (``StepSettings.process_group``): :meth:`GramBackend.batch_factors` gathers
 every rank's rows and factors (:mod:`sven_ext.distributed`), ``K`` and ``c`` are those of the
@@ -66,12 +64,8 @@ class FactorMismatch(RuntimeError):
 
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
 SEQ_GRAM_COST_FACTOR = 2.0
-# Most elements of a temporary while an element subset's direction is scattered into its weight.
-SUBSET_CHUNK_ELEMENTS = 1 << 16
-# Scattering a subset's direction into its weight costs about what this many contraction flops per
-# weight element do (CPU here: ~5 ms for a 2048 x 2048 weight, a 64-sample contraction's GEMM).
-# Where the restricted contraction saves less, the full one, masked, is cheaper.
-SUBSET_SCATTER_FLOPS = 128
+# Most elements of a temporary while an element subset's direction is written into its weight.
+SUBSET_CHUNK_ELEMENTS = 1 << 18
 
 
 class GramBackend(Backend):
@@ -327,54 +321,36 @@ class _SubsetLinearUse(LinearUse):
     features ``features``, ``d`` the output units ``units`` (the bias moves on those units).
 
     ``K`` routes read only ``a``, ``d`` and ``bias``, so they run unchanged on the smaller
-    factors; directions and per-row gradients are scattered into the full shapes, zero elsewhere,
-    or, where the scatter costs more than the restriction saves, the whole use's direction is
-    masked (``whole``; a merged use's ``whole`` is its first part's, and only ``K`` reads a merged use).
+    factors; directions and per-row gradients are written into the full shapes, zero elsewhere
+    (on CPU this costs less than masking the whole layer's contraction from 4 samples up, and
+    about 0.1 ms more on a 512 x 784 weight at 1 or 2).
     """
 
     units: torch.Tensor | None = None
     features: torch.Tensor | None = None
-    whole: LinearUse | None = None
 
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
-        samples, steps = self.a.shape[:2]
-        share = self.units.numel() * self.features.numel() / self.param.numel()
-        if 2 * samples * steps * (1 - share) < SUBSET_SCATTER_FLOPS:
-            return self._masked_direction(c)
         dc = _combine(self.d, c, self.a.shape[0])[:, :, 0]  # (S, T, units): one group
         a = self.a[:, :, 0].to(c.dtype).expand(dc.shape[0], -1, -1)
         a = a.reshape(-1, a.shape[-1])  # (sample, position) pairs x features
-        rest = self.param[0].numel()
-        weight = torch.zeros(self.param.shape[0], rest, dtype=c.dtype, device=c.device)
-        # A few units at a time, so that no temporary approaches the weight's size. Columns by
-        # scatter_, rows by index_copy_: on CPU 2.5x faster than one advanced-index assignment.
-        chunk = max(1, SUBSET_CHUNK_ELEMENTS // rest)
+        weight = torch.zeros(self.param.shape[0], self.param[0].numel(), dtype=c.dtype, device=c.device)
+        # A few units at a time, so that no temporary approaches the weight's size.
+        chunk = max(1, SUBSET_CHUNK_ELEMENTS // self.features.numel())
         for lo in range(0, self.units.numel(), chunk):
             hi = min(lo + chunk, self.units.numel())
-            part = dc[:, :, lo:hi].reshape(-1, hi - lo).T @ a
-            rows = torch.zeros(hi - lo, rest, dtype=c.dtype, device=c.device)
-            rows.scatter_(1, self.features.expand(part.shape), part)
-            weight.index_copy_(0, self.units[lo:hi], rows)
+            ops.block_put_(weight, self.units[lo:hi], self.features, dc[:, :, lo:hi].reshape(-1, hi - lo).T @ a)
         if self.bias is None:
             return [weight.view(self.param.shape)]
         bias = torch.zeros(self.bias.shape, dtype=c.dtype, device=c.device)
         bias.index_copy_(0, self.units, dc.sum((0, 1)))
         return [weight.view(self.param.shape), bias]
 
-    def _masked_direction(self, c: torch.Tensor) -> list[torch.Tensor]:
-        """The whole use's direction times the subset's 0/1 mask (two broadcast products)."""
-        weight, *bias = self.whole.direction(c)
-        units = torch.zeros(self.param.shape[0], dtype=c.dtype, device=c.device).index_fill_(0, self.units, 1)
-        features = torch.zeros(self.param[0].numel(), dtype=c.dtype, device=c.device).index_fill_(0, self.features, 1)
-        weight.view(units.numel(), -1).mul_(units[:, None]).mul_(features)
-        return [weight, *(b.mul_(units) for b in bias)]
-
     def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         part = super().rows(start, stop, dtype)
         weight = torch.zeros(stop - start, self.param.shape[0], self.param[0].numel(), dtype=dtype, device=part.device)
         units = self.units.numel()
-        weight[:, self.units.unsqueeze(1), self.features] = part[:, :units * self.features.numel()].view(
-            stop - start, units, -1)
+        ops.block_put_(weight, self.units, self.features, part[:, :units * self.features.numel()].view(
+            stop - start, units, -1))
         if self.bias is None:
             return weight.reshape(stop - start, -1)
         bias = torch.zeros(stop - start, self.bias.numel(), dtype=dtype, device=part.device)
@@ -418,7 +394,7 @@ def _restrict(uses: list, restricted: dict) -> list:
             continue
         a = use.a.index_select(3, subset.cols.to(use.a.device))
         d = use.d.index_select(3, subset.rows.to(use.d.device))
-        out.append(_SubsetLinearUse(use.param, a, d, use.bias, units=subset.rows, features=subset.cols, whole=use))
+        out.append(_SubsetLinearUse(use.param, a, d, use.bias, units=subset.rows, features=subset.cols))
     return out
 
 
