@@ -360,3 +360,26 @@ def test_gram_matrix_equals_explicit_jacobian_gram(rows):
     expected = jac @ jac.T
     assert gram.shape == (residual.numel(), residual.numel())
     assert float((gram - expected).norm() / expected.norm()) < 1e-12
+
+
+@pytest.mark.parametrize("route,steps,seq_gram_cost", [("gemm", 1, 1.0), ("seq_gram", 3, 0.0), ("rows", 3, 1e9)])
+def test_float32_factors_with_a_small_rtol_give_the_dense_step(monkeypatch, route, steps, seq_gram_cost):
+    """Inputs spanning 1e5: K's eigenvalues span ~1e10, below float32 products' rounding."""
+    monkeypatch.setattr(gram_module, "SEQ_GRAM_COST_FACTOR", seq_gram_cost)
+    torch.manual_seed(0)
+    model = nn.Linear(16, 1)
+    x = torch.randn(12, steps, 16) * torch.logspace(0, -5, 16)
+    y = torch.randn(12, steps, 1)
+
+    def loss(model):
+        return (model(x) - y).square().sum((1, 2))
+
+    kwargs = dict(lr=1.0, k=12, rtol=1e-6)
+    dense, _ = sven_update(model, loss, backend="dense", **kwargs)
+    gram, info = sven_update(model, loss, backend="gram", **kwargs)
+    assert info["paths"]["weight"] == route
+    assert relative_difference(gram, dense) < 1e-3
+    # The case needs the precise products: float32 ones move the step by far more.
+    monkeypatch.setattr(gram_module, "FLOAT32_GRAM_RTOL", 0.0)
+    rounded, _ = sven_update(model, loss, backend="gram", **kwargs)
+    assert relative_difference(rounded, dense) > 0.05

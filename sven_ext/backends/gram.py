@@ -64,6 +64,12 @@ class FactorMismatch(RuntimeError):
 
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
 SEQ_GRAM_COST_FACTOR = 2.0
+# Float32 factors' Gram products run in float32 while ``rtol`` is at least this: their rounding,
+# about 1e-7 of the largest eigenvalue, stays below the cut at ``rtol^2`` of it. For a smaller
+# ``rtol`` they run in ``solve_dtype``: a float32 ``K``'s noise floor would act as a damping nobody
+# asked for (the 1-D regression at rtol = 1e-6 converged with float32 products and diverged with
+# exact ones, as the dense backend does).
+FLOAT32_GRAM_RTOL = 1e-3
 # Most elements of a temporary while an element subset's direction is written into its weight.
 SUBSET_CHUNK_ELEMENTS = 1 << 18
 
@@ -104,7 +110,7 @@ class GramBackend(Backend):
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
-        gram, paths = self._gram(uses, rows, dtype, scales)
+        gram, paths = self._gram(uses, rows, dtype, scales, settings.truncation.rtol)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
         solution = solve_gram(gram, residual, truncation)
         contract = self._contraction(uses, rows, scales, shard, restricted)
@@ -122,7 +128,7 @@ class GramBackend(Backend):
         """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
         rows, uses, _ = self.factors(closure, settings)
         restricted, scales = self._subsets_and_scales(uses, settings)
-        return self._gram(_restrict(uses, restricted), rows, settings.solve_dtype, scales)[0]
+        return self._gram(_restrict(uses, restricted), rows, settings.solve_dtype, scales, settings.truncation.rtol)[0]
 
     def _subsets_and_scales(self, uses: list, settings: StepSettings) -> tuple[dict, dict]:
         """``({id(p): subset}, {id(p): S_p})``: the element subsets that become smaller factors,
@@ -280,11 +286,14 @@ class GramBackend(Backend):
         dtype = None if in_param_dtype else c.dtype
         return [total[id(p)] if id(p) in total else torch.zeros_like(p, dtype=dtype) for p in self.params]
 
-    def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scales: dict) -> tuple[torch.Tensor, dict]:
+    def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scales: dict,
+              rtol: float) -> tuple[torch.Tensor, dict]:
         """The step's ``K' = T (sum_p J_p S_p^2 J_p^T) T^T`` in ``dtype``, and the route each parameter took.
 
         ``scales``: ``{id(p): S_p}`` of the parameters with a column scale (the others: ``S_p = I``).
+        ``rtol``: the step's cut-off; below ``FLOAT32_GRAM_RTOL`` every product runs in ``dtype``.
         """
+        precise = rtol < FLOAT32_GRAM_RTOL
         count = rows.captured.numel()
         gram = torch.zeros(count, count, dtype=dtype, device=self.params[0].device)
         paths = {}
@@ -297,7 +306,7 @@ class GramBackend(Backend):
                 direct.append(g * scales[id(params[0])].reshape(1, -1).to(dtype) if scaled else g)
                 path = "direct"
             elif not scaled and kinds == {LinearUse} and _mergeable(group):
-                path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes)
+                path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes, precise)
                 if isinstance(group[0], _SubsetLinearUse):
                     path += " (subset)"
             elif not scaled and len(params) == 1 and kinds == {EmbeddingUse}:
@@ -464,17 +473,19 @@ def _per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if m == 1 else x.repeat_interleave(m, dim=0)
 
 
-def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
-    """Adds ``K_w`` of a Linear/conv weight to ``gram``; returns the route taken."""
+def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool) -> str:
+    """Adds ``K_w`` of a Linear/conv weight to ``gram``; returns the route taken.
+
+    The products run in the factors' precision (float32 GEMMs are twice as fast), or with
+    ``precise`` in ``gram``'s dtype (see ``FLOAT32_GRAM_RTOL``); the sum over layers in ``gram``'s.
+    """
     dtype = gram.dtype
     samples, steps, groups, din = use.a.shape
     rows, dout = use.d.shape[0], use.d.shape[3]
     m = rows // samples
+    work = dtype if precise else _gemm_dtype(use.a.dtype)
     if steps == 1:
-        # K[r, q] = (a_s(r) . a_s(q) + [bias]) * (d_r . d_q), group by group. The two GEMMs run in
-        # the factors' precision (their rounding already bounds K's accuracy); the product and the
-        # sum over layers in float64.
-        work = _gemm_dtype(use.a.dtype)
+        # K[r, q] = (a_s(r) . a_s(q) + [bias]) * (d_r . d_q), group by group.
         a = use.a.reshape(samples, groups, din).to(work)
         d = use.d.reshape(rows, groups, dout).to(work)
         for g in range(groups):
@@ -484,7 +495,6 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
             dd = (d[:, g] @ d[:, g].T).to(dtype)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
         return "gemm"
-    work = _gemm_dtype(use.a.dtype)
     seq_cost = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
     chunk = _chunk(rows, groups * din * dout * torch.finfo(work).bits // 64, budget)
     passes = math.ceil(rows / chunk)
@@ -508,9 +518,8 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int) -> str:
 def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, chunk: int, work: torch.dtype) -> None:
     """``K += G G^T`` with ``G`` the per-row weight gradients ``sum_t d_t a_t^T``, ``chunk`` rows at a time.
 
-    The per-row gradients and their products run in ``work``, the factors' precision (their
-    rounding already bounds ``K``'s accuracy, as in the ``T = 1`` route); blocks are added to
-    ``gram`` in its dtype.
+    The per-row gradients and their products run in ``work`` (see :func:`_linear_gram`); blocks
+    are added to ``gram`` in its dtype.
     """
     rows = gram.shape[0]
     a, d = use.a.to(work), use.d.to(work)
