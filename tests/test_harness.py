@@ -241,12 +241,31 @@ def test_a_follower_counts_only_at_its_leaders_selected_value():
     assert [r["value"] for r in runner.runs_for(runs, task, "sven-dense")] == [grid[3]]
 
 
-def test_formulation_sweep_covers_the_tasks_own_rows_on_one_seed():
+@pytest.mark.parametrize("name", ["digits_regression", "regression_1d"])
+def test_formulation_sweep_covers_the_tasks_own_settings_on_one_seed(name):
     from sven_ext.harness import formulations
 
-    base = tasks.get_tasks(["digits_regression"])[0]
+    base = tasks.get_tasks([name])[0]
     variants = formulations.variants(base)
-    assert len({json.dumps(v.config(), sort_keys=True) for v in variants}) == len(formulations.FORMULATIONS)
+    assert len({json.dumps(v.config(), sort_keys=True) for v in variants}) == len(formulations.FORMULATIONS[name])
     assert all(v.seeds == base.seeds[:1] for v in variants)
     assert sum(v.sven == base.sven for v in variants) == 1  # the protocol's formulation is among them
-    assert base.sven["rows"] == "residuals" and base.sven["k"] is None
+
+
+def test_speedup_median_counts_a_seed_that_never_reached_adam_as_the_worst():
+    task = dataclasses.replace(_tiny(n_train=64, n_val=32), seeds=(0, 1, 2))
+    config = json.loads(json.dumps(task.config()))
+
+    def run(optimizer, value, seed, seconds, losses, status="ok"):
+        return {"kind": "run", "task": task.name, "task_config": config, "optimizer": optimizer, "value": value,
+                "seed": seed, "status": status, "final": {"val_loss": losses[-1]},
+                "curve": {"seconds": seconds, "val_loss": losses}}
+
+    sven, adam = optimizers.OPTIMIZERS["sven-gram"].grid(task)[0], optimizers.OPTIMIZERS["adam"].grid(task)[0]
+    runs = [run("adam", adam, seed, [0, 5, 10], [1.0, 0.5, 0.1]) for seed in range(3)]
+    runs += [run("sven-gram", sven, 0, [0, 1, 2], [1.0, 0.1, 0.01]),  # reaches 0.1 at 1 s: 10x
+             run("sven-gram", sven, 1, [0, 2, 4], [1.0, 0.05, 0.01]),  # at 2 s: 5x
+             run("sven-gram", sven, 2, [0, 1], [1.0, float("nan")], status="diverged")]  # never
+    comparison = report.versus_adam(runs, task)
+    assert comparison["speedups"] == [10.0, 5.0, None]
+    assert comparison["speedup"] == 5.0  # median of 10, 5 and the worst (0)

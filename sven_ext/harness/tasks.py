@@ -353,7 +353,9 @@ _FULL = {
     "regression_1d": Task(
         "regression_1d", "1-D regression exp(-10x^2) sin(2x), MLP 1-16-16-16-1, batch 32", epochs=20, batch_size=32,
         seeds=(0, 1, 2, 3, 4), settings={"n_train": 10_000, "n_val": 10_000},
-        sven={"k": 16, "rtol": 1e-3}, builder=_build_regression_1d,
+        # rtol from a recorded seed-0 sweep (python -m sven_ext.harness.formulations --task
+        # regression_1d): 1e-3 (the library's default) ended at best at 1.8e-8, 1e-5 at 1.8e-9.
+        sven={"k": 16, "rtol": 1e-5}, builder=_build_regression_1d,
         # The default grids put every first-order optimizer's best value at their top: one step up.
         grids=_FIRST_ORDER_ONE_STEP_UP),
     "polynomial": Task(
@@ -398,7 +400,9 @@ _FULL = {
 
 # --quick: the same tasks at toy sizes (a few minutes for everything).
 _QUICK_CHANGES = {
-    "regression_1d": {"epochs": 3, "seeds": (0, 1), "settings": {"n_train": 1024, "n_val": 1024}},
+    # rtol as the library's default: with a 32-step warm-up the full task's 1e-5 blows up.
+    "regression_1d": {"epochs": 3, "seeds": (0, 1), "settings": {"n_train": 1024, "n_val": 1024},
+                      "sven": {"k": 16, "rtol": 1e-3}},
     "polynomial": {"epochs": 3, "seeds": (0, 1),
                    "settings": {"n_train": 1024, "n_val": 512, "n_test": 512, "inputs": 6, "degree": 4}},
     "digits_regression": {"epochs": 3, "seeds": (0, 1),
