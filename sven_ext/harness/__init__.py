@@ -10,6 +10,6 @@ Modules:
     scaling     step time and peak memory against parameter count and batch size.
     environment versions and machine recorded with every result; peak resident memory.
     cli         ``python -m sven_ext bench ...``.
-    formulations  the seed-0 sweep that chose Sven's rows on the digits regression
+    formulations  the seed-0 sweeps that chose Sven's rows on the digits regression and its rtol on the 1-D one
                 (``python -m sven_ext.harness.formulations``).
 """
