@@ -128,7 +128,8 @@ class GramBackend(Backend):
         """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
         rows, uses, _ = self.factors(closure, settings)
         restricted, scales = self._subsets_and_scales(uses, settings)
-        return self._gram(_restrict(uses, restricted), rows, settings.solve_dtype, scales, settings.truncation.rtol)[0]
+        gram, _ = self._gram(_restrict(uses, restricted), rows, settings.solve_dtype, scales, settings.truncation.rtol)
+        return gram
 
     def _subsets_and_scales(self, uses: list, settings: StepSettings) -> tuple[dict, dict]:
         """``({id(p): subset}, {id(p): S_p})``: the element subsets that become smaller factors,
