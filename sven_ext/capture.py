@@ -49,38 +49,38 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import ops
+from .factor_check import graph_fingerprint, hooks_fingerprint
 
 # Modules that read their children's parameters without calling the children: all the
 # parameters under them are differentiated as one module.
 WHOLE_MODULES = (nn.MultiheadAttention,)
 
 
+# The factorisation of each layer family, keyed by the class whose ``forward`` a module runs: a
+# subclass that keeps its parent's forward (``NonDynamicallyQuantizableLinear``, ``BatchNorm2d``)
+# shares its rule; one with its own forward (torchvision's ``LayerNorm2d``, which permutes
+# channels first) computes something else and falls back to the torch.func rule.
+_FAMILIES = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    nn.Embedding: "embedding",
+    nn.LayerNorm: "layer_norm",
+    nn.GroupNorm: "group_norm",
+    nn.RMSNorm: "rms_norm",
+    nn.modules.batchnorm._BatchNorm: "batch_norm",
+}
+
+
 def _kind(module: nn.Module) -> str:
     """Which factorisation a module's parameters get (``"module"``: the torch.func fallback)."""
-    families = (
-        ("linear", nn.Linear),
-        ("conv", nn.modules.conv._ConvNd),
-        ("embedding", nn.Embedding),
-        ("layer_norm", nn.LayerNorm),
-        ("group_norm", nn.GroupNorm),
-        ("rms_norm", nn.RMSNorm),
-        ("batch_norm", nn.modules.batchnorm._BatchNorm),
-    )
-    for kind, base in families:
-        # A subclass that overrides forward computes something else: differentiate it as a module.
-        if isinstance(module, base) and type(module).forward is _base_forward(module, base):
-            if kind == "conv" and isinstance(module, nn.modules.conv._ConvTransposeNd):
-                return "module"
-            return kind
-    return "module"
-
-
-def _base_forward(module: nn.Module, base: type) -> object:
-    # _ConvNd and _BatchNorm leave forward to their concrete subclasses (Conv2d, BatchNorm1d, ...).
+    if "forward" in vars(module):  # a forward patched onto the instance
+        return "module"
     for cls in type(module).__mro__:
-        if issubclass(cls, base) and "forward" in vars(cls):
-            return vars(cls)["forward"]
-    return None
+        if "forward" in vars(cls):
+            return _FAMILIES.get(cls, "module")
+    return "module"
 
 
 def _batch_statistics(module: nn.Module) -> bool:
@@ -570,7 +570,10 @@ class ModuleUse:
                 x = x.to(dtype) if x.is_floating_point() else x
             ready.append(x)
         args, kwargs = tree_unflatten(ready, self.spec)
-        out = torch.func.functional_call(self.module, {**state, **moving}, tuple(args), kwargs)
+        # oneDNN's float32 RNN kernels keep a workspace that torch.func's transforms do not carry.
+        with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
+                                         fp32_precision=None):
+            out = torch.func.functional_call(self.module, {**state, **moving}, tuple(args), kwargs)
         flat = tree_flatten(out)[0]
         return [flat[k] for k in self.outputs]
 
@@ -670,10 +673,30 @@ class Capture:
                 )
         self.plan = _plan(model, params)
 
+    def signature(self, residual_rows: torch.Tensor) -> tuple[tuple, dict, dict]:
+        """What the factor check's verdict depends on, after the closure ran (:mod:`sven_ext.factor_check`).
+
+        Returns:
+            ``(step, per_param, per_module)``: the step's rows, graph and hooks; per moving
+            parameter (by id) and per recorded module (by id), the shapes of its calls.
+        """
+        step = (tuple(residual_rows.shape), graph_fingerprint(residual_rows), hooks_fingerprint(self.model))
+        per_module: dict = {}
+        per_param: dict = {}
+        for call in self.calls:
+            key = (call.name, tuple(map(tuple, call.shapes)), call.batch_first,
+                   tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in call.leaves))
+            per_module[id(call.module)] = per_module.get(id(call.module), ()) + (key,)
+            for _, p in call.params:
+                per_param[id(p)] = per_param.get(id(p), ()) + (key,)
+        return step, per_param, per_module
+
     def __enter__(self) -> Capture:
         for name, module, kind, owned in self.plan:
             hook = self._hook(name, kind, owned)
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            # First among the module's hooks: the factors describe the module's own output; a user's
+            # hook that rewrites it is then part of the graph above, like any other layer.
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             # Sven differentiates with torch.autograd.grad, which runs no AccumulateGrad hooks, so DDP's
             # gradient all-reduce never fires; no_sync also keeps DDP's forward from preparing its reducer

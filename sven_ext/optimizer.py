@@ -16,6 +16,7 @@ from . import distributed
 from .backends import SketchSettings, StepSettings, check_backend_name, make_backend
 from .backends.base import ElementSubset
 from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES, step_key
+from .factor_check import FactorChecks
 from .linalg import DEFAULT_ATOL, Truncation
 from .residuals import Residuals
 
@@ -234,7 +235,7 @@ class Sven(torch.optim.Optimizer):
         self.last_info: dict = {}
         self.svd_history: list[dict] = []
         self._backends: dict = {}
-        self._verified: set = set()  # parameters whose factors passed the first-step check
+        self._checks = FactorChecks()  # what the factor checks found, shared by the backends
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -244,7 +245,7 @@ class Sven(torch.optim.Optimizer):
         if key not in self._backends:
             if len(self._backends) >= _BACKEND_CACHE:  # param_fraction draws many subsets
                 self._backends.pop(next(iter(self._backends)))
-            self._backends[key] = make_backend(name, self.model, params, self._verified)
+            self._backends[key] = make_backend(name, self.model, params, self._checks)
         return self._backends[key]
 
     @torch.no_grad()

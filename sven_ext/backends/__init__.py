@@ -20,11 +20,11 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
 
 
-def make_backend(name: str, model, params, verified: set | None = None) -> Backend:
+def make_backend(name: str, model, params, checks=None) -> Backend:
     """The backend called ``name`` for ``model`` (``"auto"`` chooses per step, see :mod:`sven_ext.costs`);
-    ``verified``: see :class:`Backend`."""
+    ``checks``: see :class:`Backend`."""
     check_backend_name(name)
-    return _BACKENDS[name](model, params, verified)
+    return _BACKENDS[name](model, params, checks)
 
 
 __all__ = ["Backend", "StepDirection", "StepSettings", "SketchSettings", "BACKEND_NAMES", "check_backend_name",

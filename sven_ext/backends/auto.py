@@ -24,11 +24,11 @@ class AutoBackend(Backend):
 
     name = "auto"
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], verified: set | None = None):
-        super().__init__(model, params, verified)
-        self.gram = GramBackend(model, params, self.verified)
-        self.sketch = SketchBackend(model, params, self.verified)
-        self.dense = DenseBackend(model, params, self.verified)
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], checks=None):
+        super().__init__(model, params, checks)
+        self.gram = GramBackend(model, params, self.checks)
+        self.sketch = SketchBackend(model, params, self.checks)
+        self.dense = DenseBackend(model, params, self.checks)
         self._coupled = [name or "<root>" for name, m in model.named_modules() if _batch_statistics(m)]
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:

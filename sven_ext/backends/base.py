@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..factor_check import FactorChecks
 from ..linalg import Solution, Truncation
 from ..residuals import Rows
 
@@ -138,18 +139,25 @@ class Backend(abc.ABC):
     Args:
         model: the module whose forward pass the closure runs.
         params: the parameters that move, in a fixed order.
-        verified: ids of parameters whose captured factors were already checked against autograd
-            (and the gram backend's ``(SHARED, id(module))`` entries: modules that check found
-            shared by every sample); backends built for different subsets of one optimizer's
-            parameters share it, so each parameter is checked once.
+        checks: the factor checks' verdicts (:class:`sven_ext.factor_check.FactorChecks`), shared by
+            the backends of one optimizer (built for different subsets of its parameters), so a
+            step signature is checked once; ``None``: a fresh store.
     """
 
     name: str = ""
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], verified: set | None = None):
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], checks: FactorChecks | None = None):
+        compiled = [name or "<root>" for name, module in model.named_modules()
+                    if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")]
+        if compiled:
+            raise ValueError(
+                f"module(s) {compiled} are torch.compile'd: compiled graphs run no module hooks and their "
+                "backward does not batch over rows, so Sven cannot differentiate them row by row. Give Sven "
+                "the uncompiled module (a compiled module's `_orig_mod`) and call that in the closure"
+            )
         self.model = model
         self.params = params
-        self.verified = set() if verified is None else verified
+        self.checks = FactorChecks() if checks is None else checks
 
     @abc.abstractmethod
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:

@@ -43,24 +43,12 @@ import math
 
 import torch
 
-from .. import costs, distributed, ops
-from ..capture import DirectUse, EmbeddingUse, LinearUse, _combine, _sample_index, capture, factor_bytes
+from .. import costs, distributed, factor_check, ops
+from ..capture import DirectUse, EmbeddingUse, LinearUse, ModuleUse, _combine, _sample_index, capture, factor_bytes
+from ..factor_check import FactorChecks, FactorMismatch
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
 from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
-
-# Entries ``(SHARED, id(module))`` of a backend's ``verified`` set: modules whose output every sample
-# shares although its first axis has the batch's size (found by the first-step factor check).
-SHARED = "shared"
-
-
-class FactorMismatch(RuntimeError):
-    """The captured factors do not reproduce autograd's gradient; ``params``: ids of the failing parameters."""
-
-    def __init__(self, message: str, params: set):
-        super().__init__(message)
-        self.params = params
-
 
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
 SEQ_GRAM_COST_FACTOR = 2.0
@@ -77,10 +65,11 @@ SUBSET_CHUNK_ELEMENTS = 1 << 18
 class GramBackend(Backend):
     """Exact ``K = J J^T`` from per-layer factors; ``c`` from its eigendecomposition.
 
-    The first step also checks the factors: the direction they give for random row
-    weights ``w`` must equal ``J^T w`` from autograd, parameter by parameter. This
-    catches a parameter read outside its module's forward, a layer that mixes samples,
-    or a batch that is not on axis 0, with an error naming the parameter.
+    Every step whose signature (rows, autograd graph, hooks, layer shapes) was not checked
+    before also checks the factors (:mod:`sven_ext.factor_check`): the direction they give
+    for random row weights ``w`` must equal ``J^T w`` from autograd, parameter by parameter.
+    This catches a parameter read outside its module's forward, a layer or loss that mixes
+    samples, or a batch that is not on axis 0, with an error naming the parameter.
 
     Attributes:
         row_budget_bytes: most bytes of per-row gradients held at once (float64).
@@ -89,8 +78,9 @@ class GramBackend(Backend):
     name = "gram"
     row_budget_bytes = 1 << 27
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], verified: set | None = None):
-        super().__init__(model, params, verified)
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], checks: FactorChecks | None = None):
+        super().__init__(model, params, checks)
+        self.recorded_whole: list[str] = []
         self._names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
@@ -120,6 +110,7 @@ class GramBackend(Backend):
             "factor_bytes": factor_bytes(uses),
             "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
             "checked": checked,
+            "recorded_whole": self.recorded_whole,
             **({} if shard is None else shard.info(self.params)),
         }
         return StepDirection(directions, rows, solution, info, contract=contract)
@@ -166,29 +157,38 @@ class GramBackend(Backend):
                 output = closure()
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.
-            probe = None if all(id(p) in self.verified for p in self.params) else self._probe(rows.captured)
-            shared = {key[1] for key in self.verified if isinstance(key, tuple) and key[0] == SHARED}
+            step, per_param, per_module = cap.signature(rows.per_sample)
+            verdict = self.checks.verdict(step)
+            shared = {key for key, calls in per_module.items() if (key, calls) in verdict.shared}
+            checked = self.checks.enabled and any(
+                (id(p), per_param.get(id(p))) not in verdict.params for p in self.params)
+            probe = factor_check.probe(rows.captured, self.params) if checked else None
             uses = cap.uses(rows.per_sample, settings.chunk_rows, shared)
             by_param = {id(p): [] for p in self.params}
             for use in uses:
                 for p in use.params:
                     by_param[id(p)].append(use)
             self._check_uncovered(rows.captured, by_param)
-            if probe is not None:
-                uses = self._check_or_share(cap, rows, uses, probe, shared, settings.chunk_rows)
-                self.verified.update(id(p) for p in self.params)
-        return rows, uses, probe is not None
+            if checked:
+                uses, found = self._check_or_share(cap, rows, uses, probe, shared, settings.chunk_rows)
+                verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
+                verdict.shared.update((key, per_module[key]) for key in found)
+            # Modules whose rows came from one backward pass per row (slow, still exact).
+            self.recorded_whole = sorted({call.name for call in cap.calls if call.whole})
+        return rows, uses, checked
 
-    def _check_or_share(self, cap, rows: Rows, uses: list, probe, shared: set, chunk_rows: int) -> list:
+    def _check_or_share(self, cap, rows: Rows, uses: list, probe, shared: set, chunk_rows: int):
         """Checks the factors; where a parameter fails, tries its modules as shared by every sample.
 
         A module's output is taken per sample when its first axis has the batch's size, so
-        ``pos(arange(T))`` with ``T == B`` is misread; recorded whole, its factors pass the check,
-        and the module is remembered (``(SHARED, id(module))`` in ``verified``) for later steps.
+        ``pos(arange(T))`` with ``T == B`` is misread; recorded whole, its factors pass the check.
+
+        Returns:
+            ``(uses, modules)``: the checked uses and the ids of the modules found shared.
         """
         try:
             self._check_factors(uses, *probe)
-            return uses
+            return uses, set()
         except FactorMismatch as mismatch:
             suspects = {id(call.module) for call in cap.calls
                         if not call.whole and any(id(p) in mismatch.params for _, p in call.params)}
@@ -199,17 +199,9 @@ class GramBackend(Backend):
                 self._check_factors(retried, *probe)
             except FactorMismatch:
                 raise mismatch from None
-        self.verified.update((SHARED, key) for key in suspects)
-        return retried
+        return retried, suspects
 
     # ----------------------------------------------------------------- checks
-
-    def _probe(self, residual: torch.Tensor):
-        """Random row weights ``w`` and ``J^T w`` from autograd (one ordinary backward pass)."""
-        generator = torch.Generator(device=residual.device).manual_seed(0x5EED)
-        weights = torch.randn(residual.shape, generator=generator, device=residual.device).to(residual.dtype)
-        grads = torch.autograd.grad(residual, self.params, grad_outputs=weights, retain_graph=True, allow_unused=True)
-        return weights, grads
 
     def _check_uncovered(self, residual: torch.Tensor, by_param: dict) -> None:
         """A moving parameter with no use must not affect the rows (one cheap backward if any)."""
@@ -233,23 +225,17 @@ class GramBackend(Backend):
         """
         dtype = torch.float64
         from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
-        failed, message = set(), None
-        for p, mine, true in zip(self.params, from_factors, grads):
-            # Autograd's gradient is rounded to the parameter's dtype: the looser precision sets the bar.
-            tolerance = math.sqrt(max(torch.finfo(weights.dtype).eps, torch.finfo(p.dtype).eps))
-            true = torch.zeros_like(mine) if true is None else true.to(dtype)
-            error = float((mine - true).norm())
-            scale = float(true.norm() + mine.norm())
-            if error > tolerance * scale:
-                failed.add(id(p))
-                message = message or (
-                    f"the gram backend's per-sample factors for parameter {self._names.get(id(p), '?')!r} do not "
-                    f"reproduce its gradient (relative error {error / scale:.2e}): a module reads it outside "
-                    "its own forward, a layer mixes samples (batch statistics, a loss normalised over the "
-                    "batch), or a layer's batch is not on axis 0. Use backend='dense' for this model"
-                )
-        if failed:
-            raise FactorMismatch(message, failed)
+        bounded = [use for use in uses if not isinstance(use, ModuleUse)]
+        unbounded = {id(p) for use in uses if isinstance(use, ModuleUse) for p in use.params}
+        magnitudes = self._directions([_absolute(use) for use in bounded], weights.to(dtype).abs(),
+                                      in_param_dtype=False)
+        dtypes = {id(p): {p.dtype} for p in self.params}
+        for use in uses:
+            for p in use.params:
+                dtypes[id(p)].update(_factor_dtypes(use))
+        factor_check.compare(self.params, from_factors,
+                             [None if id(p) in unbounded else m for p, m in zip(self.params, magnitudes)],
+                             grads, [dtypes[id(p)] for p in self.params], self._names)
 
     # ----------------------------------------------------------------- K and J^T c
 
@@ -541,6 +527,23 @@ def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, chunk: int, work: torc
             gram[other:end, start:stop] += cross.T
 
 
+def _absolute(use):
+    """``use`` with its factors replaced by their absolute values: its ``J^T |w|`` bounds every term."""
+    if isinstance(use, LinearUse):
+        return dataclasses.replace(use, a=use.a.abs(), d=use.d.abs())
+    if isinstance(use, EmbeddingUse):
+        return dataclasses.replace(use, d=use.d.abs())
+    return dataclasses.replace(use, g=use.g.abs())
+
+
+def _factor_dtypes(use) -> set:
+    """The dtypes a use's factors were captured in (autocast may lower them below the model's)."""
+    tensors = [getattr(use, name, None) for name in ("a", "d", "g")]
+    if isinstance(use, ModuleUse):
+        tensors = [d for d in use.d if d is not None]
+    return {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+
 def _gemm_dtype(factor_dtype: torch.dtype) -> torch.dtype:
     """Float32 or float64 as the factors are (half precision factors are promoted)."""
     return torch.float64 if factor_dtype == torch.float64 else torch.float32
@@ -624,5 +627,5 @@ def gram_matrix(model: torch.nn.Module, closure, *, params=None, kappa: float = 
     """
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     settings = StepSettings(Truncation(None, 0.0), kappa, dtype)
-    backend = GramBackend(model, params, verified=None if check else {id(p) for p in params})
+    backend = GramBackend(model, params, FactorChecks(enabled=check))
     return backend.gram(closure, settings)

@@ -250,6 +250,7 @@ class SketchBackend(GramBackend):
             "transient_budget": plan.budget,
             "fused": plan.fused,
             "checked": checked,
+            "recorded_whole": self.recorded_whole,
             **({} if shard is None else shard.info(self.params)),
         }
         return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors}, contract=contract)

@@ -1,0 +1,178 @@
+"""The check that the captured per-sample factors describe the model (DESIGN.md section 3.3).
+
+The gram and sketch backends never see per-sample gradients from autograd: they rebuild them
+from per-layer factors (:mod:`sven_ext.capture`). That rebuild rests on assumptions about the
+model that no type can promise (each layer's batch is on axis 0, no layer mixes samples, a
+parameter is read only by its own module, no hook rewrites an output), so the factors are
+checked against autograd: for random row weights ``w``, the direction ``J^T w`` they give must
+match the gradient of ``w . r`` from one ordinary backward pass, parameter by parameter.
+
+What a check found holds only for steps like the one it ran on. A step is described by its
+*signature*: the shape of its rows, the structure of its autograd graph (every node type from
+the residuals down to the parameters, so a new loss, a new hook function or a different
+dropout setting changes it), the model's hooks, and per parameter the shapes of every recorded
+call of its module. A step whose signature was checked before reuses the verdict; any other
+step (a smaller last batch, a new sequence length, a hook added later, a closure that now mixes
+samples) is checked again before its update is computed.
+
+Tolerance: the factors and autograd sum the same terms in different orders and precisions, so
+their difference is bounded by a multiple of the unit roundoff times the sum of the *absolute*
+terms, ``|J|^T |w|`` (computed from the absolute factors), not times the result, which can
+cancel to zero (a key bias under softmax has an exactly zero gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+# The check's relative tolerance in units of sqrt(float32 eps) of |J|^T |w|: float32 steps sit in
+# the graphs of float64 models too (e.g. norms that upcast, rotary tables), so float64 models get
+# the float32 bar; a wrong factorisation is off by O(1) of the terms it misplaces.
+FULL_PRECISION_TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)
+# Half-precision factors (autocast, float16/bfloat16 models) carry about eps of their dtype.
+HALF_PRECISION_ROUNDOFFS = 4
+# Signatures remembered per optimizer (variable sequence lengths give one each).
+REMEMBERED_SIGNATURES = 256
+# Seed of the check's random row weights: the check itself must be reproducible.
+CHECK_SEED = 0x5EED
+
+
+class FactorMismatch(RuntimeError):
+    """The captured factors do not reproduce autograd's gradient; ``params``: ids of the failing parameters."""
+
+    def __init__(self, message: str, params: set):
+        super().__init__(message)
+        self.params = params
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What the check found for one step signature.
+
+    Attributes:
+        params: ids of the parameters whose factors passed.
+        shared: ids of modules whose output every sample shares although its first axis has the
+            batch's size (recorded whole for steps with this signature).
+    """
+
+    params: set = dataclasses.field(default_factory=set)
+    shared: set = dataclasses.field(default_factory=set)
+
+
+class FactorChecks:
+    """The verdicts of one optimizer's factor checks, by step signature (shared by its backends).
+
+    Args:
+        enabled: ``False`` trusts the factors without checking (``gram_matrix(check=False)``).
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._verdicts: OrderedDict = OrderedDict()
+
+    def verdict(self, signature) -> Verdict:
+        """The verdict of ``signature`` (an empty one if it was never checked)."""
+        verdict = self._verdicts.get(signature)
+        if verdict is None:
+            verdict = self._verdicts[signature] = Verdict()
+            while len(self._verdicts) > REMEMBERED_SIGNATURES:
+                self._verdicts.popitem(last=False)
+        else:
+            self._verdicts.move_to_end(signature)
+        return verdict
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+
+def graph_fingerprint(root: torch.Tensor) -> tuple:
+    """The node types of ``root``'s autograd graph in a fixed walk order (about 1 us a node).
+
+    Raises:
+        ValueError: the graph holds a reentrant checkpoint, which ``torch.autograd.grad`` cannot
+            differentiate (every backend differentiates with it).
+    """
+    start = root.grad_fn
+    if start is None:
+        return ()
+    seen, names, stack = {start}, [], [start]
+    while stack:
+        node = stack.pop()
+        names.append(type(node).__name__)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    if "CheckpointFunctionBackward" in names:
+        raise ValueError(
+            "the closure runs torch.utils.checkpoint with use_reentrant=True, which torch.autograd.grad "
+            "cannot differentiate; pass use_reentrant=False (e.g. HF models: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
+        )
+    return tuple(names)
+
+
+def hooks_fingerprint(model: nn.Module) -> tuple:
+    """The handles of every hook on ``model``'s modules and the global module hooks (unique per registration)."""
+    from torch.nn.modules import module as module_globals
+
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    per_module = tuple(tuple(key for kind in kinds for key in getattr(m, kind, {})) for m in model.modules())
+    global_hooks = tuple(tuple(getattr(module_globals, name, {})) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+    return per_module, global_hooks
+
+
+def probe(residual: torch.Tensor, params: list[torch.Tensor]):
+    """Random row weights ``w`` and ``J^T w`` from autograd (one ordinary backward pass)."""
+    generator = torch.Generator(device=residual.device).manual_seed(CHECK_SEED)
+    weights = torch.randn(residual.shape, generator=generator, device=residual.device).to(residual.dtype)
+    grads = torch.autograd.grad(residual, params, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    return weights, grads
+
+
+def tolerance(dtypes) -> float:
+    """Relative tolerance of the check for factors and parameters of these dtypes."""
+    low = max(torch.finfo(dtype).eps for dtype in dtypes)
+    if low <= torch.finfo(torch.float32).eps:
+        return FULL_PRECISION_TOLERANCE
+    return HALF_PRECISION_ROUNDOFFS * low
+
+
+def compare(params: list[torch.Tensor], from_factors: list[torch.Tensor], magnitudes: list,
+            grads, dtypes: list, names: dict) -> None:
+    """Raises :class:`FactorMismatch` where the factors' ``J^T w`` is not autograd's.
+
+    Args:
+        params: the moving parameters.
+        from_factors: ``J^T w`` from the factors, float64, per parameter.
+        magnitudes: ``|J|^T |w|`` per parameter (float64), or ``None`` where no absolute
+            bound is available (then the two results' norms set the scale).
+        grads: autograd's ``J^T w`` per parameter (``None``: no dependence).
+        dtypes: per parameter, the dtypes its factors and gradient were computed in.
+        names: ``id(p) -> name`` for the message.
+    """
+    failed, message = set(), None
+    for p, mine, true, magnitude, kinds in zip(params, from_factors, grads, magnitudes, dtypes):
+        true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
+        error = float((mine - true).norm())
+        scale = float(magnitude.norm()) if magnitude is not None else float(true.norm() + mine.norm())
+        bar = tolerance(kinds)
+        if not error <= bar * scale:
+            failed.add(id(p))
+            relative = error / scale if scale > 0 else math.inf
+            message = message or (
+                f"the per-sample factors for parameter {names.get(id(p), '?')!r} do not reproduce its "
+                f"gradient (error {relative:.2e} of the summed terms, tolerance {bar:.1e}): a module reads it "
+                "outside its own forward, a layer or the loss mixes samples (batch statistics, a loss "
+                "normalised over the batch), or a layer's batch is not on axis 0. Use backend='dense' for "
+                "this model"
+            )
+    if failed:
+        raise FactorMismatch(message, failed)
