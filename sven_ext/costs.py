@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .capture import DirectUse, EmbeddingUse, LinearUse, _linear_costs
+from .layers import DirectUse, EmbeddingUse, LinearUse
+from .layers.linear import linear_costs
 
 GRAM_PREFERENCE = 4.0
 # eigh(K) of n x n in float64: ~0.85 ns * n^3 measured at n = 2048..4096, against ~0.033 ns
@@ -155,7 +156,7 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
         size = _params(use)
         if isinstance(use, LinearUse):
             samples, steps, groups, din, dout = _shape(use)
-            per_pass = 2.0 * groups * min(_linear_costs(samples, rows, steps, din, dout, columns))
+            per_pass = 2.0 * groups * min(linear_costs(samples, rows, steps, din, dout, columns))
             if use.bias is not None:
                 per_pass += 2.0 * rows * groups * dout * columns
             dense = test_matrix != "khatri_rao"

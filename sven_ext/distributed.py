@@ -56,7 +56,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from .capture import DirectUse, EmbeddingUse, LinearUse, ModuleUse
+from .layers import DirectUse, EmbeddingUse, LinearUse, ModuleUse
 from .residuals import RowMap, Rows
 
 BACKENDS = ("auto", "gram", "sketch")

@@ -74,6 +74,8 @@ class FactorChecks:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._verdicts: OrderedDict = OrderedDict()
+        # Ids of modules whose broadcast output is expanded to the batch (:mod:`sven_ext.capture`).
+        self.expandable: set = set()
 
     def verdict(self, signature) -> Verdict:
         """The verdict of ``signature`` (an empty one if it was never checked)."""
@@ -90,8 +92,16 @@ class FactorChecks:
         return len(self._verdicts)
 
 
-def graph_fingerprint(root: torch.Tensor) -> tuple:
+def graph_fingerprint(root: torch.Tensor, watched=()) -> tuple[tuple, dict]:
     """The node types of ``root``'s autograd graph in a fixed walk order (about 1 us a node).
+
+    Args:
+        root: the residual rows.
+        watched: graph nodes whose consumers to report.
+
+    Returns:
+        ``(names, consumers)``: the node type names, and for each watched node reached the set
+        of type names of the nodes that use it.
 
     Raises:
         ValueError: the graph holds a reentrant checkpoint, which ``torch.autograd.grad`` cannot
@@ -99,13 +109,18 @@ def graph_fingerprint(root: torch.Tensor) -> tuple:
     """
     start = root.grad_fn
     if start is None:
-        return ()
-    seen, names, stack = {start}, [], [start]
+        return (), {}
+    seen, names, stack, consumers = {start}, [], [start], {}
     while stack:
         node = stack.pop()
-        names.append(type(node).__name__)
+        name = type(node).__name__
+        names.append(name)
         for child, _ in node.next_functions:
-            if child is not None and child not in seen:
+            if child is None:
+                continue
+            if child in watched:
+                consumers.setdefault(child, set()).add(name)
+            if child not in seen:
                 seen.add(child)
                 stack.append(child)
     if "CheckpointFunctionBackward" in names:
@@ -114,7 +129,7 @@ def graph_fingerprint(root: torch.Tensor) -> tuple:
             "cannot differentiate; pass use_reentrant=False (e.g. HF models: "
             "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))"
         )
-    return tuple(names)
+    return tuple(names), consumers
 
 
 def hooks_fingerprint(model: nn.Module) -> tuple:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import costs
-from ..capture import _batch_statistics, factor_bytes
+from ..capture import _batch_statistics
+from ..layers import factor_bytes
 from ..residuals import rows_from_closure_output
 from .base import Backend, StepDirection, StepSettings
 from .dense import DenseBackend

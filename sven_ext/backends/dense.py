@@ -67,7 +67,7 @@ class DenseBackend(Backend):
         scale = effective_column_scale(settings, self.params)
         estimate = costs.estimate_dense(rows.residual.numel(), sum(p.numel() for p in self.params))
         costs.require_fit(estimate, 0, settings.max_memory, self.params[0].device)
-        graph_fingerprint(rows.residual)  # refuses graphs autograd.grad cannot differentiate
+        graph_fingerprint(rows.residual)  # raises for graphs autograd.grad cannot differentiate
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
         residual = rows.residual.detach().to(settings.solve_dtype)
         truncation = dataclasses.replace(settings.truncation, k=resolve_k(residual.numel()))

@@ -44,8 +44,10 @@ import math
 import torch
 
 from .. import costs, distributed, factor_check, ops
-from ..capture import DirectUse, EmbeddingUse, LinearUse, ModuleUse, _combine, _sample_index, capture, factor_bytes
+from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
+from ..layers import DirectUse, EmbeddingUse, LinearUse, ModuleUse, factor_bytes
+from ..layers.common import combine_rows, sample_index
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
 from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
@@ -153,7 +155,7 @@ class GramBackend(Backend):
     def factors(self, closure, settings: StepSettings):
         """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran)."""
         with torch.enable_grad():
-            with capture(self.model, self.params) as cap:
+            with capture(self.model, self.params, self.checks.expandable) as cap:
                 output = closure()
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.
@@ -326,7 +328,7 @@ class _SubsetLinearUse(LinearUse):
     features: torch.Tensor | None = None
 
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
-        dc = _combine(self.d, c, self.a.shape[0])[:, :, 0]  # (S, T, units): one group
+        dc = combine_rows(self.d, c, self.a.shape[0])[:, :, 0]  # (S, T, units): one group
         a = self.a[:, :, 0].to(c.dtype).expand(dc.shape[0], -1, -1)
         a = a.reshape(-1, a.shape[-1])  # (sample, position) pairs x features
         weight = torch.zeros(self.param.shape[0], self.param[0].numel(), dtype=c.dtype, device=c.device)
@@ -361,7 +363,7 @@ def _restrictable(uses: list, params: list[torch.Tensor], subsets: list) -> dict
     chosen = {id(p): s for p, s in zip(params, subsets) if s is not None}
 
     def fits(use) -> bool:
-        if not isinstance(use, LinearUse) or use.a.shape[2] != 1:
+        if not isinstance(use, LinearUse) or use.a.shape[2] != 1 or use.transposed:
             return False
         weight = chosen.get(id(use.param))
         if weight is None or weight.cols is None:
@@ -454,7 +456,7 @@ def _merge_embedding(group: list) -> EmbeddingUse:
     return EmbeddingUse(group[0].param, indices, torch.cat([u.d for u in group], dim=1))
 
 
-def _per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
+def _repeat_per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
     """``(S, ...)`` per sample -> ``(R, ...)`` per row (each sample repeated for its ``m`` rows)."""
     m = rows // x.shape[0]
     return x if m == 1 else x.repeat_interleave(m, dim=0)
@@ -483,11 +485,11 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
         return "gemm"
     seq_cost = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
-    chunk = _chunk(rows, groups * din * dout * torch.finfo(work).bits // 64, budget)
+    chunk = _rows_within(rows, groups * din * dout * torch.finfo(work).bits // 64, budget)
     passes = math.ceil(rows / chunk)
     row_cost = groups * (rows * steps * din * dout * (passes + 1) / 2 + rows * rows * din * dout / 2)
     if seq_cost <= row_cost:
-        a = _per_row(use.a, rows)
+        a = _repeat_per_row(use.a, rows)
         for g in range(groups):
             # seq_gram accumulates the sum over (t, t') in float64 whatever the input precision.
             gram.add_(ops.seq_gram(a[:, :, g].to(work), use.d[:, :, g].to(work)).to(dtype))
@@ -512,7 +514,7 @@ def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, chunk: int, work: torc
     a, d = use.a.to(work), use.d.to(work)
 
     def block(start: int, stop: int) -> torch.Tensor:
-        index = _sample_index(start, stop, rows, a.shape[0], a.device)
+        index = sample_index(start, stop, rows, a.shape[0], a.device)
         return torch.einsum("rtgi,rtgo->rgoi", a[index], d[start:stop]).reshape(stop - start, -1)
 
     starts = list(range(0, rows, chunk))
@@ -551,12 +553,12 @@ def _gemm_dtype(factor_dtype: torch.dtype) -> torch.dtype:
 
 def _embedding_gram(use: EmbeddingUse, gram: torch.Tensor) -> str:
     rows = use.d.shape[0]
-    indices = _per_row(use.indices, rows) if use.indices.shape[0] > 1 else use.indices.expand(rows, -1)
+    indices = _repeat_per_row(use.indices, rows) if use.indices.shape[0] > 1 else use.indices.expand(rows, -1)
     gram.add_(ops.embedding_gram(indices, use.d.to(gram.dtype)).to(gram.dtype))
     return "embedding_gram"
 
 
-def _chunk(rows: int, width: int, budget: int) -> int:
+def _rows_within(rows: int, width: int, budget: int) -> int:
     return max(1, min(rows, budget // max(1, 8 * width)))
 
 
@@ -596,7 +598,7 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
         g = unscaled(start, stop)
         return g if columns is None else g * columns  # out of place: rows() may be a view of the factors
 
-    chunk = _chunk(rows, width, budget)
+    chunk = _rows_within(rows, width, budget)
     starts = list(range(0, rows, chunk))
     for i, start in enumerate(starts):
         stop = min(start + chunk, rows)

@@ -16,7 +16,7 @@ through per-parameter products of the per-layer factors (:mod:`sven_ext.capture`
 
 Memory: ``O(R s)`` plus the factors plus transients near ``transient_budget_bytes`` (a tile
 ``(rows, rest, s)`` of one parameter's ``Z``, chunks of per-row products). Modules handled by
-the ``torch.func`` fallback (:class:`sven_ext.capture.ModuleUse`) hold their whole ``Z``
+the ``torch.func`` fallback (:class:`sven_ext.layers.ModuleUse`) hold their whole ``Z``
 ``(P_module, s)`` and ``Omega`` block. When ``s + warm-start columns >= R`` the basis is the
 identity (``Q = I``): the solve is exact and no sketch is drawn.
 
@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import costs, distributed, ops
-from ..capture import DirectUse, EmbeddingUse, LinearUse, _chunk, _first_axis, factor_bytes
+from ..layers import DirectUse, EmbeddingUse, LinearUse, factor_bytes
+from ..layers.common import first_axis, items_within
 from ..linalg import solve_projected
 from ..residuals import Rows
 from .base import StepDirection, StepSettings, effective_column_scale
@@ -105,7 +106,7 @@ class Omega:
 
     def tile(self, p: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows of ``p``'s block for first-axis rows ``lo:hi``: ``(hi - lo, rest, s)``."""
-        rest = _first_axis(p)[1]
+        rest = first_axis(p)[1]
         if self.dense(p):
             block = self._block((hi - lo) * rest, lo * rest, self.stream(p), dtype, self.distribution)
             return block.view(hi - lo, rest, self.columns)
@@ -115,7 +116,7 @@ class Omega:
 
     def factors(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Khatri-Rao factors of ``p``'s block: ``U (rows, s)``, ``V (rest, s)``."""
-        rows, rest = _first_axis(p)
+        rows, rest = first_axis(p)
         return (self._block(rows, 0, self.stream(p, 1), dtype, "gaussian"),
                 self._block(rest, 0, self.stream(p, 2), dtype, "gaussian"))
 
@@ -152,8 +153,8 @@ class _Plan:
 
     def tiles(self, p: torch.Tensor, columns: int):
         """First-axis ranges of ``p`` whose ``Z`` tile (and its float64 copy) fit the budget."""
-        first, rest = _first_axis(p)
-        step = _chunk(first, 3 * rest * columns * 8, self.budget)
+        first, rest = first_axis(p)
+        step = items_within(first, 3 * rest * columns * 8, self.budget)
         return [(lo, min(lo + step, first)) for lo in range(0, first, step)]
 
 
@@ -277,7 +278,7 @@ class SketchBackend(GramBackend):
         fused = self.fused if self.fused is not None else device.type == "cuda"
         scales = None
         if scale is not None:
-            scales = {id(p): s.reshape(_first_axis(p)).to(work) for p, s in zip(self.params, scale)}
+            scales = {id(p): s.reshape(first_axis(p)).to(work) for p, s in zip(self.params, scale)}
         return _Plan(components, count, work, int(budget), fused, scales)
 
     # ----------------------------------------------------------------- products with J
@@ -289,7 +290,7 @@ class SketchBackend(GramBackend):
             offsets[id(p)] = at
             at += p.numel()
         size = torch.finfo(plan.work).bits // 8
-        chunk = _chunk(plan.rows, comp.width * size, plan.budget)
+        chunk = items_within(plan.rows, comp.width * size, plan.budget)
         for r0 in range(0, plan.rows, chunk):
             r1 = min(r0 + chunk, plan.rows)
             if len(comp.uses) == 1:
@@ -309,7 +310,7 @@ class SketchBackend(GramBackend):
         for comp in plan.components:
             if comp.rows:
                 block = torch.cat([
-                    plan.scale(p, 0, _first_axis(p)[0], omega.tile(p, 0, _first_axis(p)[0], plan.work))
+                    plan.scale(p, 0, first_axis(p)[0], omega.tile(p, 0, first_axis(p)[0], plan.work))
                     .reshape(-1, omega.columns) for p in comp.params
                 ])
                 for r0, r1, g in self._row_blocks(comp, plan):

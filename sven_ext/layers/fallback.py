@@ -1,0 +1,141 @@
+"""The fallback for any other module that owns moving parameters (DESIGN.md section 3.4).
+
+``nn.MultiheadAttention`` (it reads ``out_proj.weight`` without calling ``out_proj``), recurrent
+layers, subclasses with their own ``forward`` and parameters a module uses directly in an
+expression: per-row gradients of that module alone with ``torch.func``, computed in row chunks
+when asked for. Exact, and dearer than a dedicated rule: the module runs again under ``vmap``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .common import combine_rows, sample_index
+
+
+@dataclass
+class ModuleUse:
+    """One call of a module differentiated on its own with ``torch.func`` (the fallback).
+
+    Per-sample calls (``S = B``) give per-row gradients by ``vmap(grad)`` over the rows,
+    each row seeing its own sample's slice of the batched inputs; whole calls (``S = 1``)
+    by ``vmap`` of one ``vjp`` over full output-shaped ``d`` rows. Computed in the
+    requested dtype (the solve dtype), chunk by chunk, when asked for.
+
+    Attributes:
+        module: the module.
+        names: names of the moving parameters, relative to ``module``.
+        params: those parameters.
+        leaves: flattened call arguments (detached tensors and other values).
+        spec: pytree spec of ``(args, kwargs)``.
+        batched: per leaf, whether it is indexed by sample (a batched tensor of a per-sample call).
+        outputs: indices of the differentiable output leaves.
+        d: per differentiable output, ``(R, ...)`` gradients (``None``: the rows do not depend on it).
+        samples: ``S``.
+    """
+
+    module: nn.Module
+    names: list[str]
+    params: tuple[torch.Tensor, ...]
+    leaves: list
+    spec: object
+    batched: list[bool]
+    outputs: list[int]
+    d: list[torch.Tensor | None]
+    samples: int
+    whole: bool
+
+    def _state(self, dtype):
+        state = {
+            name: t.detach().to(dtype) if t.is_floating_point() else t
+            for name, t in (*self.module.named_parameters(), *self.module.named_buffers())
+        }
+        moving = {name: state.pop(name) for name in self.names}
+        return state, moving
+
+    def _call(self, state, moving, leaves, dtype, unsqueeze: bool):
+        """The module's differentiable outputs; ``unsqueeze``: give one sample's slices a batch axis back."""
+        ready = []
+        for x, batched in zip(leaves, self.batched):
+            if isinstance(x, torch.Tensor):
+                x = x.unsqueeze(0) if unsqueeze and batched else x
+                x = x.to(dtype) if x.is_floating_point() else x
+            ready.append(x)
+        args, kwargs = tree_unflatten(ready, self.spec)
+        # oneDNN's float32 RNN kernels keep a workspace that torch.func's transforms do not carry.
+        with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
+                                         fp32_precision=None):
+            out = torch.func.functional_call(self.module, {**state, **moving}, tuple(args), kwargs)
+        flat = tree_flatten(out)[0]
+        return [flat[k] for k in self.outputs]
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        state, moving = self._state(dtype)
+        live = [k for k, d in enumerate(self.d) if d is not None]
+        d_rows = [self.d[k][start:stop].to(dtype) for k in live]
+        if self.whole:
+            def whole(p):
+                outs = self._call(state, p, self.leaves, dtype, unsqueeze=False)
+                return tuple(outs[k] for k in live)
+
+            _, vjp_fn = torch.func.vjp(whole, moving)
+            grads = torch.vmap(vjp_fn)(tuple(d_rows))[0]
+        else:
+            index = sample_index(start, stop, self.d[live[0]].shape[0], self.samples, d_rows[0].device)
+            leaves = [x[index] if b else x for x, b in zip(self.leaves, self.batched)]
+            in_dims = [0 if b else None for b in self.batched]
+
+            def one(leaves_i, d_i):
+                def scalar(p):
+                    outs = self._call(state, p, leaves_i, dtype, unsqueeze=True)
+                    return sum((outs[k] * d.unsqueeze(0)).sum() for k, d in zip(live, d_i))
+
+                return torch.func.grad(scalar)(moving)
+
+            grads = torch.vmap(one, in_dims=(in_dims, 0))(leaves, d_rows)
+        return torch.cat([grads[name].reshape(stop - start, -1) for name in self.names], dim=1)
+
+    def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
+        state, moving = self._state(c.dtype)
+        live = [k for k, d in enumerate(self.d) if d is not None]
+
+        def whole(p):
+            outs = self._call(state, p, self.leaves, c.dtype, unsqueeze=False)
+            return tuple(outs[k] for k in live)
+
+        outs, vjp_fn = torch.func.vjp(whole, moving)
+        cotangents = tuple(
+            combine_rows(self.d[k], c, self.samples).view(out.shape) for k, out in zip(live, outs)
+        )
+        grads = vjp_fn(cotangents)[0]
+        return [grads[name] for name in self.names]
+
+
+# One factorisation of (part of) some parameters' per-row gradients.
+
+
+def module_rule(call, samples: int) -> list:
+    """Any module: its call replayed with ``torch.func``."""
+    if all(d is None for d in call.d):
+        return []
+    batched = [
+        not call.whole and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == samples for x in call.leaves
+    ]
+    return [
+        ModuleUse(
+            module=call.module,
+            names=[n for n, _ in call.params],
+            params=tuple(p for _, p in call.params),
+            leaves=call.leaves,
+            spec=call.spec,
+            batched=batched,
+            outputs=call.outputs,
+            d=call.d,
+            samples=samples,
+            whole=call.whole,
+        )
+    ]

@@ -1,0 +1,72 @@
+"""Normalisation layers: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm*d``
+in eval mode (DESIGN.md section 3.3).
+
+The affine weight's per-row gradient is ``sum D * xhat`` over everything but the normalised
+feature axes, the bias's ``sum D``, with ``xhat`` recomputed from the recorded input: both are
+held as :class:`~sven_ext.layers.direct.DirectUse`. BatchNorm with batch statistics couples the
+samples and is refused before the step (:func:`sven_ext.capture.capture`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .direct import DirectUse
+
+
+def _norm(call, samples: int, kind: str) -> list:
+    """LayerNorm / RMSNorm / GroupNorm / eval BatchNorm: ``g_w = sum D * xhat``, ``g_b = sum D``."""
+    (d,) = call.d
+    if d is None:
+        return []
+    module = call.module
+    x = call.sample_input()
+    inner = x.reshape(-1, *x.shape[2:]) if call.whole and kind in ("group_norm", "batch_norm") else x
+    with torch.no_grad():
+        if kind == "layer_norm":
+            xhat = F.layer_norm(inner, module.normalized_shape, None, None, module.eps)
+        elif kind == "rms_norm":
+            xhat = F.rms_norm(inner, module.normalized_shape, None, module.eps)
+        elif kind == "group_norm":
+            xhat = F.group_norm(inner, module.num_groups, None, None, module.eps)
+        else:
+            xhat = F.batch_norm(inner, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+    xhat = xhat.reshape(x.shape)
+    rows = d.shape[0]
+    m = rows // samples
+    rest = d.shape[1:]
+    if kind in ("layer_norm", "rms_norm"):
+        keep = len(module.normalized_shape)
+        summed = tuple(range(2, 2 + len(rest) - keep))
+    else:  # channels: axis 1 of the module's own input
+        channel = 3 if call.whole else 2
+        summed = tuple(k for k in range(2, 2 + len(rest)) if k != channel)
+    owned = dict(call.params)
+    uses = []
+    view = d.reshape(samples, m, *rest)
+    for name in ("weight", "bias"):
+        if name in owned:
+            g = view * xhat.reshape(samples, 1, *rest) if name == "weight" else view
+            uses.append(DirectUse(owned[name], (g.sum(summed) if summed else g).reshape(rows, -1)))
+    return uses
+
+
+def layer_norm_rule(call, samples: int) -> list:
+    """``nn.LayerNorm``."""
+    return _norm(call, samples, "layer_norm")
+
+
+def rms_norm_rule(call, samples: int) -> list:
+    """``nn.RMSNorm``."""
+    return _norm(call, samples, "rms_norm")
+
+
+def group_norm_rule(call, samples: int) -> list:
+    """``nn.GroupNorm``."""
+    return _norm(call, samples, "group_norm")
+
+
+def batch_norm_rule(call, samples: int) -> list:
+    """``nn.BatchNorm1d/2d/3d`` with running statistics."""
+    return _norm(call, samples, "batch_norm")
