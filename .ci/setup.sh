@@ -22,7 +22,7 @@ py="$venv/bin/python"
 
 echo "== installing $torch_spec and the Python dependencies"
 "$py" -m pip install --quiet --upgrade pip
-"$py" -m pip install --quiet "$torch_spec" setuptools wheel ninja numpy matplotlib tqdm pytest hypothesis scikit-learn
+"$py" -m pip install --quiet "$torch_spec" setuptools wheel ninja numpy matplotlib tqdm pytest hypothesis scikit-learn torchvision transformers timm
 
 # The nvcc on PATH may be a wrapper outside the toolkit; point at the toolkit itself.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

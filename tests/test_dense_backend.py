@@ -164,6 +164,32 @@ def test_params_restricts_what_moves():
     assert relative(update, expected) < 1e-10
 
 
+class _WithUnused(torch.nn.Module):
+    """An MLP with a Linear layer the forward pass never calls, between two that it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(3, 5)
+        self.unused = torch.nn.Linear(4, 3)
+        self.last = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)))
+
+
+def test_unused_parameter_gets_a_zero_column():
+    torch.manual_seed(6)
+    model = _WithUnused().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    loss = make_loss("losses", x, y)
+    expected, _ = oracle_update(model, loss, lr=0.1, k=6, rtol=1e-3)
+    # chunk_rows=4: the unused parameter's columns are zeroed in every chunk of rows.
+    update, _ = step_update(model, loss, lr=0.1, k=6, rtol=1e-3, chunk_rows=4)
+    assert torch.equal(update["unused.weight"], torch.zeros(3, 4, dtype=torch.float64))
+    assert torch.equal(update["unused.bias"], torch.zeros(3, dtype=torch.float64))
+    assert relative(update, expected) < 1e-10
+
+
 def test_closure_returning_a_scalar_is_rejected():
     model = mlp((3, 4, 1))
     x = torch.randn(5, 3, dtype=torch.float64)

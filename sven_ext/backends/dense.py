@@ -39,9 +39,16 @@ def jacobian(residual: torch.Tensor, params: list[torch.Tensor], chunk_rows: int
             is_grads_batched=True,
             retain_graph=stop < rows,
             allow_unused=True,
-            materialize_grads=True,
         )
-        jac[start:stop] = torch.cat([g.reshape(stop - start, -1) for g in grads], dim=1)
+        # An unused parameter has no gradient (batched or not): its columns are zero.
+        at = 0
+        for p, g in zip(params, grads):
+            block = jac[start:stop, at:at + p.numel()]
+            if g is None:
+                block.zero_()
+            else:
+                block.copy_(g.reshape(stop - start, -1))
+            at += p.numel()
     return jac
 
 
