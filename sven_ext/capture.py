@@ -40,13 +40,14 @@ from .layers import Use, rule_for
 from .layers.embedding import embedding_rule
 from .layers.fallback import module_rule
 from .layers.linear import linear_rule, transposed_linear_rule
-from .layers.norm import layer_norm_rule, rms_norm_rule
+from .layers.norm import hf_rms_norm_rule, layer_norm_rule, rms_norm_rule
 
 # Modules that read their children's parameters without calling the children: all the
 # parameters under them are differentiated as one module.
 WHOLE_MODULES = (nn.MultiheadAttention,)
 # Rules of layers that act on the last axis only, so any leading axis may hold the batch.
-_LAST_AXIS_RULES = (linear_rule, transposed_linear_rule, embedding_rule, layer_norm_rule, rms_norm_rule)
+_LAST_AXIS_RULES = (linear_rule, transposed_linear_rule, embedding_rule, layer_norm_rule, rms_norm_rule,
+                    hf_rms_norm_rule)
 # Position and segment tables: a lookup without a batch axis that is only ever added to a
 # batched tensor may be expanded to the batch (the sum is the same) once a step has shown it so.
 _EXPANDABLE_RULES = (embedding_rule,)
@@ -78,12 +79,13 @@ class Call:
     # ("leading") or a new axis 0 ("new"); None: not expanded.
     expanded: str | None = None
     broadcast: bool = False  # its output looked like a table that broadcasts against the batch
-    batch_axis: int | None = 0  # where its output holds the samples; None: recorded whole (S = 1)
+    # Per output, the axis that holds the samples; None: recorded whole (S = 1).
+    batch_axes: list[int] | None = None
     d: list = field(default_factory=list)  # per output: (R, ...) with the samples' axis removed
 
     @property
     def whole(self) -> bool:
-        return self.batch_axis is None
+        return self.batch_axes is None
 
     @property
     def input(self) -> torch.Tensor:
@@ -99,7 +101,7 @@ class Call:
             return x.expand(self.shapes[0][0], *x.shape[1:])
         if self.expanded == "new":
             return x.expand(self.shapes[0][0], *x.shape)
-        return x.movedim(self.batch_axis, 0) if self.batch_axis else x
+        return x.movedim(self.batch_axes[0], 0) if self.batch_axes[0] else x
 
 
 class Capture:
@@ -254,7 +256,7 @@ class Capture:
                         "backend reads it after the closure (avoid in-place ops on layer inputs)"
                     )
         for call in self.calls:
-            call.batch_axis = None if id(call.module) in shared else _batch_axis(call, batch)
+            call.batch_axes = None if id(call.module) in shared else _batch_axes(call, batch)
         _output_gradients(
             residual_rows, [c for c in self.calls if not c.whole], [c for c in self.calls if c.whole], chunk_rows
         )
@@ -295,16 +297,21 @@ def _rows_first(g: torch.Tensor, rows: int) -> torch.Tensor:
     return g.reshape(rows, *g.shape[2:])
 
 
-def _batch_axis(call: Call, batch: int) -> int | None:
-    """The axis of ``call``'s outputs that holds the samples (0, or 1 for a sequence-first
-    last-axis layer), or ``None``: no axis does, record it whole."""
+def _batch_axes(call: Call, batch: int) -> list[int] | None:
+    """Per output of ``call``, the axis that holds the samples, or ``None``: record it whole.
+
+    Axis 0, or axis 1 for a sequence-first layer acting on the last axis and for the extra
+    outputs of a module whose first output is batch-first (an RNN's ``h_n``, ``(layers, B, h)``).
+    """
     if not call.batch_first:
         return None
-    if all(len(s) > 0 and s[0] == batch for s in call.shapes):
-        return 0
-    if call.rule in _LAST_AXIS_RULES and all(len(s) > 1 and s[1] == batch for s in call.shapes):
-        return 1
-    return None
+    axes = [0 if len(s) > 0 and s[0] == batch else 1 if len(s) > 1 and s[1] == batch else None
+            for s in call.shapes]
+    if None in axes:
+        return None
+    if call.rule in _LAST_AXIS_RULES:
+        return axes if len(set(axes)) == 1 else None
+    return axes if axes[0] == 0 else None
 
 
 def _plan(model: nn.Module, params: list[torch.Tensor]):
@@ -333,7 +340,7 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
     rows = batch * m
     edges = [e for c in per_sample for e in c.edges]
     if edges:
-        axes = [c.batch_axis for c in per_sample for _ in c.edges]
+        axes = [axis for c in per_sample for axis in c.batch_axes]
         if m == 1:
             grads = torch.autograd.grad(
                 residual_rows[:, 0], edges, grad_outputs=torch.ones_like(residual_rows[:, 0]),

@@ -38,7 +38,8 @@ from .direct import DirectUse
 from .embedding import EmbeddingUse, embedding_rule
 from .fallback import ModuleUse, module_rule
 from .linear import LinearUse, conv_rule, linear_rule, transposed_linear_rule
-from .norm import batch_norm_rule, group_norm_rule, layer_norm_rule, rms_norm_rule
+from .norm import (batch_norm_rule, channel_layer_norm_rule, group_norm_rule, hf_rms_norm_rule, layer_norm_rule,
+                   rms_norm_rule)
 
 # One factorisation of (part of) some parameters' per-row gradients.
 Use = LinearUse | EmbeddingUse | DirectUse | ModuleUse
@@ -94,5 +95,10 @@ register(nn.LayerNorm, layer_norm_rule)
 register(nn.RMSNorm, rms_norm_rule)
 register(nn.GroupNorm, group_norm_rule)
 register(nn.modules.batchnorm._BatchNorm, batch_norm_rule)
+register("torchvision.models.convnext.LayerNorm2d", channel_layer_norm_rule)
+for _family in ("llama.modeling_llama.LlamaRMSNorm", "mistral.modeling_mistral.MistralRMSNorm",
+                "mixtral.modeling_mixtral.MixtralRMSNorm", "qwen2.modeling_qwen2.Qwen2RMSNorm",
+                "qwen3.modeling_qwen3.Qwen3RMSNorm", "phi3.modeling_phi3.Phi3RMSNorm"):
+    register(f"transformers.models.{_family}", hf_rms_norm_rule)
 
 __all__ = ["DirectUse", "EmbeddingUse", "LinearUse", "ModuleUse", "Use", "factor_bytes", "register", "rule_for"]

@@ -36,6 +36,8 @@ class ModuleUse:
         outputs: indices of the differentiable output leaves.
         d: per differentiable output, ``(R, ...)`` gradients (``None``: the rows do not depend on it).
         samples: ``S``.
+        whole: recorded whole (``S = 1``, ``d`` rows are full output-shaped tensors).
+        axes: per differentiable output, the axis that holds the samples (``d`` has it removed).
     """
 
     module: nn.Module
@@ -48,6 +50,7 @@ class ModuleUse:
     d: list[torch.Tensor | None]
     samples: int
     whole: bool
+    axes: list[int]
 
     def _state(self, dtype):
         state = {
@@ -92,11 +95,18 @@ class ModuleUse:
             def one(leaves_i, d_i):
                 def scalar(p):
                     outs = self._call(state, p, leaves_i, dtype, unsqueeze=True)
-                    return sum((outs[k] * d.unsqueeze(0)).sum() for k, d in zip(live, d_i))
+                    return sum((outs[k] * d.unsqueeze(self.axes[k])).sum() for k, d in zip(live, d_i))
 
                 return torch.func.grad(scalar)(moving)
 
-            grads = torch.vmap(one, in_dims=(in_dims, 0))(leaves, d_rows)
+            try:
+                grads = torch.vmap(one, in_dims=(in_dims, 0))(leaves, d_rows)
+            except RuntimeError:
+                # Some kernels have no batching rule that keeps their shapes (torch.gru, torch.lstm
+                # write in place into per-sample buffers): one row at a time, the same arithmetic.
+                per_row = [one([x[i] if b else x for x, b in zip(leaves, self.batched)], [d[i] for d in d_rows])
+                           for i in range(stop - start)]
+                grads = {name: torch.stack([g[name] for g in per_row]) for name in self.names}
         return torch.cat([grads[name].reshape(stop - start, -1) for name in self.names], dim=1)
 
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
@@ -109,7 +119,8 @@ class ModuleUse:
 
         outs, vjp_fn = torch.func.vjp(whole, moving)
         cotangents = tuple(
-            combine_rows(self.d[k], c, self.samples).view(out.shape) for k, out in zip(live, outs)
+            combine_rows(self.d[k], c, self.samples).movedim(0, self.axes[k]).reshape(out.shape)
+            for k, out in zip(live, outs)
         )
         grads = vjp_fn(cotangents)[0]
         return [grads[name] for name in self.names]
@@ -137,5 +148,6 @@ def module_rule(call, samples: int) -> list:
             d=call.d,
             samples=samples,
             whole=call.whole,
+            axes=[0] * len(call.outputs) if call.whole else call.batch_axes,
         )
     ]

@@ -1,5 +1,6 @@
-"""Normalisation layers: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm*d``
-in eval mode (DESIGN.md section 3.3).
+"""Normalisation layers: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d``
+in eval mode, torchvision's channel ``LayerNorm2d`` and the RMS norms of Hugging Face's Llama
+family (they normalise in float32 whatever the model's dtype) (DESIGN.md section 3.3).
 
 The affine weight's per-row gradient is ``sum D * xhat`` over everything but the normalised
 feature axes, the bias's ``sum D``, with ``xhat`` recomputed from the recorded input: both are
@@ -22,12 +23,18 @@ def _norm(call, samples: int, kind: str) -> list:
         return []
     module = call.module
     x = call.sample_input()
-    inner = x.reshape(-1, *x.shape[2:]) if call.whole and kind in ("group_norm", "batch_norm") else x
+    channels = kind in ("group_norm", "batch_norm", "channel_layer_norm")  # normalised over axis 1
+    inner = x.reshape(-1, *x.shape[2:]) if call.whole and channels else x
     with torch.no_grad():
         if kind == "layer_norm":
             xhat = F.layer_norm(inner, module.normalized_shape, None, None, module.eps)
         elif kind == "rms_norm":
             xhat = F.rms_norm(inner, module.normalized_shape, None, module.eps)
+        elif kind == "hf_rms_norm":
+            wide = inner.float()
+            xhat = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(inner.dtype)
+        elif kind == "channel_layer_norm":
+            xhat = F.layer_norm(inner.movedim(1, -1), module.normalized_shape, None, None, module.eps).movedim(-1, 1)
         elif kind == "group_norm":
             xhat = F.group_norm(inner, module.num_groups, None, None, module.eps)
         else:
@@ -36,8 +43,8 @@ def _norm(call, samples: int, kind: str) -> list:
     rows = d.shape[0]
     m = rows // samples
     rest = d.shape[1:]
-    if kind in ("layer_norm", "rms_norm"):
-        keep = len(module.normalized_shape)
+    if not channels:
+        keep = 1 if kind == "hf_rms_norm" else len(module.normalized_shape)
         summed = tuple(range(2, 2 + len(rest) - keep))
     else:  # channels: axis 1 of the module's own input
         channel = 3 if call.whole else 2
@@ -70,3 +77,13 @@ def group_norm_rule(call, samples: int) -> list:
 def batch_norm_rule(call, samples: int) -> list:
     """``nn.BatchNorm1d/2d/3d`` with running statistics."""
     return _norm(call, samples, "batch_norm")
+
+
+def channel_layer_norm_rule(call, samples: int) -> list:
+    """torchvision's ``LayerNorm2d``: a layer norm over the channels (axis 1) of ``(N, C, H, W)``."""
+    return _norm(call, samples, "channel_layer_norm")
+
+
+def hf_rms_norm_rule(call, samples: int) -> list:
+    """``weight * x / rms(x)`` over the last axis, computed in float32 (``LlamaRMSNorm`` and its copies)."""
+    return _norm(call, samples, "hf_rms_norm")
