@@ -35,8 +35,8 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .factor_check import graph_fingerprint, hooks_fingerprint
-from .layers import Use, rule_for
+from .factor_check import Broadcasts, graph_fingerprint, hooks_fingerprint
+from .layers import DirectUse, Use, rule_for
 from .layers.embedding import embedding_rule
 from .layers.fallback import module_rule
 from .layers.linear import linear_rule, transposed_linear_rule
@@ -51,7 +51,9 @@ _LAST_AXIS_RULES = (linear_rule, transposed_linear_rule, embedding_rule, layer_n
 # Position and segment tables: a lookup without a batch axis that is only ever added to a
 # batched tensor may be expanded to the batch (the sum is the same) once a step has shown it so.
 _EXPANDABLE_RULES = (embedding_rule,)
-_BROADCAST_CONSUMERS = {"AddBackward0"}
+_TABLE_CONSUMERS = {"AddBackward0"}
+
+
 
 
 def _batch_statistics(module: nn.Module) -> bool:
@@ -112,12 +114,12 @@ class Capture:
         params: the moving parameters.
     """
 
-    def __init__(self, model: nn.Module, params: list[torch.Tensor], expandable: set | None = None):
+    def __init__(self, model: nn.Module, params: list[torch.Tensor], broadcasts: Broadcasts | None = None):
         self.model = model
         self.params = params
-        # Ids of modules whose broadcast output a past step saw only added to a batched tensor.
-        self.expandable = set() if expandable is None else expandable
+        self.broadcasts = Broadcasts() if broadcasts is None else broadcasts
         self.calls: list[Call] = []
+        self.no_grad_calls: set[str] = set()  # modules called with gradients disabled
         self._handles: list = []
         self._no_sync = None
         for name, module in model.named_modules():
@@ -127,7 +129,7 @@ class Capture:
                     f"({type(module).__name__}) normalises with batch statistics, which couples the "
                     "samples: call model.eval() (running statistics) or use backend='dense'"
                 )
-        self.plan = _plan(model, params)
+        self.plan = _plan(model, params, self.broadcasts.params)
 
     def signature(self, residual_rows: torch.Tensor) -> tuple[tuple, dict, dict]:
         """What the factor check's verdict depends on, after the closure ran (:mod:`sven_ext.factor_check`).
@@ -136,20 +138,23 @@ class Capture:
             ``(step, per_param, per_module)``: the step's rows, graph and hooks; per moving
             parameter (by id) and per recorded module (by id), the shapes of its calls.
         """
-        watched = {call.edges[0].node: call for call in self.calls if call.broadcast}
-        graph, consumers = graph_fingerprint(residual_rows, watched)
-        for node, call in watched.items():
-            added_only = consumers.get(node, set()) <= _BROADCAST_CONSUMERS
-            if call.expanded is None and added_only:
-                self.expandable.add(id(call.module))
-            elif call.expanded is not None and not added_only:
-                self.expandable.discard(id(call.module))
-                raise ValueError(
-                    f"module {call.name!r}'s output has no batch axis; it was expanded to the batch because "
-                    f"earlier steps only added it to a batched tensor, but this step used it in "
-                    f"{sorted(consumers[node] - _BROADCAST_CONSUMERS)}, where the expansion may change the "
-                    "result. Nothing was changed; it is no longer expanded, so the step can be run again"
-                )
+        batch = residual_rows.shape[0]
+        tables = {call.edges[0].node: call for call in self.calls if call.broadcast}
+        candidates = self._tap_candidates(batch)
+        taps = {call.edges[0].node: call for call in self.calls if call.expanded == "tap"}
+        graph, consumers = graph_fingerprint(residual_rows, {**tables, **candidates, **taps})
+        for node, call in tables.items():
+            added = {type(n).__name__ for n in consumers.get(node, [])} <= _TABLE_CONSUMERS
+            self._learn(call.expanded is not None, added, self.broadcasts.tables, id(call.module),
+                        f"module {call.name!r}'s output")
+        for node, p in candidates.items():
+            rank = _expanded_rank(consumers.get(node, []), p.shape, p.shape, batch)
+            if rank is not None:
+                self.broadcasts.params[id(p)] = rank
+        for node, call in taps.items():
+            p = call.params[0][1]
+            rank = _expanded_rank(consumers.get(node, []), call.shapes[0], p.shape, batch)
+            self._learn(True, rank == len(call.shapes[0]), self.broadcasts.params, id(p), f"parameter {call.name!r}")
         step = (tuple(residual_rows.shape), graph, hooks_fingerprint(self.model))
         per_module: dict = {}
         per_param: dict = {}
@@ -161,12 +166,48 @@ class Capture:
                 per_param[id(p)] = per_param.get(id(p), ()) + (key,)
         return step, per_param, per_module
 
+    def _tap_candidates(self, batch: int) -> dict:
+        """``{graph node: parameter}`` of the parameters the fallback differentiates that might be
+        expanded to the batch instead: not inside a whole-differentiated module, and owned by a
+        module whose every call this step took the batch on axis 0 of its first input."""
+        first_axes: dict = {}
+        for call in self.calls:
+            x = next((t for t in call.leaves if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+            first_axes.setdefault(id(call.module), set()).add(None if x is None else x.shape[0])
+        return {get_gradient_edge(p).node: p for _, module, rule, owned, _ in self.plan
+                if rule is module_rule and not isinstance(module, WHOLE_MODULES)
+                and first_axes.get(id(module)) == {batch} for _, p in owned}
+
+    @staticmethod
+    def _learn(expanded: bool, safe: bool, learned: set, key: int, what: str) -> None:
+        """Notes (or withdraws) that a broadcast tensor may be expanded to the batch.
+
+        Raises:
+            ValueError: it was expanded on this step, and this step used it where that may change
+                a value (nothing is changed; it is not expanded again).
+        """
+        if not expanded:
+            if safe:
+                learned.add(key)
+            return
+        if not safe:
+            learned.pop(key) if isinstance(learned, dict) else learned.discard(key)
+            raise ValueError(
+                f"{what} broadcasts against the batch and was expanded to it because earlier steps only "
+                "combined it elementwise with batched tensors, but this step used it otherwise, where the "
+                "expansion may change the result. Nothing was changed; it is no longer expanded, so the step "
+                "can be run again"
+            )
+
     def __enter__(self) -> Capture:
-        for name, module, rule, owned in self.plan:
-            hook = self._hook(name, rule, owned)
-            # First among the module's hooks: the factors describe the module's own output; a user's
-            # hook that rewrites it is then part of the graph above, like any other layer.
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+        for name, module, rule, owned, taps in self.plan:
+            if owned:
+                hook = self._hook(name, rule, owned)
+                # First among the module's hooks: the factors describe the module's own output; a user's
+                # hook that rewrites it is then part of the graph above, like any other layer.
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
+            if taps:
+                self._tap(name, module, taps)
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
             # Sven differentiates with torch.autograd.grad, which runs no AccumulateGrad hooks, so DDP's
             # gradient all-reduce never fires; no_sync also keeps DDP's forward from preparing its reducer
@@ -179,18 +220,55 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for _, module, _, _, taps in self.plan:
+            for n, p in taps:  # a forward that raised may have left its expanded views in place
+                module._parameters[n] = p
         if self._no_sync is not None:
             self._no_sync.__exit__(*exc)
             self._no_sync = None
+
+    def _tap(self, name: str, module: nn.Module, taps: list[tuple[str, torch.Tensor]]) -> None:
+        """Expands parameters ``module`` uses directly in an expression to the batch while it runs.
+
+        The batch is the leading axis of the module's first tensor input. The expanded views are
+        recorded as calls of their own, so their per-sample gradients come from the same backward
+        pass as every layer's (:func:`tap_rule`).
+        """
+        def expand(module, args, kwargs):
+            first = next((x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+            if first is None or not torch.is_grad_enabled():
+                return None
+            batch = first.shape[0]
+            for n, p in taps:
+                rank = self.broadcasts.params[id(p)]
+                view = p.expand(batch, *p.shape[1:]) if rank == p.dim() else \
+                    p.view(1, *[1] * (rank - 1 - p.dim()), *p.shape).expand(batch, *[-1] * (rank - 1))
+                module._parameters[n] = view
+                self.calls.append(Call(
+                    name=f"{name}.{n}" if name else n, module=module, rule=tap_rule, params=[(n, p)], leaves=[],
+                    spec=None, versions=[], outputs=[0], edges=[get_gradient_edge(view)], shapes=[view.shape],
+                    expanded="tap",
+                ))
+            return None
+
+        def restore(module, args, kwargs, output):
+            for n, p in taps:
+                module._parameters[n] = p
+
+        self._handles.append(module.register_forward_pre_hook(expand, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(restore, with_kwargs=True, always_call=True))
 
     def _hook(self, name: str, rule, owned: list[tuple[str, torch.Tensor]]):
         def hook(module, args, kwargs, output):
             flat_out = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
             outputs = [k for k, t in enumerate(flat_out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
             if not outputs:
-                return None  # e.g. a call under torch.no_grad(): it does not move the residual
+                if not torch.is_grad_enabled():
+                    self.no_grad_calls.add(name)
+                return None  # it does not move the residual
             broadcast = self._broadcasts(module, output, rule)
-            how, expanded = (None, None) if broadcast is None or id(module) not in self.expandable else broadcast
+            how, expanded = (None, None) if broadcast is None or id(module) not in self.broadcasts.tables \
+                else broadcast
             if expanded is not None:
                 flat_out, output = [expanded], expanded
             leaves, spec = _flatten_inputs(args, kwargs)
@@ -248,6 +326,7 @@ class Capture:
             A list of uses (each names the parameters it covers).
         """
         batch, m = residual_rows.shape
+        refuse_no_grad_only(self.no_grad_calls, {call.name for call in self.calls})
         for call in self.calls:
             for x, version in zip(call.leaves, call.versions):
                 if isinstance(x, torch.Tensor) and x._version != version:
@@ -280,7 +359,7 @@ def _flatten_inputs(args: tuple, kwargs: dict) -> tuple[list, object]:
     return tree_flatten((list(args), kwargs))
 
 
-def capture(model: nn.Module, params: list[torch.Tensor], expandable: set | None = None) -> Capture:
+def capture(model: nn.Module, params: list[torch.Tensor], broadcasts: Broadcasts | None = None) -> Capture:
     """Context manager recording the calls of the modules that own ``params``.
 
     Example::
@@ -289,7 +368,43 @@ def capture(model: nn.Module, params: list[torch.Tensor], expandable: set | None
             residual = closure()
         uses = cap.uses(rows.per_sample, chunk_rows=64)
     """
-    return Capture(model, params, expandable)
+    return Capture(model, params, broadcasts)
+
+
+class GradModeWatch:
+    """Notes which modules owning moving parameters the closure ran with gradients disabled
+    (for the dense backend, which records nothing else; :class:`Capture` notes it itself)."""
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor]):
+        self.plan = _plan(model, params)
+        self.no_grad_calls: set[str] = set()
+        self.grad_calls: set[str] = set()
+        self._handles: list = []
+
+    def __enter__(self) -> GradModeWatch:
+        for name, module, _, _, _ in self.plan:
+            def hook(module, args, output, name=name):
+                (self.grad_calls if torch.is_grad_enabled() else self.no_grad_calls).add(name)
+            self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def refuse_no_grad_only(no_grad: set, with_grad: set) -> None:
+    """Raises when a module owning moving parameters ran only with gradients disabled: the step
+    would leave its parameters where they are, which is never what moving them asks for."""
+    only = sorted(no_grad - with_grad)
+    if only:
+        raise ValueError(
+            f"module(s) {only} own parameters this step moves, but the closure ran them only with gradients "
+            "disabled (torch.no_grad(), or torch.utils.checkpoint(..., use_reentrant=True) whose inputs do not "
+            "require grad), so the residuals do not depend on those parameters. Use use_reentrant=False, or "
+            "leave the parameters out (requires_grad_(False) or Sven(params=...))"
+        )
 
 
 def _rows_first(g: torch.Tensor, rows: int) -> torch.Tensor:
@@ -314,8 +429,54 @@ def _batch_axes(call: Call, batch: int) -> list[int] | None:
     return axes if axes[0] == 0 else None
 
 
-def _plan(model: nn.Module, params: list[torch.Tensor]):
-    """``(name, module, rule, [(param name, param)])`` for every module to hook."""
+def _expanded_rank(consumers: list, consumed: torch.Size, param: torch.Size, batch: int) -> int | None:
+    """The rank of a batch-expanded view of a parameter that gives every one of its uses the same
+    values, or ``None`` where no such view is known.
+
+    A parameter with a leading axis of 1 keeps its rank (``(B, ...)``), so sums, differences,
+    products and ``expand`` that broadcast it against a batch give the same values. Any other
+    parameter gains a batch axis and singleton axes up to the rank of the batched tensor it
+    multiplies (``(B, 1, d)`` for a ``(d,)`` scale of ``(B, T, d)``); a sum saves no operand to
+    check, so only products qualify.
+
+    Args:
+        consumers: the graph nodes that use the tensor.
+        consumed: the shape of the tensor they use (the parameter's, or its expanded view's).
+        param: the parameter's shape.
+        batch: the step's batch size.
+    """
+    leading = len(param) >= 2 and param[0] == 1
+    ranks = set()
+    for node in consumers:
+        name = type(node).__name__
+        if leading and name in ("AddBackward0", "SubBackward0", "ExpandBackward0"):
+            ranks.add(len(param))
+            continue
+        if name == "MulBackward0":
+            saved = [getattr(node, attr, None) for attr in ("_saved_self", "_saved_other")]
+            others = [t for t in saved if isinstance(t, torch.Tensor) and t.shape != consumed]
+            rank = others[0].dim() if len(others) == 1 else 0
+            if (rank == len(param) if leading else rank > len(param)) and others[0].shape[0] == batch:
+                ranks.add(rank)
+                continue
+        return None
+    return ranks.pop() if len(ranks) == 1 else None
+
+
+def tap_rule(call: Call, samples: int) -> list:
+    """A parameter expanded to the batch (:meth:`Capture._tap`): its per-row gradient is ``d``."""
+    (d,) = call.d
+    if d is None:
+        return []
+    p = call.params[0][1]
+    rows = d.shape[0]
+    return [DirectUse(p, (d.sum(1) if call.whole else d).reshape(rows, -1))]
+
+
+def _plan(model: nn.Module, params: list[torch.Tensor], tapped: set = frozenset()):
+    """``(name, module, rule, owned, taps)`` for every module to hook: ``owned`` and ``taps`` are
+    ``[(param name, param)]``, the parameters its rule factors and those expanded to the batch
+    (``tapped``: ids of parameters a past step showed may be)."""
     moving = {id(p) for p in params}
     plan, inside = [], set()
     for name, module in model.named_modules():
@@ -328,8 +489,10 @@ def _plan(model: nn.Module, params: list[torch.Tensor]):
         else:
             owned = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in moving]
             rule = rule_for(module)
-        if owned:
-            plan.append((name, module, rule, owned))
+        taps = [(n, p) for n, p in owned if rule is module_rule and id(p) in tapped]
+        owned = [(n, p) for n, p in owned if (n, p) not in taps]
+        if owned or taps:
+            plan.append((name, module, rule, owned, taps))
     return plan
 
 

@@ -64,6 +64,21 @@ class Verdict:
     shared: set = dataclasses.field(default_factory=set)
 
 
+@dataclasses.dataclass
+class Broadcasts:
+    """What past steps showed broadcasts against the batch (kept by the optimizer across steps).
+
+    Attributes:
+        tables: ids of position-table modules whose output was only added to a batched tensor.
+        params: ids of parameters a module uses directly in an expression (``cls_token``,
+            ``layer_scale``) that were only combined elementwise with batched tensors, with the
+            rank of their batch-expanded view.
+    """
+
+    tables: set = dataclasses.field(default_factory=set)
+    params: dict = dataclasses.field(default_factory=dict)
+
+
 class FactorChecks:
     """The verdicts of one optimizer's factor checks, by step signature (shared by its backends).
 
@@ -74,8 +89,8 @@ class FactorChecks:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._verdicts: OrderedDict = OrderedDict()
-        # Ids of modules whose broadcast output is expanded to the batch (:mod:`sven_ext.capture`).
-        self.expandable: set = set()
+        # What past steps showed broadcasts against the batch (:class:`sven_ext.capture.Broadcasts`).
+        self.broadcasts = Broadcasts()
 
     def verdict(self, signature) -> Verdict:
         """The verdict of ``signature`` (an empty one if it was never checked)."""
@@ -100,8 +115,8 @@ def graph_fingerprint(root: torch.Tensor, watched=()) -> tuple[tuple, dict]:
         watched: graph nodes whose consumers to report.
 
     Returns:
-        ``(names, consumers)``: the node type names, and for each watched node reached the set
-        of type names of the nodes that use it.
+        ``(names, consumers)``: the node type names, and for each watched node reached the
+        list of the nodes that use it.
 
     Raises:
         ValueError: the graph holds a reentrant checkpoint, which ``torch.autograd.grad`` cannot
@@ -119,7 +134,7 @@ def graph_fingerprint(root: torch.Tensor, watched=()) -> tuple[tuple, dict]:
             if child is None:
                 continue
             if child in watched:
-                consumers.setdefault(child, set()).add(name)
+                consumers.setdefault(child, []).append(node)
             if child not in seen:
                 seen.add(child)
                 stack.append(child)

@@ -257,8 +257,6 @@ def test_step_equals_dense(name, backend):
 # Modules differentiated on their own per row (no factorisation for them): LSTM/GRU cells, attention.
 PER_ROW_FALLBACK = {"lstm", "gru", "encoder_batch_first", "encoder_seq_first"}
 ROUTE_XFAILS = {
-    "vit": _xfail("cls_token and pos_embed are owned by the VisionTransformer itself: the whole model is "
-                  "differentiated per row by the module fallback"),
     "encoder_seq_first": _xfail("nn.MultiheadAttention(batch_first=False) is recorded whole (one backward "
                                 "pass per row); only its last-axis layers factor on batch axis 1"),
 }
@@ -492,12 +490,13 @@ class Checkpointed(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["dense", *BACKENDS])
-@_xfail("no error: with inputs that do not require grad, the reentrant checkpoint's output has no graph to "
-        "self.inner, whose parameters silently get a zero update on every backend")
-def test_reentrant_checkpointing_is_refused_by_name(backend):
+@pytest.mark.parametrize("inputs_require_grad", [False, True])
+def test_reentrant_checkpointing_is_refused_by_name(backend, inputs_require_grad):
+    # Without inputs that require grad the checkpointed layers run under no_grad (no graph to them);
+    # with them, the graph holds a reentrant checkpoint node, which torch.autograd.grad cannot use.
     torch.manual_seed(0)
     model = Checkpointed().double()
-    x = torch.randn(5, 3, generator=_generator(1), dtype=torch.float64)
+    x = torch.randn(5, 3, generator=_generator(1), dtype=torch.float64).requires_grad_(inputs_require_grad)
     before = [p.detach().clone() for p in model.parameters()]
     opt = sven_ext.Sven(model, backend=backend, **SETTINGS)
     with pytest.raises((RuntimeError, ValueError), match="use_reentrant=False"):

@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from .. import costs
+from ..capture import GradModeWatch, refuse_no_grad_only
 from ..factor_check import graph_fingerprint
 from ..linalg import solve_jacobian
 from ..residuals import rows_from_closure_output
@@ -61,8 +62,9 @@ class DenseBackend(Backend):
         if settings.process_group is not None:
             raise NotImplementedError("the dense backend does not run data-parallel (process_group): use 'gram' or "
                                       "'sketch'")
-        with torch.enable_grad():
+        with torch.enable_grad(), GradModeWatch(self.model, self.params) as watch:
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
+        refuse_no_grad_only(watch.no_grad_calls, watch.grad_calls)
         return self.solve(rows, settings, resolve_k)
 
     def solve(self, rows, settings: StepSettings, resolve_k) -> StepDirection:

@@ -155,7 +155,7 @@ class GramBackend(Backend):
     def factors(self, closure, settings: StepSettings):
         """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran)."""
         with torch.enable_grad():
-            with capture(self.model, self.params, self.checks.expandable) as cap:
+            with capture(self.model, self.params, self.checks.broadcasts) as cap:
                 output = closure()
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.

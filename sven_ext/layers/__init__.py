@@ -96,6 +96,9 @@ register(nn.RMSNorm, rms_norm_rule)
 register(nn.GroupNorm, group_norm_rule)
 register(nn.modules.batchnorm._BatchNorm, batch_norm_rule)
 register("torchvision.models.convnext.LayerNorm2d", channel_layer_norm_rule)
+register("timm.layers.norm.LayerNorm", layer_norm_rule)
+register("timm.layers.norm.LayerNorm2d", channel_layer_norm_rule)
+register("timm.layers.norm.RmsNorm", rms_norm_rule)
 for _family in ("llama.modeling_llama.LlamaRMSNorm", "mistral.modeling_mistral.MistralRMSNorm",
                 "mixtral.modeling_mixtral.MixtralRMSNorm", "qwen2.modeling_qwen2.Qwen2RMSNorm",
                 "qwen3.modeling_qwen3.Qwen3RMSNorm", "phi3.modeling_phi3.Phi3RMSNorm"):
