@@ -420,7 +420,8 @@ def _batch_axes(call: Call, batch: int) -> list[int] | None:
     """
     if not call.batch_first:
         return None
-    axes = [0 if len(s) > 0 and s[0] == batch else 1 if len(s) > 1 and s[1] == batch else None
+    # Axis 1 only with a feature axis after it: a 2-D output's axis 1 is its features.
+    axes = [0 if len(s) > 0 and s[0] == batch else 1 if len(s) > 2 and s[1] == batch else None
             for s in call.shapes]
     if None in axes:
         return None
