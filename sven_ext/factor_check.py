@@ -1,4 +1,4 @@
-"""The check that the captured per-sample factors describe the model (DESIGN.md section 3.3).
+"""The check that the captured per-sample factors describe the model (DESIGN.md section 3.5).
 
 The gram and sketch backends never see per-sample gradients from autograd: they rebuild them
 from per-layer factors (:mod:`sven_ext.capture`). That rebuild rests on assumptions about the
