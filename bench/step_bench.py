@@ -5,6 +5,10 @@ For each model and batch size it measures, side by side:
 - ``adam``: one Adam step (forward, backward, update);
 - ``sven_gram``: one Sven step with the exact Gram backend;
 - ``sven_dense``: one Sven step with the dense backend (the paper's algorithm);
+- ``sven_gram_checked``: the same step on a step signature not seen before, so the factor check
+  runs (one more backward pass; a fresh optimizer each call);
+- ``signature``: what every step adds to find its signature (the walk over the autograd graph and
+  the model's hooks), timed on its own;
 - ``gram_only``: sven_ext's Gram matrix alone (forward + capture + K), and
 - ``torchjd``: TorchJD's ``autogram.Engine.compute_gramian`` for the same matrix (forward + Gramian),
   when ``torchjd`` is installed (``pip install torchjd``).
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import sven_ext  # noqa: E402
-from sven_ext import testing  # noqa: E402
+from sven_ext import factor_check, testing  # noqa: E402
 
 try:
     from torchjd.autogram import Engine as TorchJDEngine
@@ -111,8 +115,16 @@ def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> d
     sven_gram = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="gram")
     sven_dense = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="dense")
     sven_gram.step(closure)  # the first step checks the factors (one extra backward)
+    rows = closure()
+
+    def signature():
+        return factor_check.graph_fingerprint(rows), factor_check.hooks_fingerprint(model)
+
     # The factors were checked above: time the Gram alone.
     steps = {"adam": adam_step, "sven_gram": lambda: sven_gram.step(closure),
+             "sven_gram_checked": lambda: sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2,
+                                                        backend="gram").step(closure),
+             "signature": signature,
              "gram_only": lambda: sven_ext.gram_matrix(model, closure, check=False)}
     if memory_pass:
         results = {name: common.measure(fn, repeats=min(3, repeats)) for name, fn in steps.items()}
@@ -137,13 +149,15 @@ def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> d
         "name": case["name"], "parameters": params, "batch": rows, "results": results,
         "gram_bytes": 8 * rows * rows, "factor_bytes": sven_gram.last_info.get("factor_bytes"),
         "ratio_gram_step_to_adam": results["sven_gram"]["median_s"] / results["adam"]["median_s"],
+        "check_cost_fraction": results["sven_gram_checked"]["median_s"] / results["sven_gram"]["median_s"] - 1,
+        "signature_cost_fraction": results["signature"]["median_s"] / results["sven_gram"]["median_s"],
     }
     if "sven_dense" in results:
         summary["speedup_gram_vs_dense"] = results["sven_dense"]["median_s"] / results["sven_gram"]["median_s"]
     if "torchjd" in results:
         summary["speedup_gram_vs_torchjd"] = results["torchjd"]["median_s"] / results["gram_only"]["median_s"]
     for method, r in results.items():
-        print(f"  {method:<11} median {r['median_s'] * 1e3:10.1f} ms", flush=True)
+        print(f"  {method:<17} median {r['median_s'] * 1e3:10.3f} ms", flush=True)
     return summary
 
 
