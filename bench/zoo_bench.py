@@ -1,0 +1,222 @@
+"""Third-party models at moderate size: the Sven step against Adam's, and the route of every parameter.
+
+For each model (random weights from configs; transformers, torchvision and timm must be installed,
+as ``.ci/setup.sh`` does), float32, batch ``B``: Sven ``gram`` and ``auto`` steps and Adam steps take
+turns, one call each per round (median of the rounds), after one warm-up step each (Sven's first
+step checks its factors). Reported per model: the step times, the ratios to Adam, what ``auto``
+chose and why, which modules were recorded whole (one backward pass per row) and how many
+parameters took each route of the gram backend.
+
+    python bench/zoo_bench.py                          # every model, B = 16
+    python bench/zoo_bench.py --models gpt2 vit --batch 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import sven_ext  # noqa: E402
+
+
+def _tokens(vocab, batch, steps, generator):
+    return torch.randint(0, vocab, (batch, steps), generator=generator)
+
+
+def _lm_loss(logits, idx):
+    return F.cross_entropy(logits.transpose(1, 2), idx, reduction="none").mean(1)
+
+
+def gpt2(layers=2, d=128, steps=32, vocab=1000, frozen_positions=False, checkpointing=False):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=max(1, d // 64), n_positions=steps,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    if frozen_positions:
+        model.transformer.wpe.weight.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    return model, lambda batch, g: (_tokens(vocab, batch, steps, g),), lambda m, idx: _lm_loss(m(input_ids=idx).logits,
+                                                                                              idx)
+
+
+def llama(layers=2, d=128, steps=32, vocab=1000):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+                         num_attention_heads=max(1, d // 64), num_key_value_heads=max(1, d // 64),
+                         max_position_embeddings=steps)
+    return LlamaForCausalLM(config), lambda batch, g: (_tokens(vocab, batch, steps, g),), \
+        lambda m, idx: _lm_loss(m(input_ids=idx).logits, idx)
+
+
+def bert(layers=2, d=128, steps=32, vocab=1000):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=max(1, d // 64),
+                        intermediate_size=4 * d, max_position_embeddings=steps, num_labels=4,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config).eval()
+
+    def batch_of(batch, g):
+        return _tokens(vocab, batch, steps, g), torch.randint(0, 4, (batch,), generator=g)
+
+    return model, batch_of, lambda m, idx, y: F.cross_entropy(m(input_ids=idx).logits, y, reduction="none")
+
+
+def _images(classes, size=32):
+    def batch_of(batch, g):
+        return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
+
+    return batch_of, lambda m, x, y: F.cross_entropy(m(x), y, reduction="none")
+
+
+def resnet18():
+    from torchvision.models import resnet18 as build
+
+    return (build(num_classes=10).eval(), *_images(10))
+
+
+def mobilenet():
+    from torchvision.models import mobilenet_v3_small
+
+    return (mobilenet_v3_small(num_classes=10).eval(), *_images(10))
+
+
+def convnext_blocks(channels=32, blocks=2):
+    from torchvision.models.convnext import CNBlock, LayerNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, channels, 4, 4), LayerNorm2d(channels),
+                          *[CNBlock(channels, 1e-6, 0.0) for _ in range(blocks)],
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+    return (model, *_images(10))
+
+
+def vit_tiny():
+    import timm
+
+    return (timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10), *_images(10))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell, hidden=128, features=16):
+        super().__init__()
+        self.rnn = cell(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def recurrent(cell, steps=32):
+    def batch_of(batch, g):
+        return torch.randn(batch, steps, 16, generator=g), torch.randint(0, 4, (batch,), generator=g)
+
+    return Recurrent(cell), batch_of, lambda m, x, y: F.cross_entropy(m(x), y, reduction="none")
+
+
+class Encoder(nn.Module):
+    def __init__(self, d=128, steps=32, vocab=1000):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(steps, d)
+        layer = nn.TransformerEncoderLayer(d, max(1, d // 64), 4 * d, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, idx):
+        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        return self.head(self.encoder(h).mean(1))
+
+
+def encoder(steps=32, vocab=1000):
+    def batch_of(batch, g):
+        return _tokens(vocab, batch, steps, g), torch.randint(0, 4, (batch,), generator=g)
+
+    return Encoder(steps=steps, vocab=vocab), batch_of, lambda m, idx, y: F.cross_entropy(m(idx), y, reduction="none")
+
+
+MODELS = {
+    "resnet18": resnet18,
+    "llama": llama,
+    "mobilenet": mobilenet,
+    "gpt2_frozen_wpe": lambda: gpt2(frozen_positions=True),
+    "vit_tiny": vit_tiny,
+    "convnext_blocks": convnext_blocks,
+    "bert": bert,
+    "encoder": encoder,
+    "gpt2_checkpointing": lambda: gpt2(checkpointing=True),
+    "gru": lambda: recurrent(nn.GRU),
+    "lstm": lambda: recurrent(nn.LSTM),
+    "gpt2_4x256": lambda: gpt2(layers=4, d=256, steps=64),
+    "gpt2": gpt2,
+    "gpt2_4x256_vocab50257": lambda: gpt2(layers=4, d=256, steps=64, vocab=50257),
+}
+
+
+def run(name: str, batch: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model, make_batch, loss = MODELS[name]()
+    data = make_batch(batch, torch.Generator().manual_seed(1))
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"\n== {name}: {params:,} parameters, B = {batch}", flush=True)
+
+    def closure():
+        return loss(model, *data)
+
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def adam_step():
+        adam.zero_grad()
+        closure().mean().backward()
+        adam.step()
+
+    gram = sven_ext.Sven(model, lr=1e-6, backend="gram")
+    auto = sven_ext.Sven(model, lr=1e-6, backend="auto")
+    steps = {"adam": adam_step, "sven_gram": lambda: gram.step(closure), "sven_auto": lambda: auto.step(closure)}
+    for step in steps.values():  # warm-up; the Sven steps check their factors here
+        step()
+    results = common.interleaved_times(steps, repeats=repeats)
+    info = gram.last_info
+    routes = collections.Counter(info["paths"].values())
+    summary = {
+        "name": name, "parameters": params, "batch": batch, "results": results,
+        "ratio_gram_to_adam": results["sven_gram"]["median_s"] / results["adam"]["median_s"],
+        "ratio_auto_to_adam": results["sven_auto"]["median_s"] / results["adam"]["median_s"],
+        "auto_backend": auto.last_info["backend"], "auto_reason": auto.last_info.get("auto_reason"),
+        "recorded_whole": info["recorded_whole"], "routes": dict(routes), "paths": info["paths"],
+    }
+    print(f"  adam {results['adam']['median_s'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x | "
+          f"auto ({summary['auto_backend']}) {summary['ratio_auto_to_adam']:5.2f}x | routes {dict(routes)} | "
+          f"recorded whole {info['recorded_whole']}", flush=True)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, one call of each method per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default="zoo_bench.json", help="results file (under bench/results/ unless a path)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [run(name, args.batch, args.repeats) for name in args.models]
+    path = common.write_json(args.out, {"command": "python bench/zoo_bench.py " + " ".join(argv or sys.argv[1:]),
+                                        "cases": cases})
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
