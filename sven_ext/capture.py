@@ -415,19 +415,25 @@ def _rows_first(g: torch.Tensor, rows: int) -> torch.Tensor:
 def _batch_axes(call: Call, batch: int) -> list[int] | None:
     """Per output of ``call``, the axis that holds the samples, or ``None``: record it whole.
 
-    Axis 0, or axis 1 for a sequence-first layer acting on the last axis and for the extra
-    outputs of a module whose first output is batch-first (an RNN's ``h_n``, ``(layers, B, h)``).
+    Axis 0, or axis 1 for a sequence-first layer acting on the last axis, for the extra outputs
+    of a module whose first output is batch-first (an RNN's ``h_n``, ``(layers, B, h)``), and for
+    the sequence-first outputs of a module that says ``batch_first=False`` (attention).
     """
-    if not call.batch_first:
-        return None
     # Axis 1 only with a feature axis after it: a 2-D output's axis 1 is its features.
-    axes = [0 if len(s) > 0 and s[0] == batch else 1 if len(s) > 2 and s[1] == batch else None
-            for s in call.shapes]
+    first, second = (0, 1) if call.batch_first else (1, 0)
+    axes = [first if _holds(s, first, batch) else second if _holds(s, second, batch) else None for s in call.shapes]
     if None in axes:
         return None
+    if not call.batch_first:
+        return axes if call.rule is module_rule and axes[0] == 1 else None
     if call.rule in _LAST_AXIS_RULES:
         return axes if len(set(axes)) == 1 else None
     return axes if axes[0] == 0 else None
+
+
+def _holds(shape: torch.Size, axis: int, batch: int) -> bool:
+    """Whether ``shape`` may hold the samples on ``axis`` (axis 1 needs a feature axis after it)."""
+    return len(shape) > 2 * axis and shape[axis] == batch
 
 
 def _expanded_rank(consumers: list, consumed: torch.Size, param: torch.Size, batch: int) -> int | None:

@@ -319,7 +319,8 @@ def _batch_parts(use, rows: Rows, names: dict) -> tuple[list, list]:
         per_row = [d for d in use.d if d is not None]
     else:
         raise TypeError(f"unknown use {type(use).__name__}")
-    whole = getattr(use, "whole", False) or any(t.shape[0] != rows.batch_size for t in per_sample) \
+    sequence_first = isinstance(use, ModuleUse) and (any(use.leaf_axes) or any(use.axes))
+    whole = getattr(use, "whole", False) or sequence_first or any(t.shape[0] != rows.batch_size for t in per_sample) \
         or any(t.shape[0] != rows.captured.numel() for t in per_row)
     if whole:
         raise NotImplementedError(

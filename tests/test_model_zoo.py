@@ -256,13 +256,9 @@ def test_step_equals_dense(name, backend):
 
 # Modules differentiated on their own per row (no factorisation for them): LSTM/GRU cells, attention.
 PER_ROW_FALLBACK = {"lstm", "gru", "encoder_batch_first", "encoder_seq_first"}
-ROUTE_XFAILS = {
-    "encoder_seq_first": _xfail("nn.MultiheadAttention(batch_first=False) is recorded whole (one backward "
-                                "pass per row); only its last-axis layers factor on batch axis 1"),
-}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=ROUTE_XFAILS.get(n, ())) for n in ZOO])
+@pytest.mark.parametrize("name", ZOO)
 def test_no_backward_pass_per_row(name, monkeypatch):
     """The gram step's factors come from a fixed number of backward passes, whatever the batch."""
     model, loss = ZOO[name]()

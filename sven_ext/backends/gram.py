@@ -1,8 +1,8 @@
 """The exact Gram backend: Sven steps without ever forming the Jacobian (DESIGN.md section 2.1).
 
 One forward pass (the closure) with hooks and one batched backward pass give per-layer
-factors (:mod:`sven_ext.capture`). ``K = J J^T`` is accumulated from them in float64,
-layer by layer; :func:`sven_ext.linalg.solve_gram` gives ``c``; the direction ``J^T c``
+factors (:mod:`sven_ext.capture`). ``K = J J^T`` is accumulated from them layer by layer in
+``solve_dtype`` (each layer's products in its factors' precision while ``rtol >= 1e-3``); :func:`sven_ext.linalg.solve_gram` gives ``c``; the direction ``J^T c``
 is one weighted contraction per layer. Memory ``O(R^2)`` plus the factors.
 
 Per parameter, ``K_p`` comes from the cheapest exact route:
@@ -12,7 +12,8 @@ Per parameter, ``K_p`` comes from the cheapest exact route:
 - ``T > 1``: a cost model picks ``ops.seq_gram`` (``~R^2 T^2 (din + dout)``, no per-sample
   gradient) or per-sample gradients in row chunks (``~R T din dout + R^2 din dout``).
 - Embedding tables: ``ops.embedding_gram``.
-- Small parameters (biases, norm affines): their materialised per-row gradients, all
+- Small parameters (norm affines, the bias of a frozen weight, parameters expanded to the
+  batch): their materialised per-row gradients, all
   concatenated into one ``G`` and one ``G G^T``.
 - Anything else (a parameter with uses of several kinds, e.g. an embedding tied to an
   output head; fallback modules): per-row gradients in row chunks, ``K += G_I G_J^T``.

@@ -8,7 +8,8 @@ those parameters that never form the ``(R, P)`` Jacobian. Every use offers
 - ``params``: the parameters it covers;
 - ``rows(start, stop, dtype)``: per-row gradients of rows ``start:stop``, ``(stop - start, numel)``;
 - ``direction(c)``: ``J^T c`` in the parameters' shapes, for row weights ``c`` ``(R,)``;
-- the sketch products ``pull``, ``push``, ``sketch`` and ``frobenius_sq`` (below);
+- except the fallback's :class:`ModuleUse`, which the sketch backend reaches through ``rows``:
+  the sketch products ``pull``, ``push``, ``sketch`` and ``frobenius_sq`` (below);
 
 and the gram backend, the cost model and the data-parallel gather read the factors of the
 families that have a faster route than ``rows`` (:class:`LinearUse`, :class:`EmbeddingUse`,

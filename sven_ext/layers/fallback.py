@@ -33,6 +33,8 @@ class ModuleUse:
         leaves: flattened call arguments (detached tensors and other values).
         spec: pytree spec of ``(args, kwargs)``.
         batched: per leaf, whether it is indexed by sample (a batched tensor of a per-sample call).
+        leaf_axes: per leaf, the axis that holds the samples where it is batched (1 for the
+            sequence-first inputs of a module with ``batch_first=False``).
         outputs: indices of the differentiable output leaves.
         d: per differentiable output, ``(R, ...)`` gradients (``None``: the rows do not depend on it).
         samples: ``S``.
@@ -46,6 +48,7 @@ class ModuleUse:
     leaves: list
     spec: object
     batched: list[bool]
+    leaf_axes: list[int]
     outputs: list[int]
     d: list[torch.Tensor | None]
     samples: int
@@ -63,9 +66,9 @@ class ModuleUse:
     def _call(self, state, moving, leaves, dtype, unsqueeze: bool):
         """The module's differentiable outputs; ``unsqueeze``: give one sample's slices a batch axis back."""
         ready = []
-        for x, batched in zip(leaves, self.batched):
+        for x, batched, axis in zip(leaves, self.batched, self.leaf_axes):
             if isinstance(x, torch.Tensor):
-                x = x.unsqueeze(0) if unsqueeze and batched else x
+                x = x.unsqueeze(axis) if unsqueeze and batched else x
                 x = x.to(dtype) if x.is_floating_point() else x
             ready.append(x)
         args, kwargs = tree_unflatten(ready, self.spec)
@@ -89,8 +92,8 @@ class ModuleUse:
             grads = torch.vmap(vjp_fn)(tuple(d_rows))[0]
         else:
             index = sample_index(start, stop, self.d[live[0]].shape[0], self.samples, d_rows[0].device)
-            leaves = [x[index] if b else x for x, b in zip(self.leaves, self.batched)]
-            in_dims = [0 if b else None for b in self.batched]
+            leaves = [x.index_select(a, index) if b else x for x, b, a in zip(self.leaves, self.batched, self.leaf_axes)]
+            in_dims = [a if b else None for b, a in zip(self.batched, self.leaf_axes)]
 
             def one(leaves_i, d_i):
                 def scalar(p):
@@ -104,8 +107,8 @@ class ModuleUse:
             except RuntimeError:
                 # Some kernels have no batching rule that keeps their shapes (torch.gru, torch.lstm
                 # write in place into per-sample buffers): one row at a time, the same arithmetic.
-                per_row = [one([x[i] if b else x for x, b in zip(leaves, self.batched)], [d[i] for d in d_rows])
-                           for i in range(stop - start)]
+                per_row = [one([x.select(a, i) if b else x for x, b, a in zip(leaves, self.batched, self.leaf_axes)],
+                               [d[i] for d in d_rows]) for i in range(stop - start)]
                 grads = {name: torch.stack([g[name] for g in per_row]) for name in self.names}
         return torch.cat([grads[name].reshape(stop - start, -1) for name in self.names], dim=1)
 
@@ -126,16 +129,11 @@ class ModuleUse:
         return [grads[name] for name in self.names]
 
 
-# One factorisation of (part of) some parameters' per-row gradients.
-
-
 def module_rule(call, samples: int) -> list:
     """Any module: its call replayed with ``torch.func``."""
     if all(d is None for d in call.d):
         return []
-    batched = [
-        not call.whole and isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == samples for x in call.leaves
-    ]
+    axes = [_leaf_axis(x, samples, call.batch_first) if not call.whole else None for x in call.leaves]
     return [
         ModuleUse(
             module=call.module,
@@ -143,7 +141,8 @@ def module_rule(call, samples: int) -> list:
             params=tuple(p for _, p in call.params),
             leaves=call.leaves,
             spec=call.spec,
-            batched=batched,
+            batched=[axis is not None for axis in axes],
+            leaf_axes=[axis or 0 for axis in axes],
             outputs=call.outputs,
             d=call.d,
             samples=samples,
@@ -151,3 +150,12 @@ def module_rule(call, samples: int) -> list:
             axes=[0] * len(call.outputs) if call.whole else call.batch_axes,
         )
     ]
+
+
+def _leaf_axis(x, samples: int, batch_first: bool) -> int | None:
+    """The axis of a call argument that holds the samples (``None``: shared by every sample)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return None
+    if not batch_first and x.dim() > 2 and x.shape[1] == samples:
+        return 1
+    return 0 if x.shape[0] == samples else None

@@ -67,7 +67,7 @@ def linear_push(a: torch.Tensor, d: torch.Tensor, z: torch.Tensor, budget: int, 
     """``Y[r, j] = sum_{o,i} (d_r^T a_s(r))[o, i] z[o, i, j]``: ``z (dout, din, s)`` -> ``(R, s)``.
 
     ``fused``: :func:`sven_ext.ops.linear_project` in row chunks (float64 result); else the
-    cheaper of the two routes of :func:`_linear_pull`, in ``z.dtype``.
+    cheaper of the two routes of :func:`linear_pull`, in ``z.dtype``.
     """
     dtype = z.dtype
     samples, steps, din = a.shape
