@@ -23,7 +23,8 @@ py="$(cd "$venv" && pwd)/bin/python"
 
 echo "== installing $torch_spec and the build tools"
 "$py" -m pip install --quiet --upgrade pip
-"$py" -m pip install --quiet "$torch_spec" setuptools wheel ninja
+# numpy too: torch warns when setup.py imports it without numpy.
+"$py" -m pip install --quiet "$torch_spec" numpy setuptools wheel ninja
 
 # The nvcc on PATH may be a wrapper outside the toolkit; point at the toolkit itself.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
