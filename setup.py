@@ -3,7 +3,9 @@
 Build switches (environment variables):
 
     SVEN_EXT_CUDA=auto|0|1   auto (default): compile the CUDA kernels when a CUDA
-                             toolkit is found and torch is a CUDA build.
+                             toolkit is found, torch is a CUDA build, and a GPU is
+                             visible or TORCH_CUDA_ARCH_LIST is set; 1: require them;
+                             0: CPU only.
     CUDA_HOME                the toolkit (default: /usr/local/cuda when it has nvcc).
     TORCH_CUDA_ARCH_LIST     GPU architectures (default when no GPU is visible:
                              "8.0;9.0+PTX").
@@ -12,7 +14,9 @@ Build switches (environment variables):
 
 torch extensions must be compiled against the torch that will import them, so
 install with `pip install --no-build-isolation .` (pip's isolated build
-environment would fetch and compile against another torch).
+environment would fetch and compile against another torch). Objects are kept in
+build/temp, so a rebuild (`pip install --no-build-isolation -e .` again, or
+`python setup.py build_ext --inplace`) only compiles what changed.
 """
 
 import os
@@ -61,7 +65,11 @@ def _use_cuda(cuda_home):
         problems.append(f"torch {torch.__version__} is a CPU-only build")
     if mode == "1" and problems:
         sys.exit("sven_ext: SVEN_EXT_CUDA=1 but " + "; ".join(problems))
-    return not problems
+    if problems or mode == "1":
+        return not problems
+    # auto: the CUDA kernels are most of the compile time, so they are built only for
+    # a GPU that can run them or for architectures asked for.
+    return bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.is_available()
 
 
 CUDA_HOME = _find_cuda_home()
@@ -103,6 +111,19 @@ def _extension():
     return cpp_extension.CUDAExtension(sources=_relative(sources), **kwargs)
 
 
+class _BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension compiling into one fixed folder, build/temp.
+
+    pip's editable and wheel builds would compile in a fresh temporary folder each
+    time; a fixed one lets ninja reuse every object that is up to date (it rebuilds
+    those whose sources or flags changed).
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = str(ROOT / "build" / "temp")
+
+
 def _relative(paths):
     return [os.path.relpath(ROOT / p, ROOT) for p in paths]
 
@@ -123,5 +144,5 @@ print(f"sven_ext: building with CUDA kernels: {WITH_CUDA} (torch {torch.__versio
 setup(
     packages=find_packages(include=["sven_ext", "sven_ext.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension},
 )

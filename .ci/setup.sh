@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Creates the project's virtual environment (.venv), installs torch and the
-# Python dependencies, and builds the sven_ext extension in place, CUDA kernels
-# included when a CUDA toolkit is found. Safe to run again: an up-to-date build
-# is not recompiled.
+# Creates the project's virtual environment (.venv), installs torch, and installs
+# sven_ext into it in editable mode with its runtime, test and benchmark
+# dependencies (pyproject.toml), compiling the extension in place against that
+# torch. `import sven_ext` then works from any directory and runs this source
+# tree. Safe to run again: objects that are up to date are not recompiled.
 #
 #   SVEN_EXT_VENV    where the environment goes (default: .venv)
 #   SVEN_EXT_TORCH   the torch to install (default: torch==2.14.1, a CUDA 13.0 build;
@@ -18,18 +19,19 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "== creating virtual environment $venv"
   python3 -m venv "$venv"
 fi
-py="$venv/bin/python"
+py="$(cd "$venv" && pwd)/bin/python"
 
-echo "== installing $torch_spec and the Python dependencies"
+echo "== installing $torch_spec and the build tools"
 "$py" -m pip install --quiet --upgrade pip
-"$py" -m pip install --quiet "$torch_spec" setuptools wheel ninja numpy matplotlib tqdm pytest hypothesis scikit-learn torchvision transformers timm
+# numpy too: torch warns when setup.py imports it without numpy.
+"$py" -m pip install --quiet "$torch_spec" numpy setuptools wheel ninja
 
 # The nvcc on PATH may be a wrapper outside the toolkit; point at the toolkit itself.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 
-echo "== building the sven_ext extension (incremental)"
-# --no-build-isolation semantics: this compiles against the torch installed above.
-"$py" setup.py --quiet build_ext --inplace
-"$py" -c "import sven_ext; print('sven_ext', sven_ext.__version__, '| CUDA kernels compiled:', sven_ext.WITH_CUDA)"
+echo "== building sven_ext and installing it into $venv (editable, incremental)"
+# --no-build-isolation: compile against the torch installed above.
+"$py" -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+(cd / && "$py" -c "import sven_ext; print('sven_ext', sven_ext.__version__, '| CUDA kernels compiled:', sven_ext.WITH_CUDA)")

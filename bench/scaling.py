@@ -1,7 +1,8 @@
 """Runs ``python -m sven_ext bench scaling`` with this script's arguments (see ``--help``).
 
 The harness lives in the package (sven_ext.harness) so it also runs from an installed wheel;
-this script is the same command under bench/. Results go to bench/results/ by default.
+this script is the same command under bench/. Results go to the current directory unless
+--out says otherwise.
 """
 
 import os

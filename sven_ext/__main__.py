@@ -74,21 +74,49 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+def _missing_package(command: str, exc: ModuleNotFoundError) -> str:
+    package = (exc.name or "").partition(".")[0] or str(exc)
+    return (f"python -m sven_ext {command}: needs the Python package {package!r}, which is not installed "
+            f"(pip install {package})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser, one subparser per entry of ``COMMANDS``."""
+    """The top-level parser, one subparser per entry of ``COMMANDS``.
+
+    A command whose module needs a package that is not installed still gets its
+    subparser (without its flags, ``missing`` set); the other commands work.
+    """
     parser = argparse.ArgumentParser(prog="python -m sven_ext", description="Sven (Singular Value dEsceNt) tools.")
     commands = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", required=True)
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        add_arguments(sub)
+        try:
+            add_arguments(sub)
+        except ModuleNotFoundError as exc:
+            sub.set_defaults(missing=exc)
         sub.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses ``argv`` (default: ``sys.argv[1:]``) and runs the command; returns its exit status."""
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    """Parses ``argv`` (default: ``sys.argv[1:]``) and runs the command; returns its exit status.
+
+    A package the command needs that is not installed is reported by name on stderr
+    (exit status 1) instead of a traceback.
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    missing = getattr(args, "missing", None)
+    if missing is not None:
+        print(_missing_package(args.command, missing), file=sys.stderr)
+        return 1
+    if unknown:
+        parser.error("unrecognized arguments: " + " ".join(unknown))
+    try:
+        return args.run(args)
+    except ModuleNotFoundError as exc:
+        print(_missing_package(args.command, exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -48,17 +48,25 @@ def _pair_scale(row_norms):
     return n[:, None] * n[None, :]
 
 
-def _low_precision_bound(a, d, eps):
-    """Forward-error bound of K for products accumulated in a precision with unit roundoff eps.
+def _bound(a, d, eps):
+    """Forward-error bound of K (against the float64 reference) for feature dot products rounded with unit roundoff eps.
 
-    The inputs are exact in float64; each feature dot product of length n has error at
-    most n * eps * |x| |y|, so |dK[i, j]| <= (Da + Dd) eps N_i N_j with
-    N_i = sum_t |a_i[t]| |d_i[t]|; the float64 sum over (t, t') adds nothing visible.
-    A factor 2 covers second-order terms.
+    ``a=None`` is embedding_gram's (an index match instead of the ``a`` dot product).
+    The inputs are exact in float64. Each feature dot product of length n errs by at
+    most n * eps |x| |y| and their product by one rounding more; the T^2 products are
+    summed in float64 by the op (at most T^2 roundings) and the float64 reference
+    rounds its dot products, product and sum again, so
+    |dK[i, j]| <= ((Da + Dd + 1) eps + (2 T^2 + Da + Dd + 1) 2^-53) N_i N_j with
+    N_i = sum_t |a_i[t]| |d_i[t]|. A factor 2 covers second-order terms.
     """
-    a64, d64 = a.double().cpu(), d.double().cpu()
-    norms = a64.norm(dim=2) * d64.norm(dim=2)
-    return 2 * (a.shape[2] + d.shape[2]) * eps * _pair_scale(norms)
+    d64 = d.double().cpu()
+    norms = d64.norm(dim=2)
+    dots = d.shape[2] + 1
+    if a is not None:
+        norms = norms * a.double().cpu().norm(dim=2)
+        dots += a.shape[2]
+    steps = d.shape[1]
+    return 2 * (dots * eps + (2 * steps * steps + dots) * 2.0**-53) * _pair_scale(norms)
 
 
 def _assert_within(got, want, bound):
@@ -88,7 +96,7 @@ def test_seq_gram_low_precision(device, shape, dtype):
     k = ops.seq_gram(a, d)
     assert k.dtype == torch.float64
     # float16/bfloat16 inputs are exact in float32, where their products are accumulated.
-    _assert_within(k, reference.seq_gram(a.cpu(), d.cpu()), _low_precision_bound(a, d, 2.0**-24))
+    _assert_within(k, reference.seq_gram(a.cpu(), d.cpu()), _bound(a, d, 2.0**-24))
     assert torch.equal(k, k.T)
 
 
@@ -121,9 +129,7 @@ def test_embedding_gram_low_precision(device, dtype):
     _, d = _inputs((17, 13, 1, 31), dtype, device)
     idx = _indices(17, 13, 5, device)
     k = ops.embedding_gram(idx, d)
-    norms = d.double().cpu().norm(dim=2)
-    bound = 2 * d.shape[2] * 2.0**-24 * _pair_scale(norms)
-    _assert_within(k, reference.embedding_gram(idx.cpu(), d.cpu()), bound)
+    _assert_within(k, reference.embedding_gram(idx.cpu(), d.cpu()), _bound(None, d, 2.0**-24))
 
 
 def test_embedding_gram_repeated_and_negative_indices(device):
@@ -178,12 +184,12 @@ def test_cpu_equals_cuda():
         for shape in SHAPES + BIG_SHAPES:
             a, d = _inputs(shape, dtype, "cpu")
             k_cpu, k_cuda = ops.seq_gram(a, d), ops.seq_gram(a.cuda(), d.cuda()).cpu()
-            bound = _low_precision_bound(a, d, 2.0**-24 if dtype == torch.float32 else 2.0**-53)
-            _assert_within(k_cuda, k_cpu, 2 * bound)
+            eps = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+            # Two computed results, each within one bound of the exact K.
+            _assert_within(k_cuda, k_cpu, 2 * _bound(a, d, eps))
             idx = _indices(shape[0], shape[1], 7, "cpu")
             e_cpu, e_cuda = ops.embedding_gram(idx, d), ops.embedding_gram(idx.cuda(), d.cuda()).cpu()
-            e_bound = _low_precision_bound(torch.ones_like(a[:, :, :0]), d, 2.0**-24)
-            _assert_within(e_cuda, e_cpu, 2 * e_bound)
+            _assert_within(e_cuda, e_cpu, 2 * _bound(None, d, eps))
 
 
 def test_seq_gram_errors(device):

@@ -52,15 +52,16 @@ def _abs_product(a, d, w):
 
 
 def _bound(a, d, w, eps):
-    """Forward-error bound of Y = G W computed with unit roundoff eps (W exact in float64).
+    """Forward-error bound of Y = G W computed with unit roundoff eps, against the float64 reference (W exact in float64).
 
     G's entries are sums of T products (error <= T eps |G|), W is rounded once (eps |W|), and a
     dot product of n terms adds n eps sum |G||W|; the CPU (GEMM over a tile) and CUDA (over a
     shared-memory tile) kernels sum at most n = P terms in the working precision before adding
-    into float64, so |dY| <= (T + P + 2) eps |G| |W|. A factor 2 covers second-order terms.
+    into float64, so |dY| <= (T + P + 2) eps |G| |W|; the float64 reference rounds T + P + 1
+    times (unit roundoff 2^-53). A factor 2 covers second-order terms.
     """
-    n = a.shape[1] + a.shape[2] * d.shape[2] + 2
-    return 2 * n * eps * _abs_product(a, d, w) + 1e-300
+    n = a.shape[1] + a.shape[2] * d.shape[2]
+    return 2 * ((n + 2) * eps + (n + 1) * 2.0**-53) * _abs_product(a, d, w) + 1e-300
 
 
 def _assert_within(got, want, bound):

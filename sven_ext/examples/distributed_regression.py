@@ -7,6 +7,8 @@ it (slices differ in size when the world size does not divide the batch). ``Sven
 process_group=...)`` takes the step of the whole batch on every rank: not an average of
 per-rank steps. With ``--ddp`` the model is wrapped in ``DistributedDataParallel`` first (what
 a training script that also runs first-order optimisers may do); Sven never lets DDP reduce.
+The step size warms up linearly over the first epoch (``torch.optim.lr_scheduler`` works as
+with any optimizer).
 
 Run on CPUs (gloo)::
 
@@ -57,7 +59,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="global batch, split over the ranks")
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--backend", default="gram", choices=["gram", "sketch", "auto"])
-    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.5, help="peak step size")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="steps of linear warm-up to --lr (default: one epoch)")
     parser.add_argument("--ddp", action="store_true", help="wrap the model in DistributedDataParallel")
     args = parser.parse_args()
 
@@ -74,6 +78,11 @@ def main() -> None:
     if args.ddp:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = Sven(model, lr=args.lr, backend=args.backend, process_group=dist.group.WORLD)
+    steps = args.samples // args.batch
+    # From random weights the linearised model is poor: full-size first steps overshoot by
+    # orders of magnitude (the loss jumps before it recovers), small ones do not.
+    warmup = steps if args.warmup is None else args.warmup
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)))
     mine = my_slice(args.batch, rank, world)
     order = torch.Generator().manual_seed(2)  # one shuffle, identical on every rank
     for epoch in range(args.epochs):
@@ -84,11 +93,11 @@ def main() -> None:
             xb, yb = x[index], y[index]
             # Per-sample losses of this rank's shard; the step returns the whole batch's.
             losses = optimizer.step(lambda: (model(xb) - yb).square().sum(1))
+            schedule.step()
             total += float(losses.sum())
         with torch.no_grad():
             validation = float((model(x_val) - y_val).square().mean())
         if rank == 0:
-            steps = args.samples // args.batch
             print(f"epoch {epoch + 1}: train {total / (steps * args.batch):.3e}  validation {validation:.3e}")
     if rank == 0:
         info = optimizer.last_info

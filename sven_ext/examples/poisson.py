@@ -289,7 +289,8 @@ def main(argv=None) -> dict:
                         help="Adam learning rates (each runs for Sven's wall time)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the points and the initial weights")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
+    parser.add_argument("--out", type=Path, default=Path("."),
+                        help="directory for poisson.json and poisson.png (default: the current one)")
     parser.add_argument("--quick", action="store_true",
                         help="defaults for a fast check: fewer points, a narrower net, 30 steps, two Adam rates")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

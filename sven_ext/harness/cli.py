@@ -1,12 +1,14 @@
 """``python -m sven_ext bench <part>``: convergence, scaling, plots and report.
 
     python -m sven_ext bench convergence --quick            # every task and optimizer, toy sizes
-    python -m sven_ext bench convergence --tasks regression_1d --out bench/results/convergence.jsonl
-    python -m sven_ext bench report bench/results/convergence.jsonl
-    python -m sven_ext bench plots bench/results/convergence.jsonl --scaling bench/results/scaling.jsonl
+    python -m sven_ext bench convergence --tasks regression_1d --out convergence.jsonl
+    python -m sven_ext bench report convergence.jsonl
+    python -m sven_ext bench plots convergence.jsonl --scaling scaling.jsonl
     python -m sven_ext bench scaling --quick
 
-Results go to JSON lines; running the same command again resumes (finished runs are skipped).
+Results go to JSON lines, in the current directory unless ``--out`` says otherwise (the
+project's recorded results in bench/results/ are only written when named); running the
+same command again resumes (finished runs are skipped).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              help="optimizers (default: all)")
     convergence.add_argument("--quick", action="store_true", help="toy sizes, 2 seeds: a few minutes in all")
     convergence.add_argument("--out", type=Path, default=None,
-                             help="results file (default: convergence.jsonl, or convergence_quick.jsonl)")
+                             help="results file (default: convergence.jsonl, or convergence_quick.jsonl, "
+                                  "in the current directory)")
     convergence.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     convergence.add_argument("--no-progress", action="store_true", help="no progress bars")
     convergence.set_defaults(bench=_run_convergence)
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "against parameter count and against batch size.")
     scaling.add_argument("--quick", action="store_true", help="small sizes only")
     scaling.add_argument("--out", type=Path, default=None,
-                         help="results file (default: scaling.jsonl, or scaling_quick.jsonl)")
+                         help="results file (default: scaling.jsonl, or scaling_quick.jsonl, in the current directory)")
     scaling.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     scaling.add_argument("--repeats", type=int, default=3, help="timed steps per point (median reported)")
     scaling.add_argument("--max-seconds", type=float, default=60.0,
@@ -65,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plots.add_argument("--scaling", type=Path, default=None, help="scaling results file")
     plots.add_argument("--tasks", nargs="+", choices=TASK_NAMES, default=None, help="tasks (default: all)")
     plots.add_argument("--quick", action="store_true", help="the files hold --quick results")
-    plots.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="where the PNGs go")
+    plots.add_argument("--out-dir", type=Path, default=Path("."),
+                       help="where the PNGs go (default: the current directory)")
     plots.set_defaults(bench=_run_plots)
 
 
@@ -79,7 +83,7 @@ def _command() -> str:
 
 
 def _default_results(name: str, quick: bool) -> Path:
-    return Path("bench/results") / (f"{name}_quick.jsonl" if quick else f"{name}.jsonl")
+    return Path(f"{name}_quick.jsonl" if quick else f"{name}.jsonl")
 
 
 def _run_convergence(args: argparse.Namespace) -> int:
