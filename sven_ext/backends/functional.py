@@ -44,8 +44,6 @@ and thread count.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .. import ops
@@ -166,7 +164,7 @@ class FunctionalBackend(Backend):
             jac = JacobianProducts(rows.residual, self.params, scale)
             residual = rows.residual.detach().to(settings.solve_dtype)
             k = resolve_k(residual.numel())
-            truncation = dataclasses.replace(settings.truncation, k=k)
+            truncation = settings.truncation.for_rows(k, rows.scale)
             columns = min(k + settings.sketch.oversampling, jac.rows)
             try:
                 if settings.functional_mode == "randomized" and columns < jac.rows:

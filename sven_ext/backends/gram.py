@@ -111,7 +111,7 @@ class GramBackend(Backend):
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
         gram, paths = self._gram(uses, rows, dtype, scales, settings.truncation.rtol)
-        truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
+        truncation = settings.truncation.for_rows(resolve_k(count), rows.scale)
         solution = solve_gram(gram, residual, truncation)
         contract = self._contraction(uses, rows, scales, shard, restricted)
         directions = contract(solution.coefficients)
