@@ -90,7 +90,7 @@ def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncatio
     Raises:
         FloatingPointError: ``gram`` has a NaN or infinite entry.
     """
-    check_finite(gram, "the Gram matrix K = J J^T")
+    check_finite(gram, "the Gram matrix of the Jacobian (J J^T, J^T J or a projection)")
     eigenvalues, eigenvectors = _descending_eigh(gram)
     singular_values = eigenvalues.clamp_min(0).sqrt()
     rank = truncation.rank(singular_values)
@@ -154,8 +154,8 @@ def check_finite(matrix: torch.Tensor, what: str) -> None:
     """
     if not bool(torch.isfinite(matrix).all()):
         raise FloatingPointError(
-            f"{what} of this step is not finite (NaN or Inf): the residuals have an infinite derivative "
-            f"or their products overflow {matrix.dtype}; nothing was changed"
+            f"{what} of this step is not finite (NaN or Inf): the residuals have an infinite derivative, "
+            "or products of their derivatives overflow; the parameters were not changed"
         )
 
 

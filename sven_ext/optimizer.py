@@ -506,6 +506,13 @@ class Sven(torch.optim.Optimizer):
                 trail.append(("momentum", buffer))
             group = group_of[id(p)]
             lr, rate = group["lr"], group["lr"] * group["weight_decay"]
+            for stage, factor in (("lr", lr), ("weight decay", rate)):
+                if factor > torch.finfo(p.dtype).max:  # torch refuses such a factor in p's dtype
+                    raise FloatingPointError(
+                        f"the Sven step is not finite (NaN or Inf) at the {stage} stage for parameter "
+                        f"{_names(self.model).get(id(p), '?')!r} ({p.dtype}): {factor:g} is beyond the dtype's "
+                        f"largest value; the parameters were not changed"
+                    )
             decay = None if subset is None or not group["weight_decay"] else subset.mask(p)
             value = _new_value(p, direction, lr, rate, decay)
             trail += [("lr", lambda d=direction, lr=lr: d * lr),

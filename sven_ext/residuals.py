@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Rows are divided by a power of two when their largest magnitude leaves [2^-32, 2^32] (see row_scale).
+# Rows are divided by a power of two when their largest magnitude leaves [2^-32, 2^32) (see row_scale).
 ROW_EXPONENT_RANGE = 32
 
 
@@ -175,7 +175,7 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
 
 
 def row_scale(values: torch.Tensor) -> float:
-    """The power of two ``sigma`` that brings the largest ``|value|`` into ``[2^-32, 2^32]`` (1 if it is there).
+    """The power of two ``sigma`` that brings the largest ``|value|`` into ``[2^-32, 2^32)`` (1 if it is there).
 
     The products of the Jacobian's factors (``K = J J^T`` in float32 for float32 models) scale
     with the square of the rows when the losses are scaled, and leave float32's range near
@@ -185,8 +185,8 @@ def row_scale(values: torch.Tensor) -> float:
     largest = float(values.detach().abs().max())
     if largest == 0:
         return 1.0
-    exponent = math.frexp(largest)[1]
-    inside = min(max(exponent, -ROW_EXPONENT_RANGE), ROW_EXPONENT_RANGE)
+    exponent = math.frexp(largest)[1]  # largest in [2^(exponent - 1), 2^exponent)
+    inside = min(max(exponent, 1 - ROW_EXPONENT_RANGE), ROW_EXPONENT_RANGE)
     return math.ldexp(1.0, exponent - inside)
 
 
