@@ -30,7 +30,8 @@ def data(batch=12, d_in=3, d_out=1, seed=0, dtype=torch.float64):
 
 def squared_errors(model, x, y):
     dtype = next(model.parameters()).dtype
-    return (model(x.to(dtype)) - y.to(dtype)).float().square().sum(1)
+    losses = (model(x.to(dtype)) - y.to(dtype)).square().sum(1)
+    return losses.float() if dtype == torch.float16 else losses  # half models: float32 rows
 
 
 class Counter(nn.Module):
@@ -476,3 +477,35 @@ def test_an_eigh_that_does_not_converge_falls_back(monkeypatch, backend, failure
     assert calls == [torch.float32, torch.float64]
     assert info["rank"] == 4
     assert relative_difference(mine, expected) < 1e-5  # float32 eigh against a float64 retry
+
+
+@pytest.mark.parametrize("settings", [dict(damping=1e-3), dict(variable_k=True), dict(track_svd_info=True)])
+def test_options_in_units_of_the_rows_are_scaled_with_them(settings):
+    """Damping, variable_k's coefficients and track_svd_info's prediction read the rows in the closure's
+    units: losses times 2^80 (rows divided by 2^48 inside) give the step and diagnostics of the plain ones."""
+    model = mlp((3, 8, 1))
+    x, y = data(batch=16)
+    factor = 2.0 ** 80
+    base = dict(backend="gram", k=4, lr=0.5, **settings)
+    if "damping" in settings:
+        scaled_settings = {**base, "damping": settings["damping"] * factor ** 2}  # s^2 scales by factor^2
+    else:
+        scaled_settings = base
+    plain, plain_info = sven_update(model, lambda m: squared_errors(m, x, y), **base)
+    scaled, info = sven_update(model, lambda m: squared_errors(m, x, y) * factor, **scaled_settings)
+    assert relative_difference(scaled, plain) < 1e-12
+    assert torch.allclose(info["singular_values"], plain_info["singular_values"] * factor, rtol=1e-12, atol=0)
+    if "variable_k" in settings:
+        assert info["variable_k_rank"] == plain_info["variable_k_rank"]
+    if "track_svd_info" in settings:
+        assert info["predicted_loss_change"] == pytest.approx(plain_info["predicted_loss_change"] * factor, rel=1e-12)
+
+
+def test_gram_matrix_is_that_of_the_rows_the_closure_returned():
+    from sven_ext.backends.gram import gram_matrix
+
+    model = mlp((3, 8, 1))
+    x, y = data(batch=16)
+    plain = gram_matrix(model, lambda: squared_errors(model, x, y))
+    scaled = gram_matrix(model, lambda: squared_errors(model, x, y) * 2.0 ** 80)
+    assert float((scaled - plain * 2.0 ** 160).norm() / scaled.norm()) < 1e-14
