@@ -398,7 +398,7 @@ def test_an_optimizer_with_a_process_group_refuses_to_be_copied(tmp_path):
 # ----------------------------------------------------------------------------- numerical edges
 
 
-@pytest.mark.parametrize("backend", ["gram", "auto", "dense"])
+@pytest.mark.parametrize("backend", ["gram", "auto", "dense", "functional"])
 @pytest.mark.parametrize("scale,atol", [(1e20, linalg.DEFAULT_ATOL), (1e30, linalg.DEFAULT_ATOL), (1e-30, 0.0)])
 def test_extreme_loss_scales_give_the_dense_step(backend, scale, atol):
     """Losses times ``a`` scale r and J by ``a``: the step is unchanged, the singular values scale by ``a``.
@@ -415,12 +415,13 @@ def test_extreme_loss_scales_give_the_dense_step(backend, scale, atol):
     assert float((values - reference["singular_values"]).norm() / reference["singular_values"].norm()) < F32
 
 
+@pytest.mark.parametrize("backend", [dict(backend="sketch"), dict(backend="functional", functional_mode="randomized")])
 @pytest.mark.parametrize("scale,atol", [(1e20, linalg.DEFAULT_ATOL), (1e-30, 0.0)])
-def test_extreme_loss_scales_give_the_sketch_its_own_step(scale, atol):
-    """The sketch (s < R) against itself at scale 1: the same test matrices, the same subspace."""
+def test_extreme_loss_scales_give_a_sketch_its_own_step(backend, scale, atol):
+    """A sketch (s < R) against itself at scale 1: the same test matrices, the same subspace."""
     model = mlp((3, 16, 2), dtype=torch.float32)
     x, y = data(batch=24, d_out=2, dtype=torch.float32)
-    settings = dict(backend="sketch", k=4, oversampling=2, atol=atol)
+    settings = dict(k=4, oversampling=2, atol=atol, **backend)
     plain, _ = sven_update(model, lambda m: squared_errors(m, x, y), **settings)
     scaled, info = sven_update(model, lambda m: squared_errors(m, x, y) * scale, **settings)
     assert info["rank"] == 4
