@@ -97,12 +97,14 @@ class Sven(torch.optim.Optimizer):
         momentum: heavy-ball momentum on the final direction (``0``: none).
         track_svd_info: keep ``svd_history``: per step the singular values, rank, residual norm,
             and the loss change the linearised model predicts next to the actual one (one extra
-            forward pass of the closure per step).
+            forward pass of the closure per step, once the step is applied: an exception there
+            propagates and the step stays).
         variable_k: apply the kept rank-1 components in descending singular-value order while the
             batch loss keeps falling (one closure evaluation and one contraction per component;
             ``last_info["variable_k_rank"]`` says how many were applied). Not with ``rmsprop`` or
             ``momentum``.
-        callback: called with ``last_info`` after every successful step (logging).
+        callback: called with ``last_info`` after every successful step (logging), once the step is
+            applied: an exception from it propagates and the step stays.
         process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``)
             for data parallelism: each rank's closure returns the rows of its own shard of the batch
             (shards may differ in size), and every rank takes the same step, the one for the
