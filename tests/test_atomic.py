@@ -510,3 +510,23 @@ def test_gram_matrix_is_that_of_the_rows_the_closure_returned():
     plain = gram_matrix(model, lambda: squared_errors(model, x, y))
     scaled = gram_matrix(model, lambda: squared_errors(model, x, y) * 2.0 ** 80)
     assert float((scaled - plain * 2.0 ** 160).norm() / scaled.norm()) < 1e-14
+
+
+# ----------------------------------------------------------------------------- memory bound
+
+
+@pytest.mark.parametrize("backend", ["gram", "sketch"])
+def test_the_memory_estimate_includes_the_update(backend):
+    """Few rows, many parameters: K and the sketch's blocks are tiny, the update (directions and new
+    values, 2 x 2.1 MB) is not; a budget below them is refused with nothing changed."""
+    model = mlp((3, 512, 512, 1))
+    x, y = data(batch=4)
+    params = sum(p.numel() for p in model.parameters())
+    opt = sven_ext.Sven(model, backend=backend, k=2, oversampling=1, max_memory=params * 8 * 3 // 2)
+    snapshot = Snapshot(model, opt)
+    with pytest.raises(ValueError, match=f"backend='{backend}' needs about .* The forward pass and the capture "
+                                         "have run; nothing of the solve was allocated and nothing changed"):
+        opt.step(lambda: squared_errors(model, x, y))
+    snapshot.assert_unchanged()
+    opt.param_groups[0]["max_memory"] = 6 * params * 8
+    opt.step(lambda: squared_errors(model, x, y))
