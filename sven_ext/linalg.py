@@ -7,9 +7,8 @@ Notation (DESIGN.md section 1): ``J`` is the ``(R, P)`` Jacobian of the residual
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 

@@ -415,6 +415,27 @@ def test_extreme_loss_scales_give_the_dense_step(backend, scale, atol):
     assert float((values - reference["singular_values"]).norm() / reference["singular_values"].norm()) < F32
 
 
+@pytest.mark.parametrize("backend", ["gram", "dense"])
+@pytest.mark.parametrize("rows", ["microbatch", "residuals (B, m)", "kappa=1"])
+def test_extreme_scales_of_every_kind_of_rows(backend, rows):
+    """Microbatched losses (the captured losses and the group rows are scaled apart), signed residuals with
+    two outputs per sample, and square roots of the losses, at 1e30 in float32."""
+    model = mlp((3, 16, 2), dtype=torch.float32)
+    x, y = data(batch=24, d_out=2, dtype=torch.float32)
+    scale = 1e30
+    if rows == "microbatch":
+        loss, settings = (lambda m: squared_errors(m, x, y) * scale), dict(microbatch_size=2)
+    elif rows == "residuals (B, m)":
+        loss, settings = (lambda m: sven_ext.Residuals((m(x.to(m[0].weight.dtype)) - y.to(m[0].weight.dtype))
+                                                       * scale)), {}
+    else:
+        loss, settings = (lambda m: squared_errors(m, x, y) * scale), dict(kappa=1.0)
+    oracle, _ = sven_update(model, loss, dtype=torch.float64, backend="dense", k=6, **settings)
+    mine, info = sven_update(model, loss, backend=backend, k=6, **settings)
+    assert info["rank"] == 6
+    assert relative_difference(mine, oracle) < F32
+
+
 @pytest.mark.parametrize("backend", [dict(backend="sketch"), dict(backend="functional", functional_mode="randomized")])
 @pytest.mark.parametrize("scale,atol", [(1e20, linalg.DEFAULT_ATOL), (1e-30, 0.0)])
 def test_extreme_loss_scales_give_a_sketch_its_own_step(backend, scale, atol):
