@@ -234,8 +234,12 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(f"all parameters must have one dtype, got {sorted(map(str, dtypes))}")
         if not trainable[0].is_floating_point():
             raise ValueError(f"parameters must be floating point, got {trainable[0].dtype}")
-        for p in new:
-            if p.requires_grad and _overlaps_itself(p):
+        self._check_writable([p for p in new if p.requires_grad])
+
+    def _check_writable(self, params: list[torch.Tensor]) -> None:
+        """Every parameter that moves must own the memory of each of its elements (the commit writes it)."""
+        for p in params:
+            if _overlaps_itself(p):
                 raise ValueError(
                     f"parameter {_names(self.model).get(id(p), '?')!r} (shape {tuple(p.shape)}, strides "
                     f"{p.stride()}) has elements that share memory, e.g. an expanded tensor, so no update can "
@@ -337,6 +341,7 @@ class Sven(torch.optim.Optimizer):
         trainable = self._trainable()
         if not trainable:
             raise ValueError(_NO_PARAMETERS)
+        self._check_writable(trainable)  # strides only; catches a parameter unfrozen or given new data since added
         params, subsets = self._subset(trainable, first, step)
         settings = StepSettings(
             truncation=Truncation(first["k"], first["rtol"], first["atol"], first["damping"]),

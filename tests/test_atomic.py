@@ -200,6 +200,14 @@ def test_parameters_that_share_memory_are_refused_when_added():
     with pytest.raises(ValueError, match="share memory"):
         opt.add_param_group({"params": [model.bias]})
     assert len(opt.param_groups) == 1
+    # A parameter added while frozen, unfrozen later, is refused by the step, before anything changes.
+    model.bias.requires_grad_(False)
+    grouped = sven_ext.Sven(model, params=[model.weight, model.bias])
+    model.bias.requires_grad_(True)
+    snapshot = Snapshot(model, grouped)
+    with pytest.raises(ValueError, match=r"parameter 'bias' .* has elements that share memory"):
+        grouped.step(lambda: squared_errors(model, x, y))
+    snapshot.assert_unchanged()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
