@@ -740,8 +740,9 @@ class _ClosureWatch:
         edited = self._edited()
         if edited:
             raise self._edit_error(edited)
-        if any(p.grad is not None and (p.grad is not grad or p.grad._version != version)
-               for p, (grad, version) in zip(self.params, self.grads)):
+        written = [p.grad for p, (grad, version) in zip(self.params, self.grads)
+                   if p.grad is not None and (p.grad is not grad or p.grad._version != version)]
+        if any(bool(g.any()) for g in written):  # zero_grad(set_to_none=False) writes zeros: harmless
             raise ValueError(
                 "the closure called backward(): it must only run the forward pass and return per-sample "
                 "losses (or sven_ext.Residuals); Sven differentiates them itself"

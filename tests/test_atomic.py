@@ -158,6 +158,21 @@ def test_a_closure_that_calls_backward_is_a_clear_error(backend):
     opt.step(lambda: squared_errors(model, x, y))  # and the optimizer still works
 
 
+def test_a_closure_that_zeroes_the_gradients_is_fine():
+    model = mlp((3, 4, 1))
+    x, y = data()
+    squared_errors(model, x, y).sum().backward()  # gradients exist, as after another optimizer's steps
+    opt = sven_ext.Sven(model, backend="gram")
+
+    def closure():
+        model.zero_grad(set_to_none=False)
+        return squared_errors(model, x, y)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("raises", [False, True])
 def test_a_closure_that_edits_a_parameter_is_a_clear_error(backend, raises):
