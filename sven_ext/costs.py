@@ -88,6 +88,13 @@ def _params(use) -> int:
     return sum(p.numel() for p in use.params)
 
 
+def update_bytes(uses: list) -> int:
+    """Bytes of a step's update: the directions and the checked new values of the captured
+    parameters, both in the parameters' dtype, held together until the commit."""
+    params = {id(p): p for use in uses for p in use.params}
+    return 2 * sum(p.numel() * p.element_size() for p in params.values())
+
+
 def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:
     """Bytes the sketch backend holds besides its tile transients.
 
@@ -136,8 +143,8 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
             flops += 2.0 * rows**2 * _params(use) + MODULE_ROW_FLOPS * rows * _params(use)
             transient = GRAM_TRANSIENT_BYTES
     k_bytes = rows * rows * 8
-    # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route.
-    return Estimate("gram", 4 * k_bytes + transient, flops, f"K needs {mib(k_bytes)}")
+    # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route; the update.
+    return Estimate("gram", 4 * k_bytes + transient + update_bytes(uses), flops, f"K needs {mib(k_bytes)}")
 
 
 def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, test_matrix: str,
@@ -177,7 +184,7 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
     if not exact:
         flops += RNG_FLOPS[test_matrix] * generated + (power_iterations + 1) * 4.0 * rows * columns**2
     flops += EIGH_FLOPS_PER_N3 * columns**3 + OP_OVERHEAD_FLOPS * OPS_PER_PASS * (passes + 1) * (len(uses) + 2)
-    fixed = sketch_fixed_bytes(rows, columns) + module_bytes
+    fixed = sketch_fixed_bytes(rows, columns) + module_bytes + update_bytes(uses)
     transient = TRANSIENTS * min(transient_budget, max(biggest_tile, MIN_TRANSIENT_BYTES))
     return Estimate("sketch", fixed + transient, flops, f"R x s blocks need {mib(fixed)} (s={columns})",
                     fixed + TRANSIENTS * MIN_TRANSIENT_BYTES)
@@ -185,9 +192,9 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
 
 def estimate_dense(rows: int, params: int) -> Estimate:
     j_bytes = rows * params * 8
-    # J, the SVD's copy and V^T, R backward passes and the SVD.
-    return Estimate("dense", 3 * j_bytes + rows * rows * 8, 6.0 * rows * params + 4.0 * rows**2 * params,
-                    f"J needs {mib(j_bytes)}")
+    # J, the SVD's copy and V^T, R backward passes and the SVD; the update (directions and new values).
+    return Estimate("dense", 3 * j_bytes + rows * rows * 8 + 2 * params * 8,
+                    6.0 * rows * params + 4.0 * rows**2 * params, f"J needs {mib(j_bytes)}")
 
 
 def available_bytes(device: torch.device) -> int:
@@ -246,9 +253,9 @@ def require_fit(estimate: Estimate, factor_bytes: int, max_memory: int | None, d
     if need > budget:
         raise ValueError(
             f"backend={estimate.backend!r} needs about {mib(need)} for this step "
-            f"({estimate.what}; factors {mib(factor_bytes)}), more than the {what} ({mib(budget)}); "
-            "nothing was allocated. Use backend='auto' (it picks a backend that fits), raise max_memory, "
-            "or lower the batch size"
+            f"({estimate.what}; factors {mib(factor_bytes)}), more than the {what} ({mib(budget)}). The "
+            "forward pass and the capture have run; nothing of the solve was allocated and nothing changed. "
+            "Use backend='auto' (it picks a backend that fits), raise max_memory, or lower the batch size"
         )
 
 
@@ -259,4 +266,5 @@ def dense_fits(rows: int, params: int, budget: int, budget_given: bool) -> tuple
     return dense.bytes <= budget, f"dense: {dense.what}, {mib(dense.bytes)} in all within {what} ({mib(budget)})"
 
 
-__all__ = ["Estimate", "choose", "require_fit", "estimate_gram", "estimate_sketch", "estimate_dense", "available_bytes", "mib"]
+__all__ = ["Estimate", "choose", "require_fit", "estimate_gram", "estimate_sketch", "estimate_dense", "available_bytes",
+           "mib", "update_bytes"]

@@ -231,6 +231,7 @@ class Shard:
         layout = {
             "tensors": [(str(t.dtype), tuple(t.shape)) for t in local],
             "uses": [_signature(use, names) for use in uses],
+            "scale": rows.scale,
         }
         layouts = [None] * self.world
         dist.all_gather_object(layouts, layout, group=group)
@@ -242,7 +243,7 @@ class Shard:
         self.offset = sum(step_rows[:self.rank])
         residual, per_sample, losses = gathered[:3]
         row_map = None if rows.row_map is None else RowMap(gathered[3], rows.row_map.size)
-        self.rows = Rows(residual, per_sample, losses, row_map)
+        self.rows = Rows(residual, per_sample, losses, row_map, rows.scale)
         it = iter(gathered[len(row_tensors):])
         self.uses = [
             _rebuild(use, [next(it) for _ in per_sample], [next(it) for _ in per_row], self.rows.batch_size)
@@ -355,6 +356,12 @@ def _check_layouts(layouts: list) -> None:
     """Every rank must hold the same uses and tensors that differ only along axis 0."""
     first = layouts[0]
     for rank, layout in enumerate(layouts[1:], start=1):
+        if layout["scale"] != first["scale"]:
+            raise ValueError(
+                f"rank {rank} divided its residuals by {layout['scale']} where rank 0 used {first['scale']} (largest "
+                "|residual| outside [2^-32, 2^32] on some rank): rescale the losses so that every rank's "
+                "residuals are of a moderate size"
+            )
         if layout["uses"] != first["uses"] or len(layout["tensors"]) != len(first["tensors"]):
             raise ValueError(
                 f"rank {rank} captured different layers than rank 0 ({len(layout['uses'])} uses against "

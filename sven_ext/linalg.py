@@ -7,6 +7,7 @@ Notation (DESIGN.md section 1): ``J`` is the ``(R, P)`` Jacobian of the residual
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,15 @@ class Truncation:
         rank = int(keep.cumprod(0).sum())
         return rank if self.k is None else min(rank, self.k)
 
+    def for_rows(self, k: int, scale: float) -> Truncation:
+        """The cut-offs for one step's ``k`` and rows divided by ``scale``.
+
+        Rows ``r / scale`` have the Jacobian ``J / scale``, so its singular values are ``s / scale``:
+        ``atol`` becomes ``atol / scale`` and ``damping`` ``damping / scale^2``, and the step is the
+        same (``rtol`` and ``k`` are relative).
+        """
+        return dataclasses.replace(self, k=k, atol=self.atol / scale, damping=self.damping / scale ** 2)
+
 
 @dataclass
 class Solution:
@@ -75,10 +85,12 @@ def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncatio
 
     Returns:
         The :class:`Solution` in the dtype of ``gram``.
+
+    Raises:
+        FloatingPointError: ``gram`` has a NaN or infinite entry.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    # eigh sorts ascending; Sven thinks in descending singular values of J.
-    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
+    check_finite(gram, "the Gram matrix of the Jacobian (J J^T, J^T J or a projection)")
+    eigenvalues, eigenvectors = _descending_eigh(gram)
     singular_values = eigenvalues.clamp_min(0).sqrt()
     rank = truncation.rank(singular_values)
     u_k = eigenvectors[:, :rank]
@@ -119,7 +131,11 @@ def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: T
     Returns:
         ``(direction, solution)``: the ``(P,)`` direction and the :class:`Solution` (its
         coefficients ``c`` give the same direction as ``J^T c``).
+
+    Raises:
+        FloatingPointError: ``jacobian`` has a NaN or infinite entry.
     """
+    check_finite(jacobian, "the Jacobian J")
     u, s, vh = torch.linalg.svd(jacobian, full_matrices=False)
     rank = truncation.rank(s)
     kept, u_k = s[:rank], u[:, :rank]
@@ -127,3 +143,37 @@ def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: T
     direction = vh[:rank].T @ (projected * (kept / (kept.square() + truncation.damping)))
     coefficients = u_k @ (projected / (kept.square() + truncation.damping))
     return direction, Solution(coefficients, kept, s, u_k)
+
+
+def check_finite(matrix: torch.Tensor, what: str) -> None:
+    """Raises ``FloatingPointError`` unless every entry of ``matrix`` is finite.
+
+    A finite residual can still have an infinite derivative (``sqrt`` at 0), and products of the
+    factors can overflow their dtype; the decompositions would fail or return NaN on such input.
+    """
+    if not bool(torch.isfinite(matrix).all()):
+        raise FloatingPointError(
+            f"{what} of this step is not finite (NaN or Inf): the residuals have an infinite derivative, "
+            "or products of their derivatives overflow; the parameters were not changed"
+        )
+
+
+def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of a finite symmetric ``gram``, in its dtype.
+
+    LAPACK's ``eigh`` can fail to converge on a finite matrix with clustered eigenvalues; the
+    retry is in float64, then by an SVD (``K`` is positive semi-definite, so its singular values
+    are its eigenvalues, up to rounding of the tiny ones, which no cut-off keeps).
+    """
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:
+        wide = gram.to(torch.float64)
+        try:
+            eigenvalues, eigenvectors = torch.linalg.eigh(wide)
+        except torch.linalg.LinAlgError:
+            eigenvectors, eigenvalues, _ = torch.linalg.svd(wide)
+            return eigenvalues.to(gram.dtype), eigenvectors.to(gram.dtype)
+        eigenvalues, eigenvectors = eigenvalues.to(gram.dtype), eigenvectors.to(gram.dtype)
+    # eigh sorts ascending; Sven thinks in descending singular values of J.
+    return eigenvalues.flip(0), eigenvectors.flip(1)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# Rows are divided by a power of two when their largest magnitude leaves [2^-32, 2^32) (see row_scale).
+ROW_EXPONENT_RANGE = 32
 
 
 class Residuals:
@@ -63,19 +67,24 @@ class Rows:
     """The rows of one Sven step.
 
     Attributes:
-        residual: ``(R,)`` residual vector of the step, with autograd history.
+        residual: ``(R,)`` residual vector of the step divided by ``scale``, with autograd history.
         per_sample: ``(B, m)`` rows the per-layer capture differentiates, with autograd history:
             a view of ``residual`` (``m`` outputs per sample; ``m = 1`` for per-sample losses),
-            or with ``row_map`` the per-sample losses ``(B, 1)``.
-        losses: ``(B,)`` detached per-sample losses (what ``step`` returns).
+            or with ``row_map`` the per-sample losses ``(B, 1)`` divided by a power of two.
+        losses: ``(B,)`` detached per-sample losses (what ``step`` returns), not scaled.
         row_map: ``residual`` as a map of ``per_sample`` (``None``: ``residual`` is ``per_sample``
             flattened).
+        scale: the power of two ``sigma`` the step's residuals were divided by. The Sven step
+            ``pinv(J / sigma) (r / sigma) = pinv(J) r`` does not change, but the products of
+            the Jacobian's factors stay inside their dtype's range; singular values come out
+            divided by ``sigma`` (:meth:`sven_ext.linalg.Truncation.for_rows`).
     """
 
     residual: torch.Tensor
     per_sample: torch.Tensor
     losses: torch.Tensor
     row_map: RowMap | None = None
+    scale: float = 1.0
 
     @property
     def batch_size(self) -> int:
@@ -124,8 +133,11 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
             )
         values = output.values
         _check_rows(values, "Residuals")
+        losses = values.detach().square().reshape(values.shape[0], -1).sum(dim=1)
+        scale = row_scale(values)
         per_sample = values if values.dim() == 2 else values.unsqueeze(1)
-        return Rows(per_sample.reshape(-1), per_sample, per_sample.detach().square().sum(dim=1))
+        per_sample = per_sample if scale == 1 else per_sample * (1 / scale)
+        return Rows(per_sample.reshape(-1), per_sample, losses, scale=scale)
     if not isinstance(output, torch.Tensor):
         raise TypeError(
             "the closure must return per-sample losses (a tensor of shape (B,)) or sven_ext.Residuals, "
@@ -142,7 +154,9 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
         raise ValueError("per-sample losses must be >= 0 (return signed residuals as sven_ext.Residuals)")
     if microbatch_size is None or microbatch_size == 1:
         residual = _power(output, kappa)
-        return Rows(residual, residual.unsqueeze(1), output.detach())
+        scale = row_scale(residual)
+        residual = residual if scale == 1 else residual * (1 / scale)
+        return Rows(residual, residual.unsqueeze(1), output.detach(), scale=scale)
     batch = output.shape[0]
     if batch % microbatch_size:
         raise ValueError(f"microbatch_size={microbatch_size} does not divide the batch size {batch}")
@@ -151,7 +165,29 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
     fitted = means.detach() < torch.finfo(means.dtype).tiny
     slope = torch.where(fitted, 0.0, means.detach().clamp_min(torch.finfo(means.dtype).tiny).pow(kappa / 2.0 - 1.0)
                         * (kappa / 2.0))
-    return Rows(residual, output.unsqueeze(1), output.detach(), RowMap(slope, microbatch_size))
+    # The captured losses l and the rows r are scaled apart: r / sigma = (w sigma_l / sigma) M (l / sigma_l).
+    scale, captured_scale = row_scale(residual), row_scale(output)
+    if scale != 1:
+        residual = residual * (1 / scale)
+    captured = output if captured_scale == 1 else output * (1 / captured_scale)
+    slope = slope if scale == captured_scale else slope * (captured_scale / scale)
+    return Rows(residual, captured.unsqueeze(1), output.detach(), RowMap(slope, microbatch_size), scale)
+
+
+def row_scale(values: torch.Tensor) -> float:
+    """The power of two ``sigma`` that brings the largest ``|value|`` into ``[2^-32, 2^32)`` (1 if it is there).
+
+    The products of the Jacobian's factors (``K = J J^T`` in float32 for float32 models) scale
+    with the square of the rows when the losses are scaled, and leave float32's range near
+    ``|r| ~ 1e19`` or ``1e-19``; rows inside the window are left exactly as they are. A power of
+    two divides every value exactly.
+    """
+    largest = float(values.detach().abs().max())
+    if largest == 0:
+        return 1.0
+    exponent = math.frexp(largest)[1]  # largest in [2^(exponent - 1), 2^exponent)
+    inside = min(max(exponent, 1 - ROW_EXPONENT_RANGE), ROW_EXPONENT_RANGE)
+    return math.ldexp(1.0, exponent - inside)
 
 
 def _power(losses: torch.Tensor, kappa: float) -> torch.Tensor:

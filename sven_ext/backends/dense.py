@@ -6,8 +6,6 @@ needs ``O(R * P)`` memory: use it for small problems and for checking.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .. import costs
@@ -79,7 +77,7 @@ class DenseBackend(Backend):
         graph_fingerprint(rows.residual)  # raises for graphs autograd.grad cannot differentiate
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
         residual = rows.residual.detach().to(settings.solve_dtype)
-        truncation = dataclasses.replace(settings.truncation, k=resolve_k(residual.numel()))
+        truncation = settings.truncation.for_rows(resolve_k(residual.numel()), rows.scale)
         if scale is not None:
             columns = torch.cat([s.reshape(-1) for s in scale]).to(jac.dtype)
             jac.mul_(columns)

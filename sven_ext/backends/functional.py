@@ -43,7 +43,7 @@ and thread count.
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import torch
 
@@ -105,11 +105,15 @@ class JacobianProducts:
             return v.new_zeros(v.shape[0], self.rows)
         if self._columns is not None:
             v = v * self._columns
-        parts = list(v.split([p.numel() for p in self.params], dim=1))
+        # J v is linear in v: divided by a power of two, v's largest entry is about 1, so that the tangents
+        # along the closure's graph keep the size of its values (v of J's size would add J's scale to them).
+        largest = float(v.abs().max()) if v.numel() else 0.0
+        unit = math.ldexp(1.0, math.frexp(largest)[1]) if largest > 0 and math.isfinite(largest) else 1.0
+        parts = list((v if unit == 1 else v / unit).split([p.numel() for p in self.params], dim=1))
         tangents = [parts[i].reshape(v.shape[0], *self.params[i].shape) for i, _ in linear]
         (out,) = torch.autograd.grad([g for _, g in linear], dummy, grad_outputs=tangents, is_grads_batched=True,
                                      retain_graph=True)
-        return out
+        return out if unit == 1 else out * unit
 
     def _linear_map(self):
         """``(u, [(i, J_i^T u)])``: the graph of ``u -> J^T u``, built once, for forward products."""
@@ -165,7 +169,7 @@ class FunctionalBackend(Backend):
             jac = JacobianProducts(rows.residual, self.params, scale)
             residual = rows.residual.detach().to(settings.solve_dtype)
             k = resolve_k(residual.numel())
-            truncation = dataclasses.replace(settings.truncation, k=k)
+            truncation = settings.truncation.for_rows(k, rows.scale)
             columns = min(k + settings.sketch.oversampling, jac.rows)
             try:
                 if settings.functional_mode == "randomized" and columns < jac.rows:

@@ -104,7 +104,7 @@ class GramBackend(Backend):
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
         gram, paths = self._gram(uses, rows, dtype, scales, settings.truncation.rtol)
-        truncation = dataclasses.replace(settings.truncation, k=resolve_k(count))
+        truncation = settings.truncation.for_rows(resolve_k(count), rows.scale)
         solution = solve_gram(gram, residual, truncation)
         contract = self._contraction(uses, rows, scales, shard, restricted)
         directions = contract(solution.coefficients)
@@ -123,7 +123,7 @@ class GramBackend(Backend):
         rows, uses, _ = self.factors(closure, settings)
         restricted, scales = self._subsets_and_scales(uses, settings)
         gram, _ = self._gram(_restrict(uses, restricted), rows, settings.solve_dtype, scales, settings.truncation.rtol)
-        return gram
+        return gram if rows.scale == 1 else gram * rows.scale ** 2  # K of the rows the closure returned
 
     def _subsets_and_scales(self, uses: list, settings: StepSettings) -> tuple[dict, dict]:
         """``({id(p): subset}, {id(p): S_p})``: the element subsets that become smaller factors,

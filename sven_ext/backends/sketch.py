@@ -39,7 +39,6 @@ sequence continues across a ``state_dict`` round trip (the optimizer keeps the s
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -209,7 +208,7 @@ class SketchBackend(GramBackend):
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
         k = resolve_k(count)
-        truncation = dataclasses.replace(settings.truncation, k=k)
+        truncation = settings.truncation.for_rows(k, rows.scale)
         columns = min(k + sk.oversampling, count)
         basis = sk.basis if sk.basis is not None and sk.basis.shape[0] == count else None
         width = columns + (0 if basis is None else basis.shape[1])
