@@ -30,6 +30,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .linalg import check_finite
+
 # The check's relative tolerance in units of sqrt(float32 eps) of |J|^T |w|: float32 steps sit in
 # the graphs of float64 models too (e.g. norms that upcast, rotary tables), so float64 models get
 # the float32 bar; a wrong factorisation is off by O(1) of the terms it misplaces.
@@ -187,10 +189,15 @@ def compare(params: list[torch.Tensor], from_factors: list[torch.Tensor], magnit
         grads: autograd's ``J^T w`` per parameter (``None``: no dependence).
         dtypes: per parameter, the dtypes its factors and gradient were computed in.
         names: ``id(p) -> name`` for the message.
+
+    Raises:
+        FloatingPointError: autograd's gradient is not finite (an infinite derivative).
+        FactorMismatch: naming the first parameter whose factors fail; ``params`` holds every one.
     """
     failed, message = set(), None
     for p, mine, true, magnitude, kinds in zip(params, from_factors, grads, magnitudes, dtypes):
         true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
+        check_finite(true, f"the gradient of parameter {names.get(id(p), '?')!r}")
         error = float((mine - true).norm())
         scale = float(magnitude.norm()) if magnitude is not None else float(true.norm() + mine.norm())
         bar = tolerance(kinds)

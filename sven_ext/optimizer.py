@@ -311,7 +311,7 @@ class Sven(torch.optim.Optimizer):
             raise TypeError("a Sven optimizer with a process_group cannot be copied or pickled (the group belongs "
                             "to its process): save state_dict() and load it into a new optimizer instead")
         state = dict(self.__dict__)
-        state["_backends"], state["_verified"] = {}, set()
+        state["_backends"], state["_checks"] = {}, FactorChecks()
         return state
 
     @torch.no_grad()
