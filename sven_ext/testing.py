@@ -122,6 +122,21 @@ def tiny_transformer(vocab: int = 11, d: int = 8, heads: int = 2, steps: int = 5
                            shared_positions=shared_positions).to(dtype)
 
 
+class Counter(nn.Module):
+    """A layer whose forward moves a buffer in place and reassigns another (like running statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1).double()
+        self.register_buffer("calls", torch.zeros(1, dtype=torch.float64))
+        self.register_buffer("last", torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        self.last = x.detach().mean(0)
+        return self.lin(x)
+
+
 def sven_update(model: nn.Module, loss, *, dtype=None, params=None, **sven_kwargs):
     """The parameter change of one Sven step on a copy of ``model``.
 

@@ -17,7 +17,7 @@ from torch import nn
 import sven_ext
 from sven_ext import linalg
 from sven_ext.backends import gram as gram_module
-from sven_ext.testing import mlp, relative_difference, sven_update
+from sven_ext.testing import Counter, mlp, relative_difference, sven_update
 
 BACKENDS = ["dense", "gram", "sketch", "auto"]
 F32 = 1e-4  # float32 gram vs float64 dense of the same weights (as in test_gram_backend.py)
@@ -32,21 +32,6 @@ def squared_errors(model, x, y):
     dtype = next(model.parameters()).dtype
     losses = (model(x.to(dtype)) - y.to(dtype)).square().sum(1)
     return losses.float() if dtype == torch.float16 else losses  # half models: float32 rows
-
-
-class Counter(nn.Module):
-    """A layer whose forward moves a buffer in place and reassigns another (like running statistics)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 1).double()
-        self.register_buffer("calls", torch.zeros(1, dtype=torch.float64))
-        self.register_buffer("last", torch.zeros(3, dtype=torch.float64))
-
-    def forward(self, x):
-        self.calls += 1
-        self.last = x.detach().mean(0)
-        return self.lin(x)
 
 
 class Snapshot:

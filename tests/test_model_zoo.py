@@ -7,7 +7,6 @@ float64 step, or stop with a clear error before any parameter moves.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest

@@ -12,7 +12,7 @@ from sven_ext import linalg
 from sven_ext.backends import gram as gram_module
 from sven_ext.backends import sketch as sketch_module
 from sven_ext.capture import Capture
-from sven_ext.testing import LargestStorage, mlp, relative_difference, sven_update
+from sven_ext.testing import Counter, LargestStorage, mlp, relative_difference, sven_update
 
 BACKENDS = ["dense", "gram", "sketch", "auto"]
 
@@ -30,21 +30,6 @@ def squared_errors(x, y):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-class Counter(nn.Module):
-    """A layer whose forward moves a buffer in place and reassigns another (like running statistics)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(3, 1).double()
-        self.register_buffer("calls", torch.zeros(1, dtype=torch.float64))
-        self.register_buffer("last", torch.zeros(3, dtype=torch.float64))
-
-    def forward(self, x):
-        self.calls += 1
-        self.last = x.detach().mean(0)
-        return self.lin(x)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

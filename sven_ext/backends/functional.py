@@ -1,6 +1,7 @@
 """The functional backend: Sven for residual functions, through Jacobian-vector products only.
 
-For residuals that are not per-sample losses of a module's forward pass (DESIGN.md section 2.5): PDE residuals built from derivatives of the network with respect to its inputs
+For residuals that are not per-sample losses of a module's forward pass (DESIGN.md section 2.5):
+PDE residuals built from derivatives of the network with respect to its inputs
 (``torch.autograd.grad(..., create_graph=True)`` inside the closure), boundary conditions with
 their own weights, any rows coupling samples. No hook, no per-layer factor: ``J`` (``R x P``)
 is reached only through two products on the autograd graph the closure built:

@@ -2,8 +2,9 @@
 
 One forward pass (the closure) with hooks and one batched backward pass give per-layer
 factors (:mod:`sven_ext.capture`). ``K = J J^T`` is accumulated from them layer by layer in
-``solve_dtype`` (each layer's products in its factors' precision while ``rtol >= 1e-3``); :func:`sven_ext.linalg.solve_gram` gives ``c``; the direction ``J^T c``
-is one weighted contraction per layer. Memory ``O(R^2)`` plus the factors.
+``solve_dtype`` (each layer's products in its factors' precision while ``rtol >= 1e-3``);
+:func:`sven_ext.linalg.solve_gram` gives ``c``; the direction ``J^T c`` is one weighted
+contraction per layer. Memory ``O(R^2)`` plus the factors.
 
 Per parameter, ``K_p`` comes from the cheapest exact route:
 

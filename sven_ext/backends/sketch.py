@@ -22,7 +22,8 @@ identity (``Q = I``): the solve is exact and no sketch is drawn.
 
 Microbatched rows (``StepSettings.microbatch_size``) and a column scale ``S``
 (``StepSettings.column_scale``, times the 0/1 masks of ``element_subsets``) are exact maps of
-the same products: the factors describe the captured per-sample rows, and the step's Jacobian is ``T J S`` (:class:`sven_ext.residuals.RowMap`),
+the same products: the factors describe the captured per-sample rows, and the step's Jacobian
+is ``T J S`` (:class:`sven_ext.residuals.RowMap`),
 so ``Y = T (J (S Omega))``, ``Z = S J^T (T^T Q)`` and the push ``T (J (S Z))``. ``S`` multiplies
 the generated tiles and the ``Z`` tiles, so a scaled step draws dense tiles (no Khatri-Rao GEMM
 route or fused sketch op). With either map ``sketch_residual`` is ``None`` (the factors give

@@ -92,7 +92,8 @@ class ModuleUse:
             grads = torch.vmap(vjp_fn)(tuple(d_rows))[0]
         else:
             index = sample_index(start, stop, self.d[live[0]].shape[0], self.samples, d_rows[0].device)
-            leaves = [x.index_select(a, index) if b else x for x, b, a in zip(self.leaves, self.batched, self.leaf_axes)]
+            leaves = [x.index_select(a, index) if b else x
+                      for x, b, a in zip(self.leaves, self.batched, self.leaf_axes)]
             in_dims = [a if b else None for b, a in zip(self.batched, self.leaf_axes)]
 
             def one(leaves_i, d_i):
