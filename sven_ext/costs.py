@@ -142,9 +142,22 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
         else:
             flops += 2.0 * rows**2 * _params(use) + MODULE_ROW_FLOPS * rows * _params(use)
             transient = GRAM_TRANSIENT_BYTES
+    if not scaled:
+        flops += _tied_cross_flops(uses, rows)
     k_bytes = rows * rows * 8
     # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route; the update.
     return Estimate("gram", 4 * k_bytes + transient + update_bytes(uses), flops, f"K needs {mib(k_bytes)}")
+
+
+def _tied_cross_flops(uses: list, rows: int) -> float:
+    """The cross terms of weights that are both an embedding table and a linear map's: ``2 R^2 T_e T_l d``."""
+    lookups, heads = {}, {}
+    for use in uses:
+        if isinstance(use, EmbeddingUse):
+            lookups[id(use.param)] = lookups.get(id(use.param), 0) + use.d.shape[1] * use.d.shape[2]
+        elif isinstance(use, LinearUse):
+            heads[id(use.param)] = heads.get(id(use.param), 0) + use.a.shape[1]
+    return sum(2.0 * rows**2 * lookups[key] * heads[key] for key in lookups.keys() & heads.keys())
 
 
 def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, test_matrix: str,

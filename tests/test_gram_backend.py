@@ -114,8 +114,25 @@ def test_transformer(monkeypatch, shared_positions, route):
     _, info = sven_update(model, loss, backend="gram", lr=0.1, k=5)
     paths = info["paths"]
     assert paths["blocks.0.qkv.weight"] == route
-    assert paths["tok.weight"] == "rows"  # tied to the head: an Embedding use and a Linear use
+    # Tied to the head (an Embedding use and a Linear use): both routes and their cross term.
+    assert paths["tok.weight"] == f"{route} + embedding_gram"
     assert paths["pos.weight"] == "embedding_gram"
+
+
+@pytest.mark.parametrize("backend", ["gram", "sketch"])
+def test_tied_head_with_a_row_per_token(backend):
+    # m = T rows per sample: the tied route's cross term maps rows to their samples' lookups.
+    g = torch.Generator().manual_seed(4)
+    idx, targets = torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (4, 5), generator=g)
+    model = tiny_transformer(11, 8, 2, 5)
+
+    def per_token(m):
+        losses = nn.functional.cross_entropy(m(idx).transpose(1, 2), targets, reduction="none")
+        return sven_ext.Residuals(losses.sqrt())
+
+    assert compare_backends(model, per_token, backend, lr=0.1, k=20, oversampling=10) < F64
+    _, info = sven_update(model, per_token, backend="gram", lr=0.1, k=20)
+    assert info["paths"]["tok.weight"].endswith(" + embedding_gram")
 
 
 def test_transformer_rmsnorm_untied_two_layers():

@@ -16,8 +16,11 @@ Per parameter, ``K_p`` comes from the cheapest exact route:
 - Small parameters (norm affines, the bias of a frozen weight, parameters expanded to the
   batch): their materialised per-row gradients, all
   concatenated into one ``G`` and one ``G G^T``.
-- Anything else (a parameter with uses of several kinds, e.g. an embedding tied to an
-  output head; fallback modules): per-row gradients in row chunks, ``K += G_I G_J^T``.
+- An embedding table tied to an output head (one weight read by an ``nn.Embedding`` and an
+  ``nn.Linear``): the two routes above plus their cross term, from the factors
+  (``~R^2 T_e T_l d``, no per-sample gradient of the vocabulary-sized weight).
+- Anything else (fallback modules, other mixes of uses): per-row gradients in row chunks,
+  ``K += G_I G_J^T``.
 
 Microbatched rows (``StepSettings.microbatch_size``): ``K`` is accumulated over the captured
 per-sample rows and mapped, ``K' = T K T^T``, and the direction is ``J^T (T^T c')``
@@ -49,7 +52,7 @@ from .. import costs, distributed, factor_check, ops
 from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
 from ..layers import DirectUse, EmbeddingUse, LinearUse, ModuleUse, factor_bytes
-from ..layers.common import combine_rows, sample_index
+from ..layers.common import combine_rows, rows_of, sample_index
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
 from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
@@ -302,6 +305,10 @@ class GramBackend(Backend):
                     path += " (subset)"
             elif not scaled and len(params) == 1 and kinds == {EmbeddingUse}:
                 path = _embedding_gram(_merge_embedding(group), gram)
+            elif not scaled and len(params) == 1 and _tied(group):
+                linear = _merge_linear([u for u in group if isinstance(u, LinearUse)])
+                table = _merge_embedding([u for u in group if isinstance(u, EmbeddingUse)])
+                path = _tied_gram(linear, table, gram, self.row_budget_bytes, precise)
             else:
                 _rows_gram(group, params, gram, self.row_budget_bytes, scales if scaled else None)
                 path = "rows"
@@ -558,6 +565,42 @@ def _embedding_gram(use: EmbeddingUse, gram: torch.Tensor) -> str:
     indices = _repeat_per_row(use.indices, rows) if use.indices.shape[0] > 1 else use.indices.expand(rows, -1)
     gram.add_(ops.embedding_gram(indices, use.d.to(gram.dtype)).to(gram.dtype))
     return "embedding_gram"
+
+
+def _tied(group: list) -> bool:
+    """Uses of one weight by embedding lookups and by ungrouped, untransposed linear maps (a tied head)."""
+    linear = [u for u in group if isinstance(u, LinearUse)]
+    tables = [u for u in group if isinstance(u, EmbeddingUse)]
+    return (bool(linear) and bool(tables) and len(linear) + len(tables) == len(group) and _mergeable(linear)
+            and all(u.bias is None and not u.transposed and u.a.shape[2] == 1 for u in linear))
+
+
+def _tied_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budget: int, precise: bool) -> str:
+    """Adds ``K_w`` of a weight that is both an embedding table and a linear map's (an output head's).
+
+    ``g_r = E_r + L_r``: the table's scatter of ``d^e_r[t]`` into rows ``idx_r[t]`` and the head's
+    ``sum_t' d^l_r[t']^T a_r[t']``. ``K = K_E + K_L + C + C^T`` with the cross term
+    ``C[r, q] = <E_r, L_q> = sum_{t, t'} (d^e_r[t] . a_q[t']) d^l_q[t', idx_r[t]]``, formed row by row
+    of ``C`` and in chunks of ``q`` whose ``(T_e, T_l)`` blocks fit ``budget`` bytes.
+    """
+    path = _linear_gram(linear, gram, budget, precise) + " + " + _embedding_gram(table, gram)
+    dtype, rows = gram.dtype, gram.shape[0]
+    a = linear.a[:, :, 0]  # (S_l, T_l, d)
+    head = linear.d[:, :, 0]  # (R, T_l, V)
+    lookups, indices = table.d, table.indices  # (R, T_e, d), (S_e, T_e)
+    steps_e, steps_l = lookups.shape[1], a.shape[1]
+    chunk = _rows_within(rows, 3 * steps_e * steps_l, budget)
+    cross = torch.empty(rows, rows, dtype=dtype, device=gram.device)
+    samples_e = sample_index(0, rows, rows, indices.shape[0], indices.device)
+    for r in range(rows):
+        idx = indices[samples_e[r]]
+        for q0 in range(0, rows, chunk):
+            q1 = min(q0 + chunk, rows)
+            inner = torch.einsum("td,qsd->qts", lookups[r].to(dtype), rows_of(a, q0, q1, rows).to(dtype))
+            picked = head[q0:q1][:, :, idx].to(dtype)  # (q, T_l, T_e): d^l_q[t', idx_r[t]]
+            cross[r, q0:q1] = (inner * picked.transpose(1, 2)).sum((1, 2))
+    gram.add_(cross).add_(cross.T)
+    return path
 
 
 def _rows_within(rows: int, width: int, budget: int) -> int:
