@@ -44,7 +44,8 @@ OPS_PER_USE = 10
 # Peak transients of the sketch backend, in units of its transient budget.
 TRANSIENTS = 4
 MIN_TRANSIENT_BYTES = 1 << 20
-GRAM_TRANSIENT_BYTES = 1 << 27  # GramBackend.row_budget_bytes
+# Bytes of one transient of a backend (a chunk of per-row gradients, a sketch tile) by default.
+TRANSIENT_BUDGET_BYTES = 1 << 27
 
 
 def mib(nbytes: float) -> str:
@@ -126,7 +127,7 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
             # Per-row gradients formed (~R T P for a Linear layer, a few forwards for the rest), then G G^T.
             form = 2.0 * rows * use.a.shape[1] if isinstance(use, LinearUse) else MODULE_ROW_FLOPS * rows
             flops += (2.0 * rows**2 + form) * _params(use)
-            transient = GRAM_TRANSIENT_BYTES
+            transient = TRANSIENT_BUDGET_BYTES
         elif isinstance(use, LinearUse):
             samples, steps, groups, din, dout = _shape(use)
             if steps == 1:
@@ -134,14 +135,14 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
             else:
                 flops += groups * min(2.0 * rows**2 * steps**2 * (din + dout),
                                       2.0 * rows * steps * din * dout + 2.0 * rows**2 * din * dout)
-                transient = GRAM_TRANSIENT_BYTES
+                transient = TRANSIENT_BUDGET_BYTES
         elif isinstance(use, EmbeddingUse):
             flops += 2.0 * rows**2 * use.d.shape[1] ** 2 * use.d.shape[2]
         elif isinstance(use, DirectUse):
             flops += 2.0 * rows**2 * use.g.shape[1]
         else:
             flops += 2.0 * rows**2 * _params(use) + MODULE_ROW_FLOPS * rows * _params(use)
-            transient = GRAM_TRANSIENT_BYTES
+            transient = TRANSIENT_BUDGET_BYTES
     if not scaled:
         flops += _tied_cross_flops(uses, rows)
     k_bytes = rows * rows * 8
@@ -161,7 +162,7 @@ def _tied_cross_flops(uses: list, rows: int) -> float:
 
 
 def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, test_matrix: str,
-                    transient_budget: int = 1 << 27, solve_rows: int | None = None) -> Estimate:
+                    transient_budget: int = TRANSIENT_BUDGET_BYTES, solve_rows: int | None = None) -> Estimate:
     """Cost of the sketch backend with ``columns = s`` (``s >= R``: the exact identity basis).
 
     ``rows`` are the captured rows (the products with ``J`` run over them), ``solve_rows`` the

@@ -177,3 +177,8 @@ def _descending_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eigenvalues, eigenvectors = eigenvalues.to(gram.dtype), eigenvectors.to(gram.dtype)
     # eigh sorts ascending; Sven thinks in descending singular values of J.
     return eigenvalues.flip(0), eigenvectors.flip(1)
+
+
+def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """``Q`` with orthonormal columns spanning those of ``y`` ``(R, s)``, ``R >= s`` (reduced QR)."""
+    return torch.linalg.qr(y).Q

@@ -49,7 +49,7 @@ import math
 import torch
 
 from .. import ops
-from ..linalg import Solution, solve_gram, solve_projected
+from ..linalg import Solution, orthonormal_basis, solve_gram, solve_projected
 from ..residuals import rows_from_closure_output
 from .base import Backend, StepDirection, StepSettings, effective_column_scale, split_like
 from .sketch import step_key
@@ -153,10 +153,6 @@ def _unit_rows(start: int, stop: int, count: int, like: torch.Tensor) -> torch.T
     return rows
 
 
-def _orth(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y).Q
-
-
 class FunctionalBackend(Backend):
     """Sven steps from ``J v`` and ``J^T u`` products only: exact (chunked Gram) or randomized."""
 
@@ -233,9 +229,9 @@ class FunctionalBackend(Backend):
                                  device=residual.device)
         y = self._forward(jac, omega.T, settings.chunk_rows).to(dtype)
         for _ in range(sk.power_iterations):
-            z = self._backward(jac, _orth(y).T.to(work), settings.chunk_rows)
+            z = self._backward(jac, orthonormal_basis(y).T.to(work), settings.chunk_rows)
             y = self._forward(jac, z, settings.chunk_rows).to(dtype)
-        q = _orth(y)
+        q = orthonormal_basis(y)
         z = self._backward(jac, q.T.to(work), settings.chunk_rows).to(dtype)
         core = z @ z.T
         solution = solve_projected(q, core, residual, truncation)

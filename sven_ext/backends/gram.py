@@ -83,7 +83,7 @@ class GramBackend(Backend):
     """
 
     name = "gram"
-    row_budget_bytes = 1 << 27
+    row_budget_bytes = costs.TRANSIENT_BUDGET_BYTES
 
     def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], checks: FactorChecks | None = None):
         super().__init__(model, params, checks)

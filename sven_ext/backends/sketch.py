@@ -47,7 +47,7 @@ import torch
 from .. import costs, distributed, ops
 from ..layers import DirectUse, EmbeddingUse, LinearUse, factor_bytes
 from ..layers.common import first_axis, items_within
-from ..linalg import solve_projected
+from ..linalg import orthonormal_basis, solve_projected
 from ..residuals import Rows
 from .base import StepDirection, StepSettings, effective_column_scale
 from .gram import GramBackend, _components, _gemm_dtype, _restrict
@@ -158,10 +158,6 @@ class _Plan:
         return [(lo, min(lo + step, first)) for lo in range(0, first, step)]
 
 
-def _orth(y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(y).Q
-
-
 def _summed(shard, compute) -> torch.Tensor:
     """``compute()``, summed over the ranks of a data-parallel step (``shard=None``: as it is)."""
     return compute() if shard is None else shard.reduce(lambda: [compute()], "sketch")[0]
@@ -180,7 +176,7 @@ class SketchBackend(GramBackend):
     """
 
     name = "sketch"
-    transient_budget_bytes = 1 << 27
+    transient_budget_bytes = costs.TRANSIENT_BUDGET_BYTES
     fused: bool | None = None
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
@@ -225,9 +221,9 @@ class SketchBackend(GramBackend):
             if basis is not None:
                 y = torch.cat([y, basis.to(dtype)], dim=1)
             for _ in range(sk.power_iterations):
-                basis_rows = rows.to_captured(_orth(y))
+                basis_rows = rows.to_captured(orthonormal_basis(y))
                 y = rows.to_rows(_summed(shard, lambda: self._products(plan, basis_rows, push=True)[1]))
-            q = _orth(y)
+            q = orthonormal_basis(y)
         # ||J||_F from the factors is that of the captured, unscaled Jacobian: only then comparable.
         norms = rows.row_map is None and scale is None and shard is None
         core, _, norm_sq = self._products(plan, rows.to_captured(q), push=False, norms=norms)
