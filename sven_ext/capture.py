@@ -9,10 +9,13 @@ turns each call into *uses*: factorisations of its parameters' per-row gradients
 Where the batch is. A step has ``R = B * m`` rows. A call's output normally has the batch on
 axis 0 (``S = B`` samples); on axis 1 for sequence-first layouts (``(T, B, d)``) of the families
 that act on the last axis (linear maps, embeddings, layer and RMS norms), which are moved to
-axis 0. A call whose output broadcasts against the batch (a position table looked up with
-``arange(T)`` or ``position_ids`` of shape ``(1, T)``) is expanded to the batch in its hook when
-an earlier call of the step produced exactly the batched shape it broadcasts to, so its
-per-sample gradients come from the same backward pass. Any other call is recorded *whole*:
+axis 0. Two kinds of tensors broadcast against the batch and are expanded to it, so that their
+per-sample gradients come from the same backward pass, once a step has shown (through their
+consumers in the autograd graph) that the expansion changes no value: the output of a position
+table looked up with ``arange(T)`` or ``position_ids`` of shape ``(1, T)`` that is only added to
+an earlier call's output of exactly the batched shape (:meth:`Capture._broadcasts`), and a
+parameter a module uses directly in an elementwise expression (:meth:`Capture._tap`). Any other
+call whose output has no batch axis is recorded *whole*:
 ``S = 1``, its input is the one "sample" every row shares, and its ``D`` rows come from one
 backward pass per row (slower, still exact). A module whose output's first axis merely has the
 batch's size (``pos(arange(T))`` with ``T == B``) or that mixes samples is recorded whole too
@@ -52,8 +55,6 @@ _LAST_AXIS_RULES = (linear_rule, transposed_linear_rule, embedding_rule, layer_n
 # batched tensor may be expanded to the batch (the sum is the same) once a step has shown it so.
 _EXPANDABLE_RULES = (embedding_rule,)
 _TABLE_CONSUMERS = {"AddBackward0"}
-
-
 
 
 def _batch_statistics(module: nn.Module) -> bool:
@@ -134,9 +135,16 @@ class Capture:
     def signature(self, residual_rows: torch.Tensor) -> tuple[tuple, dict, dict]:
         """What the factor check's verdict depends on, after the closure ran (:mod:`sven_ext.factor_check`).
 
+        The same walk over the autograd graph notes which broadcast tables and parameters only
+        ever combine elementwise with the batch (so later steps expand them).
+
         Returns:
             ``(step, per_param, per_module)``: the step's rows, graph and hooks; per moving
             parameter (by id) and per recorded module (by id), the shapes of its calls.
+
+        Raises:
+            ValueError: a reentrant checkpoint in the graph, or a tensor expanded on this step
+                that this step uses where the expansion may change a value.
         """
         batch = residual_rows.shape[0]
         tables = {call.edges[0].node: call for call in self.calls if call.broadcast}

@@ -501,7 +501,8 @@ class Sven(torch.optim.Optimizer):
             old, new = self.state.get(p, {}), {}
             trail = [("direction", direction)]
             if first["rmsprop"] is not None:
-                square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction, value=1 - beta)
+                square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction,
+                                                                                     value=1 - beta)
                 new["square_avg"] = square
                 trail.append(("RMSProp", square))
                 if first["rmsprop"] == "after":
