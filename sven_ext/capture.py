@@ -153,16 +153,20 @@ class Capture:
         graph, consumers = graph_fingerprint(residual_rows, {**tables, **candidates, **taps})
         for node, call in tables.items():
             added = {type(n).__name__ for n in consumers.get(node, [])} <= _TABLE_CONSUMERS
-            self._learn(call.expanded is not None, added, self.broadcasts.tables, id(call.module),
-                        f"module {call.name!r}'s output")
+            if call.expanded is None and added:
+                self.broadcasts.tables.add(id(call.module))
+            elif call.expanded is not None and not added:
+                self.broadcasts.tables.discard(id(call.module))
+                raise _expansion_changed(f"module {call.name!r}'s output")
         for node, p in candidates.items():
             rank = _expanded_rank(consumers.get(node, []), p.shape, p.shape, batch)
             if rank is not None:
                 self.broadcasts.params[id(p)] = rank
         for node, call in taps.items():
             p = call.params[0][1]
-            rank = _expanded_rank(consumers.get(node, []), call.shapes[0], p.shape, batch)
-            self._learn(True, rank == len(call.shapes[0]), self.broadcasts.params, id(p), f"parameter {call.name!r}")
+            if _expanded_rank(consumers.get(node, []), call.shapes[0], p.shape, batch) != len(call.shapes[0]):
+                del self.broadcasts.params[id(p)]
+                raise _expansion_changed(f"parameter {call.name!r}")
         step = (tuple(residual_rows.shape), graph, hooks_fingerprint(self.model))
         per_module: dict = {}
         per_param: dict = {}
@@ -185,27 +189,6 @@ class Capture:
         return {get_gradient_edge(p).node: p for _, module, rule, owned, _ in self.plan
                 if rule is module_rule and not isinstance(module, WHOLE_MODULES)
                 and first_axes.get(id(module)) == {batch} for _, p in owned}
-
-    @staticmethod
-    def _learn(expanded: bool, safe: bool, learned: set, key: int, what: str) -> None:
-        """Notes (or withdraws) that a broadcast tensor may be expanded to the batch.
-
-        Raises:
-            ValueError: it was expanded on this step, and this step used it where that may change
-                a value (nothing is changed; it is not expanded again).
-        """
-        if not expanded:
-            if safe:
-                learned.add(key)
-            return
-        if not safe:
-            learned.pop(key) if isinstance(learned, dict) else learned.discard(key)
-            raise ValueError(
-                f"{what} broadcasts against the batch and was expanded to it because earlier steps only "
-                "combined it elementwise with batched tensors, but this step used it otherwise, where the "
-                "expansion may change the result. Nothing was changed; it is no longer expanded, so the step "
-                "can be run again"
-            )
 
     def __enter__(self) -> Capture:
         for name, module, rule, owned, taps in self.plan:
@@ -437,6 +420,16 @@ def _batch_axes(call: Call, batch: int) -> list[int] | None:
     if call.rule in _LAST_AXIS_RULES:
         return axes if len(set(axes)) == 1 else None
     return axes if axes[0] == 0 else None
+
+
+def _expansion_changed(what: str) -> ValueError:
+    """The error of a step that used a tensor expanded to the batch where that may change a value
+    (the tensor is no longer expanded, so the step can be run again)."""
+    return ValueError(
+        f"{what} broadcasts against the batch and was expanded to it because earlier steps only combined "
+        "it elementwise with batched tensors, but this step used it otherwise, where the expansion may change "
+        "the result. Nothing was changed; it is no longer expanded, so the step can be run again"
+    )
 
 
 def _holds(shape: torch.Size, axis: int, batch: int) -> bool:
