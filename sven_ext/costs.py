@@ -24,6 +24,7 @@ import torch
 
 from .layers import DirectUse, EmbeddingUse, LinearUse
 from .layers.linear import linear_costs
+from .routes import components, route
 
 GRAM_PREFERENCE = 4.0
 # eigh(K) of n x n in float64: ~0.85 ns * n^3 measured at n = 2048..4096, against ~0.033 ns
@@ -118,40 +119,45 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
         solve_rows: rows of the step (``eigh``); fewer than ``rows`` with microbatching (``None``: ``rows``).
         scaled: a column scale is set: every parameter but the materialised small ones takes the
             per-row-gradient route.
+
+    Each component of parameters is priced by the route the backend will take
+    (:func:`sven_ext.routes.route`).
     """
     solve_rows = rows if solve_rows is None else solve_rows
     flops = EIGH_FLOPS_PER_N3 * solve_rows**3 + OP_OVERHEAD_FLOPS * OPS_PER_USE * (len(uses) + 2)
     transient = 0
-    for use in uses:
-        if scaled and not isinstance(use, DirectUse):
+    for params, group in components(uses):
+        kind = route(params, group, scaled)
+        if kind == "rows":
             # Per-row gradients formed (~R T P for a Linear layer, a few forwards for the rest), then G G^T.
-            form = 2.0 * rows * use.a.shape[1] if isinstance(use, LinearUse) else MODULE_ROW_FLOPS * rows
-            flops += (2.0 * rows**2 + form) * _params(use)
+            for use in group:
+                form = 2.0 * rows * use.a.shape[1] if isinstance(use, LinearUse) else MODULE_ROW_FLOPS * rows
+                flops += form * _params(use)
+            flops += 2.0 * rows**2 * sum(p.numel() for p in params)
             transient = TRANSIENT_BUDGET_BYTES
-        elif isinstance(use, LinearUse):
-            samples, steps, groups, din, dout = _shape(use)
-            if steps == 1:
-                flops += 2 * groups * (samples**2 * din + rows**2 * dout)
+            continue
+        for use in group:
+            if isinstance(use, LinearUse):
+                samples, steps, groups, din, dout = _shape(use)
+                if steps == 1:
+                    flops += 2 * groups * (samples**2 * din + rows**2 * dout)
+                else:
+                    flops += groups * min(2.0 * rows**2 * steps**2 * (din + dout),
+                                          2.0 * rows * steps * din * dout + 2.0 * rows**2 * din * dout)
+                    transient = TRANSIENT_BUDGET_BYTES
+            elif isinstance(use, EmbeddingUse):
+                flops += 2.0 * rows**2 * use.d.shape[1] ** 2 * use.d.shape[2]
             else:
-                flops += groups * min(2.0 * rows**2 * steps**2 * (din + dout),
-                                      2.0 * rows * steps * din * dout + 2.0 * rows**2 * din * dout)
-                transient = TRANSIENT_BUDGET_BYTES
-        elif isinstance(use, EmbeddingUse):
-            flops += 2.0 * rows**2 * use.d.shape[1] ** 2 * use.d.shape[2]
-        elif isinstance(use, DirectUse):
-            flops += 2.0 * rows**2 * use.g.shape[1]
-        else:
-            flops += 2.0 * rows**2 * _params(use) + MODULE_ROW_FLOPS * rows * _params(use)
-            transient = TRANSIENT_BUDGET_BYTES
-    if not scaled:
-        flops += _tied_cross_flops(uses, rows)
+                flops += 2.0 * rows**2 * use.g.shape[1]
+        if kind == "tied":
+            flops += _tied_cross_flops(group, rows)
     k_bytes = rows * rows * 8
     # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route; the update.
     return Estimate("gram", 4 * k_bytes + transient + update_bytes(uses), flops, f"K needs {mib(k_bytes)}")
 
 
 def _tied_cross_flops(uses: list, rows: int) -> float:
-    """The cross terms of weights that are both an embedding table and a linear map's: ``2 R^2 T_e T_l d``."""
+    """The cross term of a weight that is both an embedding table and a linear map's: ``2 R^2 T_e T_l d``."""
     lookups, heads = {}, {}
     for use in uses:
         if isinstance(use, EmbeddingUse):

@@ -51,10 +51,11 @@ import torch
 from .. import costs, distributed, factor_check, ops
 from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
-from ..layers import DirectUse, EmbeddingUse, LinearUse, ModuleUse, factor_bytes
+from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
 from ..layers.common import combine_rows, rows_of, sample_index
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows, rows_from_closure_output
+from ..routes import components, route
 from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
 
 # A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
@@ -292,20 +293,20 @@ class GramBackend(Backend):
         gram = torch.zeros(count, count, dtype=dtype, device=self.params[0].device)
         paths = {}
         direct = []
-        for params, group in _components(uses):
-            kinds = {LinearUse if isinstance(u, LinearUse) else type(u) for u in group}
+        for params, group in components(uses):
             scaled = any(id(p) in scales for p in params)
-            if len(params) == 1 and kinds == {DirectUse}:
+            kind = route(params, group, scaled)
+            if kind == "direct":
                 g = sum(u.g.to(dtype) for u in group) if len(group) > 1 else group[0].g.to(dtype)
                 direct.append(g * scales[id(params[0])].reshape(1, -1).to(dtype) if scaled else g)
                 path = "direct"
-            elif not scaled and kinds == {LinearUse} and _mergeable(group):
+            elif kind == "linear":
                 path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes, precise)
                 if isinstance(group[0], _SubsetLinearUse):
                     path += " (subset)"
-            elif not scaled and len(params) == 1 and kinds == {EmbeddingUse}:
+            elif kind == "embedding":
                 path = _embedding_gram(_merge_embedding(group), gram)
-            elif not scaled and len(params) == 1 and _tied(group):
+            elif kind == "tied":
                 linear = _merge_linear([u for u in group if isinstance(u, LinearUse)])
                 table = _merge_embedding([u for u in group if isinstance(u, EmbeddingUse)])
                 path = _tied_gram(linear, table, gram, self.row_budget_bytes, precise)
@@ -406,45 +407,6 @@ def _restrict(uses: list, restricted: dict) -> list:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _components(uses: list):
-    """Groups uses by connected parameters: ``[(params, uses)]`` (a use may cover several)."""
-    parent = {}
-
-    def root(key):
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    tensors = {}
-    for use in uses:
-        keys = [id(p) for p in use.params]
-        tensors.update(zip(keys, use.params))
-        for key in keys[1:]:
-            parent[root(key)] = root(keys[0])
-        root(keys[0])
-    groups: dict = {}
-    for use in uses:
-        groups.setdefault(root(id(use.params[0])), []).append(use)
-    out = []
-    for group in groups.values():
-        seen = {}
-        for use in group:
-            for p in use.params:
-                seen.setdefault(id(p), p)
-        out.append((list(seen.values()), group))
-    return out
-
-
-def _mergeable(group: list) -> bool:
-    """Uses of one weight (and bias) with one layout: a module called several times."""
-    first = group[0]
-    return all(
-        u.param is first.param and u.bias is first.bias and u.a.shape[2:] == first.a.shape[2:]
-        and u.d.shape[2:] == first.d.shape[2:]
-        for u in group
-    )
 
 
 def _merge_linear(group: list) -> LinearUse:
@@ -565,14 +527,6 @@ def _embedding_gram(use: EmbeddingUse, gram: torch.Tensor) -> str:
     indices = _repeat_per_row(use.indices, rows) if use.indices.shape[0] > 1 else use.indices.expand(rows, -1)
     gram.add_(ops.embedding_gram(indices, use.d.to(gram.dtype)).to(gram.dtype))
     return "embedding_gram"
-
-
-def _tied(group: list) -> bool:
-    """Uses of one weight by embedding lookups and by ungrouped, untransposed linear maps (a tied head)."""
-    linear = [u for u in group if isinstance(u, LinearUse)]
-    tables = [u for u in group if isinstance(u, EmbeddingUse)]
-    return (bool(linear) and bool(tables) and len(linear) + len(tables) == len(group) and _mergeable(linear)
-            and all(u.bias is None and not u.transposed and u.a.shape[2] == 1 for u in linear))
 
 
 def _tied_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budget: int, precise: bool) -> str:

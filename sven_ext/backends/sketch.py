@@ -50,7 +50,8 @@ from ..layers.common import first_axis, items_within
 from ..linalg import orthonormal_basis, solve_projected
 from ..residuals import Rows
 from .base import StepDirection, StepSettings, effective_column_scale
-from .gram import GramBackend, _components, _gemm_dtype, _restrict
+from ..routes import components
+from .gram import GramBackend, _gemm_dtype, _restrict
 
 TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
 # Power iterations by default (bench/results/sketch_accuracy.json, decaying-spectrum MLP regression,
@@ -255,14 +256,14 @@ class SketchBackend(GramBackend):
     # ----------------------------------------------------------------- planning
 
     def _plan(self, uses: list, count: int, columns: int, settings: StepSettings, device, scale) -> _Plan:
-        components = []
-        for params, group in _components(uses):
+        planned = []
+        for params, group in components(uses):
             by_param = {id(p): [u for u in group if any(q is p for q in u.params)] for p in params}
             rows = not all(isinstance(u, _STRUCTURED) for u in group)
-            components.append(_Component(params, group, by_param, rows, sum(p.numel() for p in params)))
+            planned.append(_Component(params, group, by_param, rows, sum(p.numel() for p in params)))
         budget = self.transient_budget_bytes
         if settings.max_memory is not None:
-            fixed = factor_bytes(uses) + costs.sketch_fixed_bytes(count, columns, components)
+            fixed = factor_bytes(uses) + costs.sketch_fixed_bytes(count, columns, planned)
             budget = min(budget, (settings.max_memory - fixed) // costs.TRANSIENTS)
             if budget < costs.MIN_TRANSIENT_BYTES:
                 raise ValueError(
@@ -275,7 +276,7 @@ class SketchBackend(GramBackend):
         scales = None
         if scale is not None:
             scales = {id(p): s.reshape(first_axis(p)).to(work) for p, s in zip(self.params, scale)}
-        return _Plan(components, count, work, int(budget), fused, scales)
+        return _Plan(planned, count, work, int(budget), fused, scales)
 
     # ----------------------------------------------------------------- products with J
 
