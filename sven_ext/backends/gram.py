@@ -233,16 +233,20 @@ class GramBackend(Backend):
         """
         dtype = torch.float64
         from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
-        bounded = [use for use in uses if not isinstance(use, ModuleUse)]
         unbounded = {id(p) for use in uses if isinstance(use, ModuleUse) for p in use.params}
-        magnitudes = self._directions([_absolute(use) for use in bounded], weights.to(dtype).abs(),
-                                      in_param_dtype=False)
+        # |J|^T |w|, one use's absolute factors at a time.
+        magnitudes = {}
+        for use in uses:
+            if not isinstance(use, ModuleUse):
+                for p, part in zip(use.params, _absolute(use).direction(weights.to(dtype).abs())):
+                    magnitudes[id(p)] = part if id(p) not in magnitudes else magnitudes[id(p)].add_(part)
         dtypes = {id(p): {p.dtype} for p in self.params}
         for use in uses:
             for p in use.params:
                 dtypes[id(p)].update(_factor_dtypes(use))
         factor_check.compare(self.params, from_factors,
-                             [None if id(p) in unbounded else m for p, m in zip(self.params, magnitudes)],
+                             [None if id(p) in unbounded else magnitudes.get(id(p), torch.zeros_like(m))
+                              for p, m in zip(self.params, from_factors)],
                              grads, [dtypes[id(p)] for p in self.params], self._names)
 
     # ----------------------------------------------------------------- K and J^T c
