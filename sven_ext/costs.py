@@ -210,6 +210,23 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
                     fixed + TRANSIENTS * MIN_TRANSIENT_BYTES)
 
 
+def estimate_check(uses: list, params: list, backend: str) -> Estimate:
+    """Memory of the factor check (:mod:`sven_ext.factor_check`), which runs before the solve:
+    autograd's ``J^T w`` in the parameters' dtype, the factors' ``J^T w`` and ``|J|^T |w|`` in
+    float64, and one use's absolute factors at a time."""
+    count = sum(p.numel() for p in params)
+    autograd = sum(p.numel() * p.element_size() for p in params)
+    biggest = max((factor_bytes_of(use) for use in uses), default=0)
+    need = autograd + 16 * count + biggest
+    return Estimate(backend, need, 0.0, f"the factor check needs {mib(need)}")
+
+
+def factor_bytes_of(use) -> int:
+    """Bytes of one use's factors that have an absolute copy in the factor check."""
+    return sum(t.numel() * t.element_size() for t in (getattr(use, name, None) for name in ("a", "d", "g"))
+               if isinstance(t, torch.Tensor))
+
+
 def estimate_dense(rows: int, params: int) -> Estimate:
     j_bytes = rows * params * 8
     # J, the SVD's copy and V^T, R backward passes and the SVD; the update (directions and new values).

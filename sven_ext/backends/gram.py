@@ -170,7 +170,6 @@ class GramBackend(Backend):
             shared = {key for key, calls in per_module.items() if (key, calls) in verdict.shared}
             checked = self.checks.enabled and any(
                 (id(p), per_param.get(id(p))) not in verdict.params for p in self.params)
-            probe = factor_check.probe(rows.captured, self.params) if checked else None
             uses = cap.uses(rows.per_sample, settings.chunk_rows, shared)
             by_param = {id(p): [] for p in self.params}
             for use in uses:
@@ -178,6 +177,9 @@ class GramBackend(Backend):
                     by_param[id(p)].append(use)
             self._check_uncovered(rows.captured, by_param)
             if checked:
+                costs.require_fit(costs.estimate_check(uses, self.params, self.name), factor_bytes(uses), settings.max_memory,
+                                  self.params[0].device)
+                probe = factor_check.probe(rows.captured, self.params)
                 uses, found = self._check_or_share(cap, rows, uses, probe, shared, settings.chunk_rows)
                 verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
                 verdict.shared.update((key, per_module[key]) for key in found)
