@@ -212,12 +212,16 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
 
 def estimate_check(uses: list, params: list, backend: str) -> Estimate:
     """Memory of the factor check (:mod:`sven_ext.factor_check`), which runs before the solve:
-    autograd's ``J^T w`` in the parameters' dtype, the factors' ``J^T w`` and ``|J|^T |w|`` in
-    float64, and one use's absolute factors at a time."""
+    autograd's ``J^T w`` in the parameters' dtype and the factors' ``J^T w`` and ``|J|^T |w|`` in
+    float64, plus the larger transient: one use's contraction (its absolute factors, their float64
+    copies and its float64 result) or, while the two are compared, the largest parameter's
+    autograd gradient in float64 and their difference."""
     count = sum(p.numel() for p in params)
     autograd = sum(p.numel() * p.element_size() for p in params)
-    biggest = max((factor_bytes_of(use) for use in uses), default=0)
-    need = autograd + 16 * count + biggest
+    contraction = max((3 * factor_bytes_of(use) + 8 * sum(p.numel() for p in use.params) for use in uses),
+                      default=0)
+    compared = 2 * 8 * max((p.numel() for p in params), default=0)
+    need = autograd + 16 * count + max(contraction, compared)
     return Estimate(backend, need, 0.0, f"the factor check needs {mib(need)}")
 
 
