@@ -110,6 +110,7 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(g, checksum) for g in gathered)
         print(f"parameters identical on every rank: {same}")
+    dist.barrier()  # no rank closes its connections while a peer still finishes a collective
     dist.destroy_process_group()
     if not math.isfinite(validation):
         raise SystemExit("training diverged")
