@@ -183,7 +183,13 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
         size = _params(use)
         if isinstance(use, LinearUse):
             samples, steps, groups, din, dout = _shape(use)
-            per_pass = 2.0 * groups * min(linear_costs(samples, rows, steps, din, dout, columns))
+            through_factors, through_gradients = linear_costs(samples, rows, steps, din, dout, columns)
+            per_pass = 2.0 * groups * min(through_factors, through_gradients)
+            # The products run in chunks of up to ``transient_budget`` bytes (layers.linear).
+            m = max(1, rows // max(samples, 1))
+            chunked = samples * steps * (dout * columns + m * dout + din) if through_factors <= through_gradients \
+                else rows * (dout * din + steps * (din + dout))
+            biggest_tile = max(biggest_tile, 8 * chunked)
             if use.bias is not None:
                 per_pass += 2.0 * rows * groups * dout * columns
             dense = test_matrix != "khatri_rao"
@@ -191,6 +197,7 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
         elif isinstance(use, EmbeddingUse):
             per_pass = 2.0 * rows * use.d.shape[1] * use.d.shape[2] * columns
             generated += min(rows * use.d.shape[1], use.param.shape[0]) * use.d.shape[2] * columns
+            biggest_tile = max(biggest_tile, 2 * rows * use.d.shape[1] * use.d.shape[2] * columns * 8)
         elif isinstance(use, DirectUse):
             per_pass = 2.0 * rows * use.g.shape[1] * columns
             generated += size * columns
@@ -208,6 +215,42 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
     transient = TRANSIENTS * min(transient_budget, max(biggest_tile, MIN_TRANSIENT_BYTES))
     return Estimate("sketch", fixed + transient, flops, f"R x s blocks need {mib(fixed)} (s={columns})",
                     fixed + TRANSIENTS * MIN_TRANSIENT_BYTES)
+
+
+def held_bytes(root: torch.Tensor, uses: list, model: torch.nn.Module) -> int:
+    """Bytes a step holds when its solve starts, beyond the model: the captured factors and the
+    tensors the rows' autograd graph saved (the forward pass's activations), each storage once.
+
+    Walks the graph (about 15 us a node), so it runs only when ``max_memory`` is given.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: set = set()
+
+    def size(t) -> int:
+        if not isinstance(t, torch.Tensor):
+            return 0
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.data_ptr() in skip:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+
+    total = sum(size(getattr(use, name, None)) for use in uses for name in ("a", "d", "g", "indices"))
+    stack, visited = [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        for attr in dir(node):
+            if attr.startswith("_saved_"):
+                try:
+                    value = getattr(node, attr)
+                except RuntimeError:  # freed, or saved by a custom function in its own way
+                    continue
+                total += sum(size(t) for t in (value if isinstance(value, (tuple, list)) else (value,)))
+        stack.extend(child for child, _ in node.next_functions)
+    return total
 
 
 def estimate_check(uses: list, params: list, backend: str) -> Estimate:
@@ -248,13 +291,14 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def choose(gram: Estimate, sketch: Estimate, factor_bytes: int, budget: int, budget_given: bool):
-    """``(backend name, reason)`` by the rule of the module docstring.
+def choose(gram: Estimate, sketch: Estimate, held: int, budget: int, budget_given: bool):
+    """``(backend name, reason)`` by the rule of the module docstring; ``held``: what the step
+    already holds (:func:`require_fit`).
 
     Raises:
         ValueError: when neither fits ``budget`` (before anything big is allocated).
     """
-    room = budget - factor_bytes
+    room = budget - held
     what = "max_memory" if budget_given else "free memory"
     fits = {e.backend: e.min_bytes <= room for e in (gram, sketch)}
     cost = f"~{gram.flops / 1e9:.3g} GFLOP vs sketch ~{sketch.flops / 1e9:.3g} GFLOP"
@@ -269,7 +313,7 @@ def choose(gram: Estimate, sketch: Estimate, factor_bytes: int, budget: int, bud
     if fits["gram"]:
         return "gram", f"gram: the sketch does not fit {what} ({mib(budget)}); {gram.what}"
     raise ValueError(
-        f"{what}={budget} bytes is too small for any backend: the factors take {mib(factor_bytes)}, "
+        f"{what}={budget} bytes is too small for any backend: the step holds {mib(held)} before its solve (factors, saved activations), "
         f"gram needs {mib(gram.bytes)} more ({gram.what}), sketch at least {mib(sketch.min_bytes)} more "
         f"({sketch.what}); raise max_memory, lower k or the batch size"
     )
@@ -279,14 +323,16 @@ def choose(gram: Estimate, sketch: Estimate, factor_bytes: int, budget: int, bud
 UNCHECKED_BYTES = 64 << 20
 
 
-def require_fit(estimate: Estimate, factor_bytes: int, max_memory: int | None, device: torch.device) -> None:
+def require_fit(estimate: Estimate, held: int, max_memory: int | None, device: torch.device) -> None:
     """Raises before a backend chosen by name allocates more than ``max_memory`` (or, for steps
     needing ``UNCHECKED_BYTES`` or more, the free memory).
+
+    ``held``: bytes the step already holds (:func:`held_bytes`, or the factors' alone).
 
     Raises:
         ValueError: naming the backend, its estimate and the budget.
     """
-    need = factor_bytes + estimate.min_bytes
+    need = held + estimate.min_bytes
     if max_memory is None and need < UNCHECKED_BYTES:
         return  # reading the free memory costs more than such a step's solve
     budget = max_memory if max_memory is not None else available_bytes(device)
@@ -294,7 +340,7 @@ def require_fit(estimate: Estimate, factor_bytes: int, max_memory: int | None, d
     if need > budget:
         raise ValueError(
             f"backend={estimate.backend!r} needs about {mib(need)} for this step "
-            f"({estimate.what}; factors {mib(factor_bytes)}), more than the {what} ({mib(budget)}). The "
+            f"({estimate.what}; held before it {mib(held)}), more than the {what} ({mib(budget)}). The "
             "forward pass and the capture have run; nothing of the solve was allocated and nothing changed. "
             "Use backend='auto' (it picks a backend that fits), raise max_memory, or lower the batch size"
         )

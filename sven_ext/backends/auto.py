@@ -12,7 +12,6 @@ import torch
 
 from .. import costs
 from ..capture import GradModeWatch, _batch_statistics, refuse_no_grad_only
-from ..layers import factor_bytes
 from ..residuals import rows_from_closure_output
 from .base import Backend, StepDirection, StepSettings
 from .dense import DenseBackend
@@ -53,7 +52,7 @@ class AutoBackend(Backend):
         gram = costs.estimate_gram(uses, captured, count, settings.column_scale is not None)
         sketch = costs.estimate_sketch(uses, captured, columns, sk.power_iterations, sk.test_matrix,
                                        self.sketch.transient_budget_bytes, count)
-        name, reason = costs.choose(gram, sketch, factor_bytes(uses), budget, budget_given)
+        name, reason = costs.choose(gram, sketch, self.gram._held(rows, uses, settings), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
         result = chosen.solve(rows, uses, checked, settings, resolve_k, shard)
         result.info.update(backend=name, auto_reason=reason)

@@ -97,7 +97,7 @@ class GramBackend(Backend):
         rows, uses, checked, shard = self.batch_factors(closure, settings)
         estimate = costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
                                        settings.column_scale is not None)
-        costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
+        costs.require_fit(estimate, self._held(rows, uses, settings), settings.max_memory, self.params[0].device)
         return self.solve(rows, uses, checked, settings, resolve_k, shard)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
@@ -177,8 +177,8 @@ class GramBackend(Backend):
                     by_param[id(p)].append(use)
             self._check_uncovered(rows.captured, by_param)
             if checked:
-                costs.require_fit(costs.estimate_check(uses, self.params, self.name), factor_bytes(uses), settings.max_memory,
-                                  self.params[0].device)
+                costs.require_fit(costs.estimate_check(uses, self.params, self.name), self._held(rows, uses, settings),
+                                  settings.max_memory, self.params[0].device)
                 probe = factor_check.probe(rows.captured, self.params)
                 uses, found = self._check_or_share(cap, rows, uses, probe, shared, settings.chunk_rows)
                 verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
@@ -210,6 +210,13 @@ class GramBackend(Backend):
             except FactorMismatch:
                 raise mismatch from None
         return retried, suspects
+
+    def _held(self, rows: Rows, uses: list, settings: StepSettings) -> int:
+        """What the step holds before its solve: the factors, and with ``max_memory`` the forward
+        pass's saved activations too (:func:`sven_ext.costs.held_bytes`)."""
+        if settings.max_memory is None:
+            return factor_bytes(uses)
+        return costs.held_bytes(rows.per_sample, uses, self.model)
 
     # ----------------------------------------------------------------- checks
 

@@ -186,7 +186,7 @@ class SketchBackend(GramBackend):
         columns = min(resolve_k(count) + sk.oversampling, count)
         estimate = costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
                                          self.transient_budget_bytes, count)
-        costs.require_fit(estimate, factor_bytes(uses), settings.max_memory, self.params[0].device)
+        costs.require_fit(estimate, self._held(rows, uses, settings), settings.max_memory, self.params[0].device)
         return self.solve(rows, uses, checked, settings, resolve_k, shard)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
