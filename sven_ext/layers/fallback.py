@@ -17,6 +17,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .common import combine_rows, sample_index
 
 
+# Module types whose per-sample replay under vmap raised: they take the per-row route at once.
+_WITHOUT_BATCHING_RULE: set = set()
+
+
 @dataclass
 class ModuleUse:
     """One call of a module differentiated on its own with ``torch.func`` (the fallback).
@@ -83,11 +87,11 @@ class ModuleUse:
         state, moving = self._state(dtype)
         live = [k for k, d in enumerate(self.d) if d is not None]
         d_rows = [self.d[k][start:stop].to(dtype) for k in live]
-        if self.whole:
-            def whole(p):
-                outs = self._call(state, p, self.leaves, dtype, unsqueeze=False)
-                return tuple(outs[k] for k in live)
+        def whole(p):
+            outs = self._call(state, p, self.leaves, dtype, unsqueeze=False)
+            return tuple(outs[k] for k in live)
 
+        if self.whole:
             _, vjp_fn = torch.func.vjp(whole, moving)
             grads = torch.vmap(vjp_fn)(tuple(d_rows))[0]
         else:
@@ -103,14 +107,23 @@ class ModuleUse:
 
                 return torch.func.grad(scalar)(moving)
 
-            try:
-                grads = torch.vmap(one, in_dims=(in_dims, 0))(leaves, d_rows)
-            except RuntimeError:
-                # Some kernels have no batching rule that keeps their shapes (torch.gru, torch.lstm
-                # write in place into per-sample buffers): one row at a time, the same arithmetic.
-                per_row = [one([x.select(a, i) if b else x for x, b, a in zip(leaves, self.batched, self.leaf_axes)],
-                               [d[i] for d in d_rows]) for i in range(stop - start)]
-                grads = {name: torch.stack([g[name] for g in per_row]) for name in self.names}
+            grads = None
+            if type(self.module) not in _WITHOUT_BATCHING_RULE:
+                try:
+                    grads = torch.vmap(one, in_dims=(in_dims, 0))(leaves, d_rows)
+                except RuntimeError:
+                    _WITHOUT_BATCHING_RULE.add(type(self.module))
+            if grads is None:
+                # Some kernels have no batching rule for batched inputs (torch.gru and torch.lstm
+                # write into per-sample buffers): one backward of the whole call per row instead,
+                # batched over the rows, each row's gradient placed at its own sample's slice.
+                outs, vjp_fn = torch.func.vjp(whole, moving)
+                cotangents = []
+                for k, d, out in zip(live, d_rows, outs):
+                    full = d.new_zeros(stop - start, *out.shape)
+                    full.movedim(self.axes[k] + 1, 1)[torch.arange(stop - start, device=d.device), index] = d
+                    cotangents.append(full)
+                grads = torch.vmap(vjp_fn)(tuple(cotangents))[0]
         return torch.cat([grads[name].reshape(stop - start, -1) for name in self.names], dim=1)
 
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
