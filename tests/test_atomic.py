@@ -559,3 +559,28 @@ def test_the_memory_estimate_includes_the_update(backend):
     snapshot.assert_unchanged()
     opt.param_groups[0]["max_memory"] = 6 * params * 8
     opt.step(lambda: squared_errors(model, x, y))
+
+
+@pytest.mark.parametrize("backend", ["gram", "sketch"])
+def test_a_lowered_max_memory_is_refused_before_the_forward_pass(backend):
+    model = mlp((3, 16, 1))
+    x, y = data()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return squared_errors(model, x, y)
+
+    opt = sven_ext.Sven(model, backend=backend, k=3, max_memory=1 << 30)
+    opt.step(closure)
+    for group in opt.param_groups:
+        group["max_memory"] = 1024
+    snapshot = Snapshot(model, opt)
+    with pytest.raises(ValueError, match="previous step's shapes needed .* refused before its forward pass"):
+        opt.step(closure)
+    assert len(calls) == 1  # the closure did not run
+    snapshot.assert_unchanged()
+    with pytest.raises(ValueError, match="more than the max_memory"):  # the retry runs and is checked
+        opt.step(closure)
+    assert len(calls) == 2
+    snapshot.assert_unchanged()

@@ -89,16 +89,37 @@ class GramBackend(Backend):
     def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], checks: FactorChecks | None = None):
         super().__init__(model, params, checks)
         self.recorded_whole: list[str] = []
+        self.last_need: int | None = None  # bytes the last step needed (held + solve), for max_memory
         self._names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        self._require_last_fit(settings)
         rows, uses, checked, shard = self.batch_factors(closure, settings)
         estimate = costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
                                        settings.column_scale is not None)
-        costs.require_fit(estimate, self._held(rows, uses, settings), settings.max_memory, self.params[0].device)
+        self._require_fit(estimate, rows, uses, settings)
         return self.solve(rows, uses, checked, settings, resolve_k, shard)
+
+    def _require_fit(self, estimate, rows: Rows, uses: list, settings: StepSettings) -> None:
+        """:func:`sven_ext.costs.require_fit` after the forward pass; remembers the step's need."""
+        held = self._held(rows, uses, settings)
+        self.last_need = held + estimate.min_bytes
+        costs.require_fit(estimate, held, settings.max_memory, self.params[0].device)
+
+    def _require_last_fit(self, settings: StepSettings) -> None:
+        """Raises before the forward pass when the previous step's shapes needed more than
+        ``max_memory`` (it was lowered since). Checked once: a retry runs the forward pass and is
+        checked on its own shapes (a smaller batch may fit)."""
+        need, self.last_need = self.last_need, None
+        if settings.max_memory is not None and need is not None and need > settings.max_memory:
+            raise ValueError(
+                f"backend={self.name!r}: the previous step's shapes needed about {costs.mib(need)}, more than "
+                f"the max_memory ({costs.mib(settings.max_memory)}); this step was refused before its forward "
+                "pass and nothing changed. Raise max_memory or lower the batch size (a retry runs the forward "
+                "pass and is checked on its own shapes)"
+            )
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
               shard: distributed.Shard | None = None) -> StepDirection:

@@ -181,12 +181,13 @@ class SketchBackend(GramBackend):
     fused: bool | None = None
 
     def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+        self._require_last_fit(settings)
         rows, uses, checked, shard = self.batch_factors(closure, settings)
         count, sk = rows.residual.numel(), settings.sketch
         columns = min(resolve_k(count) + sk.oversampling, count)
         estimate = costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
                                          self.transient_budget_bytes, count)
-        costs.require_fit(estimate, self._held(rows, uses, settings), settings.max_memory, self.params[0].device)
+        self._require_fit(estimate, rows, uses, settings)
         return self.solve(rows, uses, checked, settings, resolve_k, shard)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
