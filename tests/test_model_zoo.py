@@ -1,4 +1,4 @@
-"""Models nobody on this project wrote (transformers, torchvision, timm, torch.nn), every backend against dense.
+"""Third-party models (transformers, torchvision, timm, torch.nn), every backend against dense.
 
 Tiny configurations with random weights (nothing is downloaded), float64, a few samples: each step of
 ``gram``, ``sketch`` (sketch size above the row count, so exact) and ``auto`` must equal the dense
@@ -236,10 +236,6 @@ class BackwardPasses:
 
 
 # ----------------------------------------------------------------------------- one step per model
-
-
-def _xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
