@@ -313,7 +313,8 @@ def choose(gram: Estimate, sketch: Estimate, held: int, budget: int, budget_give
     if fits["gram"]:
         return "gram", f"gram: the sketch does not fit {what} ({mib(budget)}); {gram.what}"
     raise ValueError(
-        f"{what}={budget} bytes is too small for any backend: the step holds {mib(held)} before its solve (factors, saved activations), "
+        f"{what}={budget} bytes is too small for any backend: the step holds {mib(held)} before its solve "
+        "(factors, saved activations), "
         f"gram needs {mib(gram.bytes)} more ({gram.what}), sketch at least {mib(sketch.min_bytes)} more "
         f"({sketch.what}); raise max_memory, lower k or the batch size"
     )
