@@ -32,9 +32,9 @@ from torch import nn
 
 from .linalg import check_finite
 
-# The check's relative tolerance in units of sqrt(float32 eps) of |J|^T |w|: float32 steps sit in
-# the graphs of float64 models too (e.g. norms that upcast, rotary tables), so float64 models get
-# the float32 bar; a wrong factorisation is off by O(1) of the terms it misplaces.
+# The check's tolerance relative to |J|^T |w|: sqrt(float32 eps). Float32 steps sit in the graphs
+# of float64 models too (norms that upcast, rotary tables), so float64 models get the float32 bar;
+# a wrong factorisation is off by O(1) of the terms it misplaces.
 FULL_PRECISION_TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)
 # Half-precision factors (autocast, float16/bfloat16 models) carry about eps of their dtype.
 HALF_PRECISION_ROUNDOFFS = 4
@@ -57,9 +57,9 @@ class Verdict:
     """What the check found for one step signature.
 
     Attributes:
-        params: ids of the parameters whose factors passed.
-        shared: ids of modules whose output every sample shares although its first axis has the
-            batch's size (recorded whole for steps with this signature).
+        params: ``(id(p), shapes of its calls)`` of the parameters whose factors passed.
+        shared: ``(id(module), shapes of its calls)`` of modules whose output every sample shares
+            although its first axis has the batch's size (recorded whole for such steps).
     """
 
     params: set = dataclasses.field(default_factory=set)
@@ -91,8 +91,7 @@ class FactorChecks:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._verdicts: OrderedDict = OrderedDict()
-        # What past steps showed broadcasts against the batch (:class:`sven_ext.capture.Broadcasts`).
-        self.broadcasts = Broadcasts()
+        self.broadcasts = Broadcasts()  # read and extended by :class:`sven_ext.capture.Capture`
 
     def verdict(self, signature) -> Verdict:
         """The verdict of ``signature`` (an empty one if it was never checked)."""
