@@ -265,10 +265,10 @@ class GramBackend(Backend):
         from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
         unbounded = {id(p) for use in uses if isinstance(use, ModuleUse) for p in use.params}
         # |J|^T |w|, one use's absolute factors at a time.
-        magnitudes = {}
+        magnitudes, absolute_weights = {}, weights.to(dtype).abs()
         for use in uses:
             if not isinstance(use, ModuleUse):
-                for p, part in zip(use.params, _absolute(use).direction(weights.to(dtype).abs())):
+                for p, part in zip(use.params, _absolute(use).direction(absolute_weights)):
                     magnitudes[id(p)] = part if id(p) not in magnitudes else magnitudes[id(p)].add_(part)
         dtypes = {id(p): {p.dtype} for p in self.params}
         for use in uses:

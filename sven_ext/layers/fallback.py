@@ -83,14 +83,19 @@ class ModuleUse:
         flat = tree_flatten(out)[0]
         return [flat[k] for k in self.outputs]
 
-    def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        state, moving = self._state(dtype)
-        live = [k for k, d in enumerate(self.d) if d is not None]
-        d_rows = [self.d[k][start:stop].to(dtype) for k in live]
+    def _whole_call(self, state, dtype, live: list):
+        """``p -> the live outputs`` of the recorded call on its whole inputs, for ``torch.func.vjp``."""
         def whole(p):
             outs = self._call(state, p, self.leaves, dtype, unsqueeze=False)
             return tuple(outs[k] for k in live)
 
+        return whole
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        state, moving = self._state(dtype)
+        live = [k for k, d in enumerate(self.d) if d is not None]
+        d_rows = [self.d[k][start:stop].to(dtype) for k in live]
+        whole = self._whole_call(state, dtype, live)
         if self.whole:
             _, vjp_fn = torch.func.vjp(whole, moving)
             grads = torch.vmap(vjp_fn)(tuple(d_rows))[0]
@@ -129,12 +134,7 @@ class ModuleUse:
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
         state, moving = self._state(c.dtype)
         live = [k for k, d in enumerate(self.d) if d is not None]
-
-        def whole(p):
-            outs = self._call(state, p, self.leaves, c.dtype, unsqueeze=False)
-            return tuple(outs[k] for k in live)
-
-        outs, vjp_fn = torch.func.vjp(whole, moving)
+        outs, vjp_fn = torch.func.vjp(self._whole_call(state, c.dtype, live), moving)
         cotangents = tuple(
             combine_rows(self.d[k], c, self.samples).movedim(0, self.axes[k]).reshape(out.shape)
             for k, out in zip(live, outs)
