@@ -20,7 +20,7 @@ class Truncation:
     """Which singular values a step keeps.
 
     Attributes:
-        k: rank cap (``None``: no cap).
+        k: rank cap (``None``: half the rows of the step, see :meth:`cap`).
         rtol: keep ``s_j > rtol * s_0``.
         atol: keep ``s_j > atol``.
         damping: Tikhonov term ``lambda`` of the kept values: ``1 / s_j^2`` becomes
@@ -33,24 +33,31 @@ class Truncation:
     atol: float = DEFAULT_ATOL
     damping: float = 0.0
 
+    def cap(self, rows: int) -> int:
+        """The rank cap of a step with ``rows`` rows: ``k``, or half the rows (at least 1) when ``k`` is ``None``."""
+        return max(1, rows // 2) if self.k is None else self.k
+
     def rank(self, singular_values: torch.Tensor) -> int:
-        """Number of leading values kept from ``singular_values`` sorted in descending order."""
+        """Number of leading values kept from ``singular_values`` sorted in descending order
+        (of a truncation resolved by :meth:`for_rows`)."""
+        if self.k is None:
+            raise ValueError("the rank cap is unresolved: use Truncation.for_rows(rows, scale) first")
         if singular_values.numel() == 0:
             return 0
         s0 = singular_values[0]
         keep = (singular_values > self.rtol * s0) & (singular_values > self.atol)
         # Descending order makes the kept set a prefix; count up to the first rejected value.
-        rank = int(keep.cumprod(0).sum())
-        return rank if self.k is None else min(rank, self.k)
+        return min(int(keep.cumprod(0).sum()), self.k)
 
-    def for_rows(self, k: int, scale: float) -> Truncation:
-        """The cut-offs for one step's ``k`` and rows divided by ``scale``.
+    def for_rows(self, rows: int, scale: float) -> Truncation:
+        """The cut-offs of one step with ``rows`` rows divided by ``scale``: the rank cap resolved
+        (:meth:`cap`), ``atol`` and ``damping`` in the units of the scaled rows.
 
         Rows ``r / scale`` have the Jacobian ``J / scale``, so its singular values are ``s / scale``:
         ``atol`` becomes ``atol / scale`` and ``damping`` ``damping / scale^2``, and the step is the
         same (``rtol`` and ``k`` are relative).
         """
-        return dataclasses.replace(self, k=k, atol=self.atol / scale, damping=self.damping / scale ** 2)
+        return dataclasses.replace(self, k=self.cap(rows), atol=self.atol / scale, damping=self.damping / scale ** 2)
 
 
 @dataclass
@@ -62,12 +69,22 @@ class Solution:
         singular_values: ``(rank,)`` kept singular values of ``J``, descending.
         all_singular_values: every singular value computed, descending.
         left_vectors: ``(R, rank)`` kept left singular vectors ``U_k`` (``None`` where not formed).
+        weights: ``(rank,)`` weight of each kept component, ``u_j^T r / (s_j^2 + damping)``, so that
+            ``coefficients = U_k @ weights`` (``None`` where ``U_k`` is not formed).
     """
 
     coefficients: torch.Tensor
     singular_values: torch.Tensor
     all_singular_values: torch.Tensor
     left_vectors: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    def linearised_residual(self, residual: torch.Tensor, lr: float) -> torch.Tensor:
+        """``r + J delta`` for the step ``delta = -lr J^T c``: the residuals the linearised model predicts
+        after the step, ``r - lr U_k diag(s_k^2 / (s_k^2 + damping)) U_k^T r`` (in ``residual``'s units)."""
+        u = self.left_vectors.to(residual.dtype)
+        gain = self.singular_values.to(residual.dtype).square() * self.weights.to(residual.dtype)
+        return residual - lr * (u @ gain)
 
     @property
     def rank(self) -> int:
@@ -94,8 +111,8 @@ def solve_gram(gram: torch.Tensor, residual: torch.Tensor, truncation: Truncatio
     singular_values = eigenvalues.clamp_min(0).sqrt()
     rank = truncation.rank(singular_values)
     u_k = eigenvectors[:, :rank]
-    coefficients = u_k @ ((u_k.T @ residual) / (eigenvalues[:rank] + truncation.damping))
-    return Solution(coefficients, singular_values[:rank], singular_values, u_k)
+    weights = (u_k.T @ residual) / (eigenvalues[:rank] + truncation.damping)
+    return Solution(u_k @ weights, singular_values[:rank], singular_values, u_k, weights)
 
 
 def solve_projected(basis: torch.Tensor, core: torch.Tensor, residual: torch.Tensor,
@@ -117,7 +134,7 @@ def solve_projected(basis: torch.Tensor, core: torch.Tensor, residual: torch.Ten
     """
     small = solve_gram(core, basis.T @ residual, truncation)
     return Solution(basis @ small.coefficients, small.singular_values, small.all_singular_values,
-                    basis @ small.left_vectors)
+                    basis @ small.left_vectors, small.weights)
 
 
 def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: Truncation):
@@ -141,8 +158,8 @@ def solve_jacobian(jacobian: torch.Tensor, residual: torch.Tensor, truncation: T
     kept, u_k = s[:rank], u[:, :rank]
     projected = u_k.T @ residual
     direction = vh[:rank].T @ (projected * (kept / (kept.square() + truncation.damping)))
-    coefficients = u_k @ (projected / (kept.square() + truncation.damping))
-    return direction, Solution(coefficients, kept, s, u_k)
+    weights = projected / (kept.square() + truncation.damping)
+    return direction, Solution(u_k @ weights, kept, s, u_k, weights)
 
 
 def check_finite(matrix: torch.Tensor, what: str) -> None:

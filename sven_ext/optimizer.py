@@ -3,41 +3,56 @@
 Each step runs the closure once, forms the residual rows ``r`` of the batch, and
 moves the parameters by the minimum-norm step that best satisfies every row of
 the linearised model: ``delta = -lr * V_k S_k^-1 U_k^T r`` (DESIGN.md section 1).
+A step is four stages (DESIGN.md sections 4 and 5): prepare (settings, parameters, the
+backend's settings), compute (the closure, the backend, the new values: nothing is
+written), commit (plain copies) and report (``last_info``, ``track_svd_info``, the
+callback).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from . import distributed
-from .backends import SketchSettings, StepSettings, check_backend_name, make_backend
+from .backends import SketchSettings, StepDirection, StepSettings, make_backend
 from .backends.base import ElementSubset
-from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES, step_key
+from .backends.sketch import step_key
 from .factor_check import FactorChecks
-from .linalg import DEFAULT_ATOL, Truncation
 from .residuals import Residuals
+from .settings import DEFAULTS, NAMES, STEP_KEYS, Settings, check_positive
+from .update import PARAMETER_STATE, UpdateRule, all_finite, decayed, require_finite, sven_update
 
-FUNCTIONAL_MODES = ("exact", "randomized")
-RMSPROP_MODES = (None, "before", "after")
 _BACKEND_CACHE = 16
-# Settings of the whole step (one solve covers every param group): only lr may differ between groups.
-_STEP_KEYS = ("k", "rtol", "kappa", "backend", "atol", "solve_dtype", "chunk_rows", "oversampling",
-              "power_iterations", "test_matrix", "warm_start", "seed", "max_memory", "functional_mode",
-              "damping", "microbatch_size", "param_fraction", "mask_by_block", "rmsprop", "rmsprop_beta",
-              "rmsprop_eps", "momentum", "variable_k")
 _NO_PARAMETERS = "no trainable parameters: every parameter has requires_grad=False (or params is empty)"
-_PARAMETER_STATE = ("momentum_buffer", "square_avg")
-_STAGE_HINTS = {
-    "direction": "the residuals or the model's scale may overflow solve_dtype",
-    "RMSProp": "the running mean of squared directions, or the direction divided by its root, overflows",
-    "momentum": "the momentum buffer overflows: lower momentum or lr, or use a wider dtype",
-    "lr": "lr times the direction overflows: lower lr, or use a wider dtype",
-    "weight decay": "(1 - lr * weight_decay) times the parameter overflows: lower lr or weight_decay",
-    "update": "the new value overflows: lower lr, or use a wider dtype",
-}
+
+
+@dataclass
+class _Prepared:
+    """What a step fixed before running anything: its settings and the parameters it moves."""
+
+    settings: Settings
+    step: int
+    trainable: list[torch.Tensor]
+    params: list[torch.Tensor]
+    subsets: list[ElementSubset] | None
+    backend_settings: StepSettings
+
+
+@dataclass
+class _Computed:
+    """A step computed and checked, not yet written."""
+
+    result: StepDirection
+    values: list[torch.Tensor]
+    states: list[dict]
+    optimizer_state: dict
+    info: dict
+    residual_rows: bool
 
 
 class Sven(torch.optim.Optimizer):
@@ -45,57 +60,12 @@ class Sven(torch.optim.Optimizer):
 
     Args:
         model: the module the closure runs. Its trainable parameters move, in place.
-        lr: step size, read from ``param_groups[i]["lr"]`` at every step (schedulers work).
-        k: rank cap: at most ``k`` singular values are kept. ``None``: half the
-            number of rows of each step (at least 1), as the paper suggests.
-        rtol: keep singular values ``s_j > rtol * s_0``.
-        kappa: residuals are ``loss ** (kappa / 2)`` (2: the loss itself; 1: its square root).
-            Ignored for :class:`sven_ext.Residuals`, which are used as they are.
-        backend: ``"auto"``, ``"dense"``, ``"gram"``, ``"sketch"`` or ``"functional"``
-            (DESIGN.md section 2).
+        lr, k, rtol, kappa, backend, and every other keyword of :class:`sven_ext.settings.Settings`
+            (``damping``, ``weight_decay``, ``momentum``, ...): the step's settings, defined, defaulted
+            and checked there (the README's table lists them). ``lr`` and ``weight_decay`` may differ
+            between param groups; every other setting is the same in all groups.
         params: parameters that move (default: every trainable parameter of ``model``);
             an iterable of tensors or of param-group dicts (groups may set their own ``lr``).
-        atol: absolute singular-value floor.
-        solve_dtype: dtype of the linear algebra (float64 by default: ``cond(K) = cond(J)^2``).
-        chunk_rows: rows handled at once where a backend chunks over rows.
-        oversampling: sketch backend: columns beyond ``k`` (``s = min(k + oversampling, R)``).
-        power_iterations: sketch backend: products with ``J J^T`` before the core (more: closer
-            to the exact rank-``k`` update, two passes over the factors each).
-        test_matrix: sketch backend: ``"gaussian"``, ``"rademacher"`` or ``"khatri_rao"``
-            (columns ``u_j (x) v_j`` per weight matrix: cheaper to apply; measured in bench/sketch_bench.py).
-        warm_start: sketch backend: join the previous step's ``U_k`` to the sketch (when the
-            number of rows is unchanged; meant for steps over the same rows).
-        seed: sketch backend: key of the test matrices; with the step counter (kept in the
-            optimizer state) it fixes every step's draw, so equal seeds give identical steps.
-        functional_mode: functional backend: ``"exact"`` (Gram matrix of the residual rows, built
-            from chunks of ``J^T`` products) or ``"randomized"`` (a sketch, with ``oversampling``,
-            ``power_iterations`` and ``seed``).
-        max_memory: bytes a step may use beyond the model (the factors included): ``"auto"``
-            picks a backend within it and raises before allocating when none fits; the sketch
-            backend sizes its transients by it. ``None``: the free memory.
-        damping: Tikhonov damping ``lambda >= 0``: each kept ``1 / s_j^2`` becomes ``1 / (s_j^2 + lambda)``
-            (Levenberg-Marquardt-like; shortens the step along small singular directions).
-        weight_decay: decoupled weight decay: ``p -= lr * weight_decay * p`` besides the Sven step
-            (may differ between param groups, like ``lr``).
-        microbatch_size: ``m``: average the losses of consecutive groups of ``m`` samples before
-            forming rows (``B / m`` rows; ``m`` must divide ``B``). Per-sample losses only.
-        param_fraction: each step moves a random subset of about this fraction of the elements,
-            drawn from ``seed`` and the step counter; the step is the Sven step of ``J``
-            restricted to them (zero elsewhere, weight decay included).
-        mask_by_block: ``True``: the subset is whole parameter tensors (at least one); the others
-            are not captured, so the step costs less time and memory. ``False``: elements of
-            every tensor: of a weight, ``sqrt(f)`` of its output units on ``sqrt(f)`` of its
-            inputs (a product set; any tensor seen as ``(shape[0], rest)``), its layer's bias on
-            the same units, ``f`` of the entries of other 1-D tensors. The gram backend turns
-            these into smaller factors for ungrouped Linear/conv layers (cheaper ``K`` and
-            ``J^T c``); elsewhere the subset is a 0/1 column scale at full cost.
-        rmsprop: ``None``, ``"before"`` (the step is solved for ``J S`` with
-            ``S = (sqrt(v) + eps)^(-1/2)`` and mapped back: RMSProp-preconditioned Sven) or
-            ``"after"`` (the direction is divided by ``sqrt(v) + eps``). ``v`` is the running
-            mean (``rmsprop_beta``) of the squared directions of previous steps.
-        rmsprop_beta: decay of ``v``.
-        rmsprop_eps: added to ``sqrt(v)``.
-        momentum: heavy-ball momentum on the final direction (``0``: none).
         track_svd_info: keep ``svd_history``: per step the singular values, rank, residual norm,
             and the loss change the linearised model predicts next to the actual one (one extra
             forward pass of the closure per step, once the step is applied: an exception there
@@ -123,66 +93,29 @@ class Sven(torch.optim.Optimizer):
         losses = opt.step(closure)
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        lr: float = 0.1,
-        k: int | None = None,
-        rtol: float = 1e-3,
-        kappa: float = 2.0,
-        backend: str = "auto",
-        *,
-        params=None,
-        atol: float = DEFAULT_ATOL,
-        solve_dtype: torch.dtype = torch.float64,
-        chunk_rows: int = 64,
-        oversampling: int = 10,
-        power_iterations: int = DEFAULT_POWER_ITERATIONS,
-        test_matrix: str = "gaussian",
-        warm_start: bool = False,
-        seed: int = 0,
-        max_memory: int | None = None,
-        functional_mode: str = "exact",
-        damping: float = 0.0,
-        weight_decay: float = 0.0,
-        microbatch_size: int | None = None,
-        param_fraction: float = 1.0,
-        mask_by_block: bool = True,
-        rmsprop: str | None = None,
-        rmsprop_beta: float = 0.99,
-        rmsprop_eps: float = 1e-8,
-        momentum: float = 0.0,
-        track_svd_info: bool = False,
-        variable_k: bool = False,
-        callback=None,
-        process_group=None,
-    ):
+    def __init__(self, model: torch.nn.Module, lr: float = DEFAULTS.lr, k: int | None = DEFAULTS.k,
+                 rtol: float = DEFAULTS.rtol, kappa: float = DEFAULTS.kappa, backend: str = DEFAULTS.backend, *,
+                 params=None, track_svd_info: bool = False, callback=None, process_group=None, **settings):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_positive("lr", lr)
-        defaults = dict(
-            lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, atol=atol, solve_dtype=solve_dtype,
-            chunk_rows=chunk_rows, oversampling=oversampling, power_iterations=power_iterations,
-            test_matrix=test_matrix, warm_start=warm_start, seed=seed, max_memory=max_memory,
-            functional_mode=functional_mode, damping=damping, weight_decay=weight_decay,
-            microbatch_size=microbatch_size, param_fraction=param_fraction, mask_by_block=mask_by_block,
-            rmsprop=rmsprop, rmsprop_beta=rmsprop_beta, rmsprop_eps=rmsprop_eps, momentum=momentum,
-            variable_k=variable_k,
-        )
-        check_settings(defaults)
+        unknown = sorted(set(settings) - set(NAMES))
+        if unknown:
+            raise TypeError(f"Sven() got unexpected keyword argument(s) {unknown}; its settings are {list(NAMES)}")
+        check_positive("lr", lr)
+        chosen = Settings(lr=lr, k=k, rtol=rtol, kappa=kappa, backend=backend, **settings)
         if not isinstance(track_svd_info, bool):
             raise ValueError(f"track_svd_info must be True or False, got {track_svd_info!r}")
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
         distributed.check_group(process_group)
         if process_group is not None:
-            distributed.check_options(backend, variable_k, track_svd_info)
+            distributed.check_options(backend, chosen.variable_k, track_svd_info)
 
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         if not params:
             raise ValueError(_NO_PARAMETERS)
         self.model = model  # add_param_group checks that every parameter belongs to it
-        super().__init__(params, defaults)
+        super().__init__(params, chosen.group())
         if not self._trainable():
             raise ValueError(_NO_PARAMETERS)
         self.track_svd_info = track_svd_info
@@ -214,7 +147,7 @@ class Sven(torch.optim.Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        check_group({**self.defaults, **param_group}, len(self.param_groups))
+        Settings.from_group({**self.defaults, **param_group}, len(self.param_groups))
         params = param_group.get("params", [])
         self._check_params([params] if isinstance(params, torch.Tensor) else list(params))
         super().add_param_group(param_group)
@@ -268,7 +201,7 @@ class Sven(torch.optim.Optimizer):
                         f"param group {index}: the state was saved with backend={group['backend']!r} but this "
                         f"optimizer has backend={backend!r}: construct Sven with the backend the state was saved with"
                     )
-                check_group(group, index)
+                Settings.from_group(group, index)
             self._check_state()
         except BaseException:
             self.state, self.param_groups = state, groups
@@ -285,16 +218,16 @@ class Sven(torch.optim.Optimizer):
             if not isinstance(key, torch.Tensor) or id(key) not in params or not isinstance(entry, dict):
                 raise ValueError(f"the optimizer state has an entry {key!r} that is neither 'sven' nor a parameter's")
             name = names.get(id(key), "?")
-            unknown = sorted(set(entry) - set(_PARAMETER_STATE))
+            unknown = sorted(set(entry) - set(PARAMETER_STATE))
             if unknown:
-                raise ValueError(f"parameter {name!r}: state {unknown} is not Sven's (it keeps {_PARAMETER_STATE}): "
+                raise ValueError(f"parameter {name!r}: state {unknown} is not Sven's (it keeps {PARAMETER_STATE}): "
                                  "was the state saved by another optimizer?")
             for what, value in entry.items():
                 if not isinstance(value, torch.Tensor) or value.shape != key.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"parameter {name!r}: state {what!r} has shape {shape} where the parameter has "
                                      f"{tuple(key.shape)}: the state belongs to another model")
-                if not _all_finite([value]):
+                if not all_finite([value]):
                     raise ValueError(f"parameter {name!r}: state {what!r} is not finite (NaN or Inf)")
                 if what == "square_avg" and bool((value < 0).any()):
                     raise ValueError(f"parameter {name!r}: state 'square_avg' has negative entries "
@@ -336,33 +269,56 @@ class Sven(torch.optim.Optimizer):
         """
         if closure is None or not callable(closure):
             raise ValueError("Sven.step needs a closure that returns per-sample losses (it runs the forward pass)")
-        first = self._step_settings()
+        prepared = self._prepare()
+        watch = _ClosureWatch(self.model, prepared.trainable)
+        buffers = _snapshot_buffers(self.model)
+        # Data-parallel: nothing is applied unless every rank got this far (a no-op for one process).
+        agreement = distributed.Agreement(self.process_group)
+        try:
+            with agreement:
+                computed = self._compute(closure, prepared, watch)
+        except BaseException as error:
+            # The closure may have moved buffers (e.g. running statistics) before the failure.
+            _restore_buffers(buffers)
+            watch.after_failure(error)
+            raise
+        self._commit(prepared.params, computed)
+        self._report(closure, prepared.settings, computed, agreement)
+        return computed.result.rows.losses
+
+    def _prepare(self) -> _Prepared:
+        """The step's settings (every group checked), the parameters it moves and the backend's settings."""
+        s = self._step_settings()
         state = self.state.get("sven", {})  # read only: the state changes once the step has succeeded
         step = state.get("step", 0)
         trainable = self._trainable()
         if not trainable:
             raise ValueError(_NO_PARAMETERS)
         self._check_writable(trainable)  # strides only; catches a parameter unfrozen or given new data since added
-        params, subsets = self._subset(trainable, first, step)
-        settings = StepSettings(
-            truncation=Truncation(first["k"], first["rtol"], first["atol"], first["damping"]),
-            kappa=first["kappa"],
-            solve_dtype=first["solve_dtype"],
-            chunk_rows=first["chunk_rows"],
+        params, subsets = self._subset(trainable, s, step)
+        backend_settings = StepSettings(
+            truncation=s.truncation,
+            kappa=s.kappa,
+            solve_dtype=s.solve_dtype,
+            chunk_rows=s.chunk_rows,
             sketch=SketchSettings(
-                oversampling=first["oversampling"], power_iterations=first["power_iterations"],
-                test_matrix=first["test_matrix"], seed=first["seed"], step=step,
-                basis=state.get("basis") if first["warm_start"] else None,
+                oversampling=s.oversampling, power_iterations=s.power_iterations,
+                test_matrix=s.test_matrix, seed=s.seed, step=step,
+                basis=state.get("basis") if s.warm_start else None,
             ),
-            max_memory=first["max_memory"],
-            functional_mode=first["functional_mode"],
-            microbatch_size=first["microbatch_size"],
-            column_scale=self._column_scale(params, first),
+            max_memory=s.max_memory,
+            functional_mode=s.functional_mode,
+            microbatch_size=s.microbatch_size,
+            column_scale=self._column_scale(params, s),
             element_subsets=subsets,
             process_group=self.process_group,
         )
+        return _Prepared(s, step, trainable, params, subsets, backend_settings)
+
+    def _compute(self, closure, prepared: _Prepared, watch: _ClosureWatch) -> _Computed:
+        """Runs the closure and the backend and forms the new values and state; writes nothing."""
+        s, params = prepared.settings, prepared.params
         outputs = []
-        watch = _ClosureWatch(self.model, trainable)
 
         def recorded():
             output = closure()
@@ -370,46 +326,41 @@ class Sven(torch.optim.Optimizer):
             outputs.append(output)
             return output
 
-        buffers = _snapshot_buffers(self.model)
-        # Data-parallel: nothing is applied unless every rank got this far (a no-op for one process).
-        agreement = distributed.Agreement(self.process_group)
-        try:
-            with agreement:
-                backend = self._backend(first["backend"], params)
-                result = backend.compute(recorded, settings, self._resolve_k)
-                values, states = self._updates(params, result.directions, first, subsets)
-                kept = None
-                if first["variable_k"]:
-                    kept, values = self._variable_k(closure, params, result, first, subsets)
-                    self._require_finite(params, [[v] for v in values], [[("update", v)] for v in values])
-                new_state = {"step": step + 1, "seed": first["seed"]}
-                if first["warm_start"] and result.state.get("basis") is not None:
-                    new_state["basis"] = result.state["basis"].detach()
-                info = self._info(backend, result, params, subsets, first, kept)
-                if "warning" in info:  # before the commit: a warning turned into an error changes nothing
-                    warnings.warn(info["warning"], RuntimeWarning, stacklevel=2)
-        except BaseException as error:
-            # The closure may have moved buffers (e.g. running statistics) before the failure.
-            _restore_buffers(buffers)
-            watch.after_failure(error)
-            raise
-        # The commit: plain copies of checked values into tensors that each own their memory.
-        for p, value in zip(params, values):
+        backend = self._backend(s.backend, params)
+        result = backend.compute(recorded, prepared.backend_settings)
+        values, states = self._updates(params, result.directions, s, prepared.subsets)
+        kept = None
+        if s.variable_k:
+            kept, values = self._variable_k(closure, params, result, s, prepared.subsets)
+            require_finite(self._names_of(params), [[v] for v in values], [[("update", v)] for v in values])
+        optimizer_state = {"step": prepared.step + 1, "seed": s.seed}
+        if s.warm_start and result.state.get("basis") is not None:
+            optimizer_state["basis"] = result.state["basis"].detach()
+        info = self._info(backend, result, params, prepared.subsets, s, kept)
+        if "warning" in info:  # before the commit: a warning turned into an error changes nothing
+            warnings.warn(info["warning"], RuntimeWarning, stacklevel=3)
+        return _Computed(result, values, states, optimizer_state, info, isinstance(outputs[-1], Residuals))
+
+    def _commit(self, params: list[torch.Tensor], computed: _Computed) -> None:
+        """Plain copies of checked values into tensors that each own their memory: cannot fail."""
+        for p, value in zip(params, computed.values):
             p.copy_(value)
-        for p, new in zip(params, states):
+        for p, new in zip(params, computed.states):
             if new:
                 self.state[p] = {**self.state.get(p, {}), **new}
-        self.state["sven"] = new_state
-        self.last_info = info
+        self.state["sven"] = computed.optimizer_state
+        self.last_info = computed.info
+
+    def _report(self, closure, s: Settings, computed: _Computed, agreement: distributed.Agreement) -> None:
+        """After the commit: the data-parallel report, ``track_svd_info`` and the callback."""
         if self.process_group is not None:
             agreement.report(self.last_info)
         if self.track_svd_info:
-            self._track(closure, result, first, isinstance(outputs[-1], Residuals))
+            self._track(closure, computed.result, s, computed.residual_rows)
         if self.callback is not None:
             self.callback(self.last_info)
-        return result.rows.losses
 
-    def _info(self, backend, result, params: list[torch.Tensor], subsets, first: dict, kept: int | None) -> dict:
+    def _info(self, backend, result, params: list[torch.Tensor], subsets, s: Settings, kept: int | None) -> dict:
         """``last_info`` of a step (singular values in the units of the residuals the closure returned)."""
         scale = result.rows.scale
         info = {
@@ -419,8 +370,8 @@ class Sven(torch.optim.Optimizer):
             "rows": result.rows.residual.numel(),
             "loss": float(result.rows.losses.sum()),
             "moved_parameters": len(params),
-            "moved_elements": sum(p.numel() if s is None else s.numel(p)
-                                  for p, s in zip(params, subsets or [None] * len(params))),
+            "moved_elements": sum(p.numel() if subset is None else subset.numel(p)
+                                  for p, subset in zip(params, subsets or [None] * len(params))),
             **result.info,
         }
         if kept is not None:
@@ -430,37 +381,35 @@ class Sven(torch.optim.Optimizer):
             largest = float(largest[0]) * scale if largest.numel() else 0.0
             info["warning"] = (
                 f"zero update: every singular value is below the cut-off (largest {largest:.3e}; "
-                f"rtol={first['rtol']}, atol={first['atol']})"
+                f"rtol={s.rtol}, atol={s.atol})"
             )
         return info
 
-    def _step_settings(self) -> dict:
+    def _step_settings(self) -> Settings:
         """The first param group's settings, after checking every group as the constructor checks its
         arguments (a scheduler may have changed them) and that every group agrees on the step's settings."""
-        for index, group in enumerate(self.param_groups):
-            check_group(group, index)
-        first = self.param_groups[0]
+        groups = [Settings.from_group(group, index) for index, group in enumerate(self.param_groups)]
+        first = groups[0]
         if self.process_group is not None:
-            distributed.check_options(first["backend"], first["variable_k"], self.track_svd_info)
+            distributed.check_options(first.backend, first.variable_k, self.track_svd_info)
         for index, group in enumerate(self.param_groups):
-            for key in _STEP_KEYS:
-                if group[key] != first[key]:
+            for key in STEP_KEYS:
+                if group[key] != getattr(first, key):
                     raise ValueError(
-                        f"param group {index} sets {key}={group[key]!r} but group 0 has {first[key]!r}: "
+                        f"param group {index} sets {key}={group[key]!r} but group 0 has {getattr(first, key)!r}: "
                         "one Sven step solves for every group at once, so only lr may differ between groups"
                     )
         return first
 
-    def _subset(self, params: list[torch.Tensor], first: dict, step: int):
+    def _subset(self, params: list[torch.Tensor], s: Settings, step: int):
         """``(params, subsets)``: the parameters this step moves (all, or a random subset of
         tensors) and, with ``mask_by_block=False``, the elements of each (else ``None``)."""
-        fraction = first["param_fraction"]
-        if fraction >= 1:
+        if s.param_fraction >= 1:
             return params, None
-        generator = torch.Generator().manual_seed(step_key(first["seed"], step))
-        if not first["mask_by_block"]:
-            return params, draw_element_subsets(self.model, params, fraction, generator)
-        target = fraction * sum(p.numel() for p in params)
+        generator = torch.Generator().manual_seed(step_key(s.seed, step))
+        if not s.mask_by_block:
+            return params, draw_element_subsets(self.model, params, s.param_fraction, generator)
+        target = s.param_fraction * sum(p.numel() for p in params)
         order = torch.randperm(len(params), generator=generator).tolist()
         chosen, total = set(), 0
         for index in order:
@@ -471,103 +420,56 @@ class Sven(torch.optim.Optimizer):
         chosen = chosen or {order[0]}
         return [p for i, p in enumerate(params) if i in chosen], None  # keep the optimizer's order
 
-    def _column_scale(self, params: list[torch.Tensor], first: dict):
+    def _column_scale(self, params: list[torch.Tensor], s: Settings):
         """RMSProp before the pseudo-inverse: ``S = (sqrt(v) + eps)^(-1/2)`` (``None`` before any ``v``)."""
-        if first["rmsprop"] != "before" or not any("square_avg" in self.state.get(p, {}) for p in params):
+        if s.rmsprop != "before" or not any("square_avg" in self.state.get(p, {}) for p in params):
             return None
-        eps = first["rmsprop_eps"]
         # A tensor without history yet (param_fraction) is left unscaled.
         return [
-            self.state[p]["square_avg"].sqrt().add_(eps).rsqrt_() if "square_avg" in self.state.get(p, {})
+            self.state[p]["square_avg"].sqrt().add_(s.rmsprop_eps).rsqrt_() if "square_avg" in self.state.get(p, {})
             else torch.ones_like(p)
             for p in params
         ]
 
-    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor], first: dict,
-                 subsets) -> tuple[list[torch.Tensor], list[dict]]:
-        """``(values, states)``: the new value of every moved parameter and its new state, in the
-        parameters' dtype, changing nothing. ``subsets``: element subsets (weight decay only on them)
-        or ``None``.
+    def _group_of(self) -> dict:
+        return {id(p): group for group in self.param_groups for p in group["params"]}
 
-        Raises:
-            FloatingPointError: a value or state tensor is not finite, naming the parameter and the
-                first stage (direction, RMSProp, momentum, lr, weight decay, update) where it is not.
-        """
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        beta, eps, momentum = first["rmsprop_beta"], first["rmsprop_eps"], first["momentum"]
-        values, states, checked, stages = [], [], [], []
-        for p, direction, subset in zip(params, directions, subsets or [None] * len(params)):
-            direction = direction.to(p.dtype)
-            old, new = self.state.get(p, {}), {}
-            trail = [("direction", direction)]
-            if first["rmsprop"] is not None:
-                square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction,
-                                                                                     value=1 - beta)
-                new["square_avg"] = square
-                trail.append(("RMSProp", square))
-                if first["rmsprop"] == "after":
-                    direction = direction / square.sqrt().add_(eps)
-                    trail.append(("RMSProp", direction))
-            if momentum > 0:
-                buffer = old["momentum_buffer"].mul(momentum).add_(direction) if "momentum_buffer" in old else direction
-                new["momentum_buffer"] = buffer
-                direction = buffer
-                trail.append(("momentum", buffer))
-            group = group_of[id(p)]
-            lr, rate = group["lr"], group["lr"] * group["weight_decay"]
-            for stage, factor in (("lr", lr), ("weight decay", rate)):
-                if factor > torch.finfo(p.dtype).max:  # torch refuses such a factor in p's dtype
-                    raise FloatingPointError(
-                        f"the Sven step is not finite (NaN or Inf) at the {stage} stage for parameter "
-                        f"{_names(self.model).get(id(p), '?')!r} ({p.dtype}): {factor:g} is beyond the dtype's "
-                        f"largest value; the parameters were not changed"
-                    )
-            decay = None if subset is None or not group["weight_decay"] else subset.mask(p)
-            value = _new_value(p, direction, lr, rate, decay)
-            trail += [("lr", lambda d=direction, lr=lr: d * lr),
-                      ("weight decay", lambda p=p, rate=rate, decay=decay: _decayed(p, rate, decay)),
-                      ("update", value)]
-            values.append(value)
-            states.append(new)
-            checked.append([value, *new.values()])
-            stages.append(trail)
-        self._require_finite(params, checked, stages)
-        return values, states
-
-    def _require_finite(self, params: list[torch.Tensor], checked: list[list], stages: list[list]) -> None:
-        """Raises ``FloatingPointError`` unless every tensor of ``checked`` (one list per parameter) is
-        finite, naming the parameter and the first of its ``stages`` (``(stage, tensor or function giving
-        it)``) that is not."""
-        if _all_finite([t for tensors in checked for t in tensors]):
-            return
+    def _names_of(self, params: list[torch.Tensor]) -> list[str]:
         names = _names(self.model)
-        for p, tensors, trail in zip(params, checked, stages):
-            if _all_finite(tensors):
-                continue
-            for stage, value in trail:
-                if not _all_finite([value() if callable(value) else value]):
-                    raise FloatingPointError(
-                        f"the Sven step is not finite (NaN or Inf) at the {stage} stage for parameter "
-                        f"{names.get(id(p), '?')!r} ({p.dtype}): {_STAGE_HINTS[stage]}; the parameters were not changed"
-                    )
+        return [names.get(id(p), "?") for p in params]
 
-    def _variable_k(self, closure, params: list[torch.Tensor], result, first: dict,
+    def _decay_masks(self, params: list[torch.Tensor], subsets) -> list:
+        """Per parameter: ``None`` (weight decay on every element) or the 0/1 mask of its moved elements."""
+        group_of = self._group_of()
+        return [None if subset is None or not group_of[id(p)]["weight_decay"] else subset.mask(p)
+                for p, subset in zip(params, subsets or [None] * len(params))]
+
+    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor], s: Settings,
+                 subsets) -> tuple[list[torch.Tensor], list[dict]]:
+        """``(values, states)``: :func:`sven_ext.update.sven_update` with each parameter's group and state."""
+        group_of = self._group_of()
+        groups = [group_of[id(p)] for p in params]
+        return sven_update(
+            params, directions, [self.state.get(p, {}) for p in params],
+            lrs=[g["lr"] for g in groups], rates=[g["lr"] * g["weight_decay"] for g in groups],
+            decay_masks=self._decay_masks(params, subsets),
+            rule=UpdateRule(s.rmsprop, s.rmsprop_beta, s.rmsprop_eps, s.momentum),
+            names=self._names_of(params),
+        )
+
+    def _variable_k(self, closure, params: list[torch.Tensor], result, s: Settings,
                     subsets) -> tuple[int, list[torch.Tensor]]:
-        """``(kept, values)``: how many leading components ``J^T u_j (u_j^T r) / (s_j^2 + damping)`` lower
+        """``(kept, values)``: how many leading components ``J^T u_j w_j`` (the solution's weights) lower
         the batch loss one after the other, and the parameters' values with them. The parameters move
         for the trial evaluations and are always put back."""
         solution = result.solution
         if result.contract is None or solution.left_vectors is None:
             raise ValueError(f"variable_k needs U_k and a contraction from the backend; backend "
-                             f"{result.info.get('backend', first['backend'])!r} does not offer them")
-        u = solution.left_vectors
-        residual = result.rows.residual.detach().to(u.dtype)
-        damping = first["damping"] / result.rows.scale ** 2  # in the units of the scaled rows, like s_j
-        weights = (u.T @ residual) / (solution.singular_values.to(u.dtype).square() + damping)
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+                             f"{result.info.get('backend', s.backend)!r} does not offer them")
+        u, weights = solution.left_vectors, solution.weights
+        group_of = self._group_of()
         start = [p.detach().clone() for p in params]
-        decays = [None if s is None or not group_of[id(p)]["weight_decay"] else s.mask(p)
-                  for p, s in zip(params, subsets or [None] * len(params))]
+        decays = self._decay_masks(params, subsets)
 
         def values(count: int) -> list[torch.Tensor]:
             # Always from the start: the final parameters are one update, not a sum of trial moves.
@@ -575,7 +477,7 @@ class Sven(torch.optim.Optimizer):
             out = []
             for i, p in enumerate(params):
                 group = group_of[id(p)]
-                value = _decayed(start[i], group["lr"] * group["weight_decay"], decays[i])
+                value = decayed(start[i], group["lr"] * group["weight_decay"], decays[i])
                 out.append(value if directions[i] is None else value.sub(directions[i].to(p.dtype), alpha=group["lr"]))
             return out
 
@@ -594,42 +496,34 @@ class Sven(torch.optim.Optimizer):
                 p.copy_(saved)
         return kept, values(0) if chosen is None else chosen
 
-    def _track(self, closure, result, first: dict, residual_rows: bool) -> None:
+    def _track(self, closure, result, s: Settings, residual_rows: bool) -> None:
         """Appends this step's spectrum and predicted vs actual loss change to ``svd_history``."""
         rows, solution = result.rows, result.solution
         # In the units of the residuals the closure returned (the backend saw them divided by rows.scale).
-        residual = rows.residual.detach().to(torch.float64) * rows.scale
+        residual = rows.residual.detach().to(torch.float64)  # the rows the backend solved for
         before = float(rows.losses.sum())
         entry = {
             "step": self.state["sven"]["step"],
             "singular_values": solution.all_singular_values.detach().cpu() * rows.scale,
             "rank": solution.rank,
-            "residual_norm": float(residual.norm()),
+            "residual_norm": float((residual * rows.scale).norm()),
             "loss": before,
             "predicted_loss_change": None,
         }
-        # J delta = -lr U_k diag(s^2 / (s^2 + lambda)) U_k^T r when the step is the plain Sven step.
-        plain = first["rmsprop"] is None and first["momentum"] == 0 and first["weight_decay"] == 0 \
-            and not first["variable_k"] \
-            and len({g["lr"] for g in self.param_groups}) == 1
+        # The linearised model predicts the plain Sven step only.
+        plain = s.plain and len({g["lr"] for g in self.param_groups}) == 1
         if plain and solution.left_vectors is not None:
-            u = solution.left_vectors.to(torch.float64)
-            s2 = (solution.singular_values.to(torch.float64) * rows.scale).square()
-            linear = residual - first["lr"] * (u @ ((s2 / (s2 + first["damping"])) * (u.T @ residual)))
+            linear = solution.linearised_residual(residual, s.lr) * rows.scale
             if residual_rows:
                 predicted = float(linear.square().sum())
             else:  # rows are (group means of) losses ** (kappa / 2)
-                m = first["microbatch_size"] or 1
-                predicted = m * float(linear.clamp_min(0).pow(2.0 / first["kappa"]).sum())
+                m = s.microbatch_size or 1
+                predicted = m * float(linear.clamp_min(0).pow(2.0 / s.kappa).sum())
             entry["predicted_loss_change"] = predicted - before
         entry["actual_loss_change"] = _batch_loss(closure()) - before
         self.svd_history.append(entry)
         self.last_info.update(predicted_loss_change=entry["predicted_loss_change"],
                               actual_loss_change=entry["actual_loss_change"])
-
-    def _resolve_k(self, rows: int) -> int:
-        k = self.param_groups[0]["k"]
-        return max(1, rows // 2) if k is None else k
 
 
 def draw_element_subsets(model: torch.nn.Module, params: list[torch.Tensor], fraction: float,
@@ -669,32 +563,6 @@ def _batch_loss(output) -> float:
     if isinstance(output, Residuals):
         return float(output.values.detach().square().sum())
     return float(output.detach().sum())
-
-
-def _decayed(p: torch.Tensor, rate: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """Decoupled weight decay ``p - rate * p``, only where ``mask`` is 1 (``None``: everywhere);
-    ``p`` itself when ``rate`` is 0."""
-    if not rate:
-        return p
-    return p.mul(1 - rate) if mask is None else p.sub(p * mask, alpha=rate)
-
-
-def _new_value(p: torch.Tensor, direction: torch.Tensor, lr: float, rate: float,
-               mask: torch.Tensor | None) -> torch.Tensor:
-    """``p`` after weight decay and ``-lr * direction``, as a new tensor."""
-    value = _decayed(p, rate, mask)
-    return p.sub(direction, alpha=lr) if value is p else value.sub_(direction, alpha=lr)
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One flag for all tensors (a single host sync on a GPU) from one sum per tensor, where NaN and Inf
-    propagate: one vectorised pass (on CPU 20x faster than isfinite().all() on 5.8M parameters). A finite
-    sum proves every entry finite; a sum that overflowed is confirmed entry by entry."""
-    if not tensors:
-        return True
-    if bool(torch.stack([t.sum().to(torch.float64) for t in tensors]).isfinite().all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _names(model: torch.nn.Module) -> dict:
@@ -774,81 +642,8 @@ def _check_step_state(entry) -> None:
         raise ValueError(f"the optimizer state's seed must be an integer, got {seed!r}")
     basis = entry.get("basis")
     if basis is not None and not (isinstance(basis, torch.Tensor) and basis.dim() == 2 and basis.is_floating_point()
-                                  and _all_finite([basis])):
+                                  and all_finite([basis])):
         raise ValueError("the optimizer state's basis (the sketch's warm start) must be a finite floating 2-D tensor")
-
-
-def check_group(group: dict, index: int) -> None:
-    """Checks one param group's settings as the constructor checks its arguments (when the group is
-    added, loaded, or used by a step: a scheduler may have changed it).
-
-    Raises:
-        ValueError: ``param group i: `` and the constructor's message, or the settings missing.
-    """
-    missing = [key for key in ("lr", "weight_decay", *_STEP_KEYS) if key not in group]
-    if missing:
-        raise ValueError(f"param group {index} lacks the setting(s) {missing}: was it saved by another optimizer?")
-    lr = group["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"param group {index}: lr must be a finite number >= 0, got {lr!r}")
-    try:
-        check_settings(group)
-    except ValueError as error:
-        raise ValueError(f"param group {index}: {error}") from None
-
-
-def check_settings(s: dict) -> None:
-    """Checks every setting of a param group but ``lr`` (the constructor requires it > 0, a group >= 0).
-
-    Raises:
-        ValueError: naming the setting, the accepted range and the value.
-    """
-    k = s["k"]
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k must be a positive integer or None, got {k!r}")
-    rtol = s["rtol"]
-    if isinstance(rtol, bool) or not (isinstance(rtol, (int, float)) and 0 <= rtol < 1):
-        raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")
-    _check_positive("kappa", s["kappa"])
-    atol = s["atol"]
-    if isinstance(atol, bool) or not (isinstance(atol, (int, float)) and atol >= 0):
-        raise ValueError(f"atol must be >= 0, got {atol!r}")
-    if s["solve_dtype"] not in (torch.float32, torch.float64):
-        raise ValueError(f"solve_dtype must be torch.float32 or torch.float64, got {s['solve_dtype']}")
-    chunk_rows = s["chunk_rows"]
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-    _check_count("oversampling", s["oversampling"], minimum=0)
-    _check_count("power_iterations", s["power_iterations"], minimum=0)
-    if s["test_matrix"] not in TEST_MATRICES:
-        raise ValueError(f"test_matrix must be one of {TEST_MATRICES}, got {s['test_matrix']!r}")
-    for name in ("warm_start", "mask_by_block", "variable_k"):
-        if not isinstance(s[name], bool):
-            raise ValueError(f"{name} must be True or False, got {s[name]!r}")
-    if isinstance(s["seed"], bool) or not isinstance(s["seed"], int):
-        raise ValueError(f"seed must be an integer, got {s['seed']!r}")
-    if s["max_memory"] is not None:
-        _check_count("max_memory", s["max_memory"], minimum=1)
-    if s["functional_mode"] not in FUNCTIONAL_MODES:
-        raise ValueError(f"functional_mode must be one of {FUNCTIONAL_MODES}, got {s['functional_mode']!r}")
-    _check_non_negative("damping", s["damping"])
-    _check_non_negative("weight_decay", s["weight_decay"])
-    if s["microbatch_size"] is not None:
-        _check_count("microbatch_size", s["microbatch_size"], minimum=1)
-    fraction = s["param_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"param_fraction must be in (0, 1], got {fraction!r}")
-    if s["rmsprop"] not in RMSPROP_MODES:
-        raise ValueError(f"rmsprop must be one of {RMSPROP_MODES}, got {s['rmsprop']!r}")
-    for name in ("rmsprop_beta", "momentum"):
-        value = s[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    _check_positive("rmsprop_eps", s["rmsprop_eps"])
-    if s["variable_k"] and (s["rmsprop"] is not None or s["momentum"]):
-        raise ValueError("variable_k chooses how many components of the Sven step to apply; it does not "
-                         "combine with rmsprop or momentum")
-    check_backend_name(s["backend"])
 
 
 def _snapshot_buffers(model: torch.nn.Module) -> list:
@@ -862,16 +657,9 @@ def _restore_buffers(snapshot: list) -> None:
         buffer.copy_(saved)
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_non_negative(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+# help(Sven) and inspect.signature show every setting, from its one definition.
+Sven.__init__.__signature__ = inspect.signature(Sven.__init__).replace(parameters=[
+    *[q for q in inspect.signature(Sven.__init__).parameters.values() if q.kind != inspect.Parameter.VAR_KEYWORD],
+    *[inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=getattr(DEFAULTS, name))
+      for name in NAMES if name not in ("lr", "k", "rtol", "kappa", "backend")],
+])

@@ -229,7 +229,7 @@ def _element_steps(model, steps, **kwargs):
     out = []
     for s in range(steps):
         x, y = data(seed=s)
-        params, subsets = opt._subset(opt._trainable(), opt.param_groups[0], s)
+        params, subsets = opt._subset(opt._trainable(), opt._step_settings(), s)
         before = [p.detach().clone() for p in model.parameters()]
         opt.step(lambda: squared_errors(x, y)(model))
         out.append(([p.detach() - b for p, b in zip(model.parameters(), before)], subsets, opt.last_info))

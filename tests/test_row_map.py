@@ -66,7 +66,7 @@ def step(backend, model, closure, k, kappa=2.0, m=None, scale=None, subsets=None
     params = list(model.parameters())
     settings = StepSettings(Truncation(k, RTOL), kappa, microbatch_size=m, column_scale=scale,
                             element_subsets=subsets, sketch=SketchSettings(**sketch))
-    result = make_backend(backend, model, params).compute(closure, settings, lambda rows: min(k, rows))
+    result = make_backend(backend, model, params).compute(closure, settings)
     return torch.cat([d.reshape(-1) for d in result.directions]), result
 
 

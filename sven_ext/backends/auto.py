@@ -31,7 +31,7 @@ class AutoBackend(Backend):
         self.dense = DenseBackend(model, params, self.checks)
         self._coupled = [name or "<root>" for name, m in model.named_modules() if _batch_statistics(m)]
 
-    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+    def compute(self, closure, settings: StepSettings) -> StepDirection:
         device = self.params[0].device
         budget_given = settings.max_memory is not None
         budget = settings.max_memory if budget_given else costs.available_bytes(device)
@@ -42,23 +42,23 @@ class AutoBackend(Backend):
                     "backend applies, and it does not run data-parallel (process_group). Call model.eval() "
                     "(running statistics) to use the gram or sketch backend"
                 )
-            return self._dense(closure, settings, resolve_k, budget, budget_given)
+            return self._dense(closure, settings, budget, budget_given)
         rows, uses, checked, shard = self.gram.batch_factors(closure, settings)
         if shard is not None and not budget_given:
             budget = shard.minimum(budget)  # every rank must make the same choice
         count, captured = rows.residual.numel(), rows.captured.numel()
         sk = settings.sketch
-        columns = min(resolve_k(count) + sk.oversampling, count)
+        columns = min(settings.truncation.cap(count) + sk.oversampling, count)
         gram = costs.estimate_gram(uses, captured, count, settings.column_scale is not None)
         sketch = costs.estimate_sketch(uses, captured, columns, sk.power_iterations, sk.test_matrix,
                                        self.sketch.transient_budget_bytes, count)
         name, reason = costs.choose(gram, sketch, self.gram._held(rows, uses, settings), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
-        result = chosen.solve(rows, uses, checked, settings, resolve_k, shard)
+        result = chosen.solve(rows, uses, checked, settings, shard)
         result.info.update(backend=name, auto_reason=reason)
         return result
 
-    def _dense(self, closure, settings, resolve_k, budget: int, budget_given: bool) -> StepDirection:
+    def _dense(self, closure, settings, budget: int, budget_given: bool) -> StepDirection:
         with torch.enable_grad(), GradModeWatch(self.model, self.params) as watch:
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
         refuse_no_grad_only(watch.no_grad_calls, watch.grad_calls)
@@ -70,6 +70,6 @@ class AutoBackend(Backend):
                 f"samples, so only the dense backend applies, and it does not fit ({reason}). Call model.eval() "
                 "(running statistics) to use the gram or sketch backend"
             )
-        result = self.dense.solve(rows, settings, resolve_k)
+        result = self.dense.solve(rows, settings)
         result.info.update(backend="dense", auto_reason=f"{reason}; batch statistics in {self._coupled}")
         return result

@@ -74,7 +74,7 @@ class StepSettings:
     """Hyper-parameters a backend needs for one step.
 
     Attributes:
-        truncation: rank cap and cut-offs (``k=None`` already resolved to a number).
+        truncation: rank cap and cut-offs (``k=None``: half the rows, resolved by ``Truncation.for_rows``).
         kappa: loss exponent; residuals are ``loss ** (kappa / 2)``.
         solve_dtype: dtype of the Gram matrix / Jacobian and of the solve.
         chunk_rows: rows processed at once where a backend chunks over rows.
@@ -160,13 +160,12 @@ class Backend(abc.ABC):
         self.checks = FactorChecks() if checks is None else checks
 
     @abc.abstractmethod
-    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+    def compute(self, closure, settings: StepSettings) -> StepDirection:
         """Runs ``closure`` once and returns the direction.
 
         Args:
             closure: returns per-sample losses ``(B,)`` or :class:`sven_ext.Residuals`.
             settings: the step's hyper-parameters.
-            resolve_k: maps the number of rows to the rank cap (handles ``k=None``).
         """
 
 

@@ -56,16 +56,16 @@ class DenseBackend(Backend):
 
     name = "dense"
 
-    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+    def compute(self, closure, settings: StepSettings) -> StepDirection:
         if settings.process_group is not None:
             raise NotImplementedError("the dense backend does not run data-parallel (process_group): use 'gram' or "
                                       "'sketch'")
         with torch.enable_grad(), GradModeWatch(self.model, self.params) as watch:
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
         refuse_no_grad_only(watch.no_grad_calls, watch.grad_calls)
-        return self.solve(rows, settings, resolve_k)
+        return self.solve(rows, settings)
 
-    def solve(self, rows, settings: StepSettings, resolve_k) -> StepDirection:
+    def solve(self, rows, settings: StepSettings) -> StepDirection:
         """The step from the rows of a closure that has run (their autograd graph is used once).
 
         Microbatched rows are differentiated through the group means; a column scale ``S``
@@ -77,7 +77,7 @@ class DenseBackend(Backend):
         graph_fingerprint(rows.residual)  # raises for graphs autograd.grad cannot differentiate
         jac = jacobian(rows.residual, self.params, settings.chunk_rows, settings.solve_dtype)
         residual = rows.residual.detach().to(settings.solve_dtype)
-        truncation = settings.truncation.for_rows(resolve_k(residual.numel()), rows.scale)
+        truncation = settings.truncation.for_rows(residual.numel(), rows.scale)
         if scale is not None:
             columns = torch.cat([s.reshape(-1) for s in scale]).to(jac.dtype)
             jac.mul_(columns)

@@ -158,16 +158,15 @@ class FunctionalBackend(Backend):
 
     name = "functional"
 
-    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+    def compute(self, closure, settings: StepSettings) -> StepDirection:
         scale = effective_column_scale(settings, self.params)
         with torch.enable_grad():
             # Microbatched rows are the group means themselves: the products differentiate through them.
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
             jac = JacobianProducts(rows.residual, self.params, scale)
             residual = rows.residual.detach().to(settings.solve_dtype)
-            k = resolve_k(residual.numel())
-            truncation = settings.truncation.for_rows(k, rows.scale)
-            columns = min(k + settings.sketch.oversampling, jac.rows)
+            truncation = settings.truncation.for_rows(residual.numel(), rows.scale)
+            columns = min(truncation.k + settings.sketch.oversampling, jac.rows)
             try:
                 if settings.functional_mode == "randomized" and columns < jac.rows:
                     direction, solution, info = self._randomized(jac, residual, truncation, columns, settings)

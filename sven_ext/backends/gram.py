@@ -94,13 +94,13 @@ class GramBackend(Backend):
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
 
-    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+    def compute(self, closure, settings: StepSettings) -> StepDirection:
         self._require_last_fit(settings)
         rows, uses, checked, shard = self.batch_factors(closure, settings)
         estimate = costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
                                        settings.column_scale is not None)
         self._require_fit(estimate, rows, uses, settings)
-        return self.solve(rows, uses, checked, settings, resolve_k, shard)
+        return self.solve(rows, uses, checked, settings, shard)
 
     def _require_fit(self, estimate, rows: Rows, uses: list, settings: StepSettings) -> None:
         """:func:`sven_ext.costs.require_fit` after the forward pass; remembers the step's need."""
@@ -121,7 +121,7 @@ class GramBackend(Backend):
                 "pass and is checked on its own shapes)"
             )
 
-    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
+    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings,
               shard: distributed.Shard | None = None) -> StepDirection:
         """The step from captured factors (what :meth:`batch_factors` returned)."""
         restricted, scales = self._subsets_and_scales(uses, settings)
@@ -130,7 +130,7 @@ class GramBackend(Backend):
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
         gram, paths = self._gram(uses, rows, dtype, scales, settings.truncation.rtol)
-        truncation = settings.truncation.for_rows(resolve_k(count), rows.scale)
+        truncation = settings.truncation.for_rows(count, rows.scale)
         solution = solve_gram(gram, residual, truncation)
         contract = self._contraction(uses, rows, scales, shard, restricted)
         directions = contract(solution.coefficients)

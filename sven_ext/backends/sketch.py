@@ -180,17 +180,17 @@ class SketchBackend(GramBackend):
     transient_budget_bytes = costs.TRANSIENT_BUDGET_BYTES
     fused: bool | None = None
 
-    def compute(self, closure, settings: StepSettings, resolve_k) -> StepDirection:
+    def compute(self, closure, settings: StepSettings) -> StepDirection:
         self._require_last_fit(settings)
         rows, uses, checked, shard = self.batch_factors(closure, settings)
         count, sk = rows.residual.numel(), settings.sketch
-        columns = min(resolve_k(count) + sk.oversampling, count)
+        columns = min(settings.truncation.cap(count) + sk.oversampling, count)
         estimate = costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
                                          self.transient_budget_bytes, count)
         self._require_fit(estimate, rows, uses, settings)
-        return self.solve(rows, uses, checked, settings, resolve_k, shard)
+        return self.solve(rows, uses, checked, settings, shard)
 
-    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings, resolve_k,
+    def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings,
               shard: distributed.Shard | None = None) -> StepDirection:
         """The step from captured factors (the closure has run).
 
@@ -206,9 +206,8 @@ class SketchBackend(GramBackend):
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
-        k = resolve_k(count)
-        truncation = settings.truncation.for_rows(k, rows.scale)
-        columns = min(k + sk.oversampling, count)
+        truncation = settings.truncation.for_rows(count, rows.scale)
+        columns = min(truncation.k + sk.oversampling, count)
         basis = sk.basis if sk.basis is not None and sk.basis.shape[0] == count else None
         width = columns + (0 if basis is None else basis.shape[1])
         plan = self._plan(uses, rows.captured.numel(), width, settings, residual.device, scale)
