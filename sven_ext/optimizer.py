@@ -12,7 +12,6 @@ callback).
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +22,8 @@ from .backends import SketchSettings, StepDirection, StepSettings, make_backend
 from .backends.base import ElementSubset
 from .backends.sketch import step_key
 from .factor_check import FactorChecks
+from .guards import (ClosureWatch, check_step_state, draw_element_subsets, names_of, overlaps_itself,
+                     restore_buffers, snapshot_buffers)
 from .residuals import Residuals
 from .settings import DEFAULTS, NAMES, STEP_KEYS, Settings, check_positive
 from .update import PARAMETER_STATE, UpdateRule, all_finite, decayed, require_finite, sven_update
@@ -173,9 +174,9 @@ class Sven(torch.optim.Optimizer):
     def _check_writable(self, params: list[torch.Tensor]) -> None:
         """Every parameter that moves must own the memory of each of its elements (the commit writes it)."""
         for p in params:
-            if _overlaps_itself(p):
+            if overlaps_itself(p):
                 raise ValueError(
-                    f"parameter {_names(self.model).get(id(p), '?')!r} (shape {tuple(p.shape)}, strides "
+                    f"parameter {names_of(self.model).get(id(p), '?')!r} (shape {tuple(p.shape)}, strides "
                     f"{p.stride()}) has elements that share memory, e.g. an expanded tensor, so no update can "
                     "write it: give it memory of its own (nn.Parameter(tensor.clone())) or set requires_grad=False"
                 )
@@ -209,11 +210,11 @@ class Sven(torch.optim.Optimizer):
 
     def _check_state(self) -> None:
         """Every entry of ``self.state`` must be one Sven keeps: finite, of its parameter's shape."""
-        names = _names(self.model)
+        names = names_of(self.model)
         params = {id(p) for group in self.param_groups for p in group["params"]}
         for key, entry in self.state.items():
             if isinstance(key, str) and key == "sven":
-                _check_step_state(entry)
+                check_step_state(entry)
                 continue
             if not isinstance(key, torch.Tensor) or id(key) not in params or not isinstance(entry, dict):
                 raise ValueError(f"the optimizer state has an entry {key!r} that is neither 'sven' nor a parameter's")
@@ -270,8 +271,8 @@ class Sven(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise ValueError("Sven.step needs a closure that returns per-sample losses (it runs the forward pass)")
         prepared = self._prepare()
-        watch = _ClosureWatch(self.model, prepared.trainable)
-        buffers = _snapshot_buffers(self.model)
+        watch = ClosureWatch(self.model, prepared.trainable)
+        buffers = snapshot_buffers(self.model)
         # Data-parallel: nothing is applied unless every rank got this far (a no-op for one process).
         agreement = distributed.Agreement(self.process_group)
         try:
@@ -279,7 +280,7 @@ class Sven(torch.optim.Optimizer):
                 computed = self._compute(closure, prepared, watch)
         except BaseException as error:
             # The closure may have moved buffers (e.g. running statistics) before the failure.
-            _restore_buffers(buffers)
+            restore_buffers(buffers)
             watch.after_failure(error)
             raise
         self._commit(prepared.params, computed)
@@ -315,7 +316,7 @@ class Sven(torch.optim.Optimizer):
         )
         return _Prepared(s, step, trainable, params, subsets, backend_settings)
 
-    def _compute(self, closure, prepared: _Prepared, watch: _ClosureWatch) -> _Computed:
+    def _compute(self, closure, prepared: _Prepared, watch: ClosureWatch) -> _Computed:
         """Runs the closure and the backend and forms the new values and state; writes nothing."""
         s, params = prepared.settings, prepared.params
         outputs = []
@@ -435,7 +436,7 @@ class Sven(torch.optim.Optimizer):
         return {id(p): group for group in self.param_groups for p in group["params"]}
 
     def _names_of(self, params: list[torch.Tensor]) -> list[str]:
-        names = _names(self.model)
+        names = names_of(self.model)
         return [names.get(id(p), "?") for p in params]
 
     def _decay_masks(self, params: list[torch.Tensor], subsets) -> list:
@@ -526,135 +527,11 @@ class Sven(torch.optim.Optimizer):
                               actual_loss_change=entry["actual_loss_change"])
 
 
-def draw_element_subsets(model: torch.nn.Module, params: list[torch.Tensor], fraction: float,
-                         generator: torch.Generator) -> list[ElementSubset]:
-    """One random product set of about ``fraction`` of the elements per parameter
-    (``param_fraction`` with ``mask_by_block=False``): ``sqrt(fraction)`` of the first axis times
-    ``sqrt(fraction)`` of the rest (adjusted where one side is short), ``fraction`` of a 1-D
-    tensor's entries; a layer's bias takes its weight's output units, so that the gram backend
-    can restrict the layer's factors."""
-    def draw(count: int, size: int) -> torch.Tensor:
-        return torch.randperm(size, generator=generator)[:count].sort().values
-
-    weight_of = {id(m.bias): m.weight for m in model.modules()
-                 if isinstance(getattr(m, "weight", None), torch.Tensor)
-                 and isinstance(getattr(m, "bias", None), torch.Tensor)}
-    subsets = {}
-    for p in params:
-        first, rest = (p.shape[0], p.numel() // max(p.shape[0], 1)) if p.dim() else (1, 1)
-        if p.numel() == 0:
-            subsets[id(p)] = ElementSubset(torch.zeros(0, dtype=torch.long, device=p.device))
-        elif p.dim() > 1:
-            units = min(first, max(1, round(math.sqrt(fraction) * first)))
-            features = min(rest, max(1, round(fraction * p.numel() / units)))
-            units = min(first, max(1, round(fraction * p.numel() / features)))  # where rest is short
-            subsets[id(p)] = ElementSubset(draw(units, first).to(p.device), draw(features, rest).to(p.device))
-        else:
-            subsets[id(p)] = ElementSubset(draw(max(1, round(fraction * first)), first).to(p.device))
-    for p in params:
-        weight = weight_of.get(id(p))
-        if p.dim() == 1 and weight is not None and id(weight) in subsets and weight.shape[0] == p.shape[0]:
-            subsets[id(p)] = ElementSubset(subsets[id(weight)].rows)
-    return [subsets[id(p)] for p in params]
-
-
 def _batch_loss(output) -> float:
     """The batch loss of a closure's output: the sum of the losses, or of the squared residuals."""
     if isinstance(output, Residuals):
         return float(output.values.detach().square().sum())
     return float(output.detach().sum())
-
-
-def _names(model: torch.nn.Module) -> dict:
-    """``{id(parameter): name}`` for messages."""
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), name)
-    return names
-
-
-def _overlaps_itself(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory (an expanded, stride-0 or other self-overlapping view):
-    with the dimensions sorted by stride, each stride must step past everything the smaller ones reach."""
-    extent = 1
-    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
-        if stride < extent:
-            return True
-        extent += stride * (size - 1)
-    return False
-
-
-class _ClosureWatch:
-    """What the closure must leave alone: the moving parameters (their version counters count in-place
-    writes) and their gradients (a ``backward`` in the closure accumulates into them)."""
-
-    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor]):
-        self.model, self.params = model, params
-        self.versions = [p._version for p in params]
-        self.grads = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
-        self.passed = False
-
-    def _edited(self) -> list[str]:
-        names = _names(self.model)
-        return [names.get(id(p), "?") for p, version in zip(self.params, self.versions) if p._version != version]
-
-    def _edit_error(self, edited: list[str]) -> ValueError:
-        return ValueError(
-            f"the closure modified parameter(s) {edited} in place: it must only run the forward pass, since "
-            "Sven computes and applies the update itself (edit the parameters before or after step); the "
-            "closure's own writes cannot be undone, nothing else was changed"
-        )
-
-    def check(self) -> None:
-        """Raises ``ValueError`` if the closure that just returned wrote a parameter or called ``backward``."""
-        edited = self._edited()
-        if edited:
-            raise self._edit_error(edited)
-        written = [p.grad for p, (grad, version) in zip(self.params, self.grads)
-                   if p.grad is not None and (p.grad is not grad or p.grad._version != version)]
-        if any(bool(g.any()) for g in written):  # zero_grad(set_to_none=False) writes zeros: harmless
-            raise ValueError(
-                "the closure called backward(): it must only run the forward pass and return per-sample "
-                "losses (or sven_ext.Residuals); Sven differentiates them itself"
-            )
-        self.passed = True
-
-    def after_failure(self, error: BaseException) -> None:
-        """After a failed step: a closure that raised after writing a parameter is named as the cause."""
-        if not self.passed and not getattr(error, "_sven_reported", False):
-            edited = self._edited()
-            if edited:
-                raised = self._edit_error(edited)
-                raised._sven_reported = True
-                raise raised from error
-
-
-def _check_step_state(entry) -> None:
-    """The optimizer-wide state ``state["sven"]``: the step counter, the seed, the sketch's basis."""
-    if not isinstance(entry, dict) or set(entry) - {"step", "seed", "basis"}:
-        raise ValueError(f"the optimizer state's 'sven' entry must be a dict of 'step', 'seed' and 'basis', got "
-                         f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}")
-    step = entry.get("step", 0)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"the optimizer state's step must be an integer >= 0, got {step!r}")
-    seed = entry.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"the optimizer state's seed must be an integer, got {seed!r}")
-    basis = entry.get("basis")
-    if basis is not None and not (isinstance(basis, torch.Tensor) and basis.dim() == 2 and basis.is_floating_point()
-                                  and all_finite([basis])):
-        raise ValueError("the optimizer state's basis (the sketch's warm start) must be a finite floating 2-D tensor")
-
-
-def _snapshot_buffers(model: torch.nn.Module) -> list:
-    """``(module, name, buffer, copy)`` of every buffer: restores both in-place updates and reassignments."""
-    return [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
-
-
-def _restore_buffers(snapshot: list) -> None:
-    for module, name, buffer, saved in snapshot:
-        module._buffers[name] = buffer
-        buffer.copy_(saved)
 
 
 # help(Sven) and inspect.signature show every setting, from its one definition.

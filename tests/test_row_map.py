@@ -17,7 +17,7 @@ from sven_ext.backends import gram as gram_module
 from sven_ext.backends import sketch as sketch_module
 from sven_ext.backends.base import ElementSubset
 from sven_ext.linalg import Truncation
-from sven_ext.optimizer import draw_element_subsets
+from sven_ext.guards import draw_element_subsets
 from sven_ext.testing import LargestStorage, mlp, small_cnn, tiny_transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
