@@ -131,13 +131,7 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
                 "microbatch_size averages per-sample losses, but the closure returned sven_ext.Residuals: "
                 "return per-sample losses of shape (B,), or average the residuals in the closure"
             )
-        values = output.values
-        _check_rows(values, "Residuals")
-        losses = values.detach().square().reshape(values.shape[0], -1).sum(dim=1)
-        scale = row_scale(values)
-        per_sample = values if values.dim() == 2 else values.unsqueeze(1)
-        per_sample = per_sample if scale == 1 else per_sample * (1 / scale)
-        return Rows(per_sample.reshape(-1), per_sample, losses, scale=scale)
+        return _residual_rows(output.values)
     if not isinstance(output, torch.Tensor):
         raise TypeError(
             "the closure must return per-sample losses (a tensor of shape (B,)) or sven_ext.Residuals, "
@@ -157,6 +151,21 @@ def rows_from_closure_output(output, kappa: float, microbatch_size: int | None =
         scale = row_scale(residual)
         residual = residual if scale == 1 else residual * (1 / scale)
         return Rows(residual, residual.unsqueeze(1), output.detach(), scale=scale)
+    return _microbatch_rows(output, kappa, microbatch_size)
+
+
+def _residual_rows(values: torch.Tensor) -> Rows:
+    """Rows of :class:`Residuals` values ``(B,)`` or ``(B, m)``: used as they are, scaled."""
+    _check_rows(values, "Residuals")
+    losses = values.detach().square().reshape(values.shape[0], -1).sum(dim=1)
+    scale = row_scale(values)
+    per_sample = values if values.dim() == 2 else values.unsqueeze(1)
+    per_sample = per_sample if scale == 1 else per_sample * (1 / scale)
+    return Rows(per_sample.reshape(-1), per_sample, losses, scale=scale)
+
+
+def _microbatch_rows(output: torch.Tensor, kappa: float, microbatch_size: int) -> Rows:
+    """Rows of per-sample losses averaged over consecutive groups of ``microbatch_size`` samples."""
     batch = output.shape[0]
     if batch % microbatch_size:
         raise ValueError(f"microbatch_size={microbatch_size} does not divide the batch size {batch}")
