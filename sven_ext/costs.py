@@ -3,8 +3,8 @@
 ``backend="auto"`` captures the factors first (one forward, one batched backward, shared by
 gram and sketch), then asks :func:`choose` which backend to finish the step with. Estimates
 are in bytes beyond the model and the captured factors, and in GEMM-equivalent flops (LAPACK's
-``eigh`` and the random-number generator are charged at their measured cost relative to a
-float64 GEMM on the 2-core development machine).
+``eigh``, the random-number generator and each op's fixed cost are charged at their cost relative
+to a float64 GEMM on the factors' device: :mod:`sven_ext.device_rates`).
 
 The rule (:func:`choose`): the exact gram backend while its ``K`` and transients fit the
 budget and its flops are within ``GRAM_PREFERENCE`` times the sketch's (it is exact, the
@@ -22,24 +22,17 @@ from pathlib import Path
 
 import torch
 
+from .device_rates import DeviceRates, rates_for
 from .layers import DirectUse, EmbeddingUse, LinearUse
 from .layers.linear import linear_costs
 from .routes import components, route
 
 GRAM_PREFERENCE = 4.0
-# eigh(K) of n x n in float64: ~0.85 ns * n^3 measured at n = 2048..4096, against ~0.033 ns
-# per GEMM flop (30 GFLOP/s float64) on the same 2 cores: about 25 GEMM flops per n^3.
-EIGH_FLOPS_PER_N3 = 25.0
-# One number from ops.random_block: ~39 ns Gaussian (Philox plus Box-Muller, one call per pair of
-# columns), ~15 ns Rademacher, measured on the same machine at 1 thread: about 1,200 and 450 GEMM
-# flops. Khatri-Rao draws only (rows + rest) * s Gaussian numbers per matrix.
-RNG_FLOPS = {"gaussian": 1200.0, "rademacher": 450.0, "khatri_rao": 1200.0}
 # Per-row gradients of a fallback module through torch.func.vmap(grad): a few forward costs.
 MODULE_ROW_FLOPS = 10.0
-# A tensor op's fixed cost (~10 us of Python and dispatch) in GEMM flops; the sketch issues
-# about OPS_PER_PASS ops per use and pass, gram about OPS_PER_USE per use: this keeps small
-# problems, where launch overhead dominates, on the exact backend.
-OP_OVERHEAD_FLOPS = 3e5
+# Ops issued per use: the sketch about OPS_PER_PASS per pass, gram about OPS_PER_USE; with each op's
+# fixed cost (DeviceRates.op_overhead_flops) this keeps small problems, where launch overhead
+# dominates, on the exact backend.
 OPS_PER_PASS = 15
 OPS_PER_USE = 10
 # Peak transients of the sketch backend, in units of its transient budget.
@@ -47,6 +40,11 @@ TRANSIENTS = 4
 MIN_TRANSIENT_BYTES = 1 << 20
 # Bytes of one transient of a backend (a chunk of per-row gradients, a sketch tile) by default.
 TRANSIENT_BUDGET_BYTES = 1 << 27
+
+
+def _rates(uses: list) -> DeviceRates:
+    """The cost rates of the device the factors are on (the CPU's when there are none)."""
+    return rates_for(uses[0].params[0].device if uses else torch.device("cpu"))
 
 
 def mib(nbytes: float) -> str:
@@ -124,7 +122,8 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
     (:func:`sven_ext.routes.route`).
     """
     solve_rows = rows if solve_rows is None else solve_rows
-    flops = EIGH_FLOPS_PER_N3 * solve_rows**3 + OP_OVERHEAD_FLOPS * OPS_PER_USE * (len(uses) + 2)
+    rates = _rates(uses)
+    flops = rates.eigh_flops_per_n3 * solve_rows**3 + rates.op_overhead_flops * OPS_PER_USE * (len(uses) + 2)
     transient = 0
     for params, group in components(uses):
         kind = route(params, group, scaled)
@@ -178,6 +177,7 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
     exact = columns >= solve_rows
     columns = min(columns, solve_rows)
     passes = 2 if exact else 2 + 2 * power_iterations
+    rates = _rates(uses)
     flops, generated, biggest_tile, module_bytes = 0.0, 0, 0, 0
     for use in uses:
         size = _params(use)
@@ -209,8 +209,9 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
         for p in use.params:
             biggest_tile = max(biggest_tile, 3 * p.numel() * columns * 8)
     if not exact:
-        flops += RNG_FLOPS[test_matrix] * generated + (power_iterations + 1) * 4.0 * rows * columns**2
-    flops += EIGH_FLOPS_PER_N3 * columns**3 + OP_OVERHEAD_FLOPS * OPS_PER_PASS * (passes + 1) * (len(uses) + 2)
+        flops += rates.rng_flops[test_matrix] * generated + (power_iterations + 1) * 4.0 * rows * columns**2
+    flops += rates.eigh_flops_per_n3 * columns**3 \
+        + rates.op_overhead_flops * OPS_PER_PASS * (passes + 1) * (len(uses) + 2)
     fixed = sketch_fixed_bytes(rows, columns) + module_bytes + update_bytes(uses)
     transient = TRANSIENTS * min(transient_budget, max(biggest_tile, MIN_TRANSIENT_BYTES))
     return Estimate("sketch", fixed + transient, flops, f"R x s blocks need {mib(fixed)} (s={columns})",
