@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import costs
-from ..capture import GradModeWatch, _batch_statistics, refuse_no_grad_only
-from ..residuals import rows_from_closure_output
+from ..capture import _batch_statistics
 from .base import Backend, StepDirection, StepSettings
 from .dense import DenseBackend
 from .gram import GramBackend
@@ -59,9 +58,7 @@ class AutoBackend(Backend):
         return result
 
     def _dense(self, closure, settings, budget: int, budget_given: bool) -> StepDirection:
-        with torch.enable_grad(), GradModeWatch(self.model, self.params) as watch:
-            rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
-        refuse_no_grad_only(watch.no_grad_calls, watch.grad_calls)
+        rows = self.dense.rows(closure, settings)
         count, params = rows.residual.numel(), sum(p.numel() for p in self.params)
         fits, reason = costs.dense_fits(count, params, budget, budget_given)
         if not fits:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..factor_check import FactorChecks
+from ..layers.common import first_axis
 from ..linalg import Solution, Truncation
 from ..residuals import Rows
 
@@ -52,7 +53,7 @@ class ElementSubset:
 
     def mask(self, p: torch.Tensor) -> torch.Tensor:
         """``1`` on the subset and ``0`` elsewhere, in ``p``'s shape and dtype."""
-        out = torch.zeros(_as_matrix_shape(p), dtype=p.dtype, device=p.device)
+        out = torch.zeros(first_axis(p), dtype=p.dtype, device=p.device)
         if self.cols is None:
             out[self.rows] = 1
         else:
@@ -60,13 +61,8 @@ class ElementSubset:
         return out.view(p.shape)
 
     def numel(self, p: torch.Tensor) -> int:
-        cols = _as_matrix_shape(p)[1] if self.cols is None else self.cols.numel()
+        cols = first_axis(p)[1] if self.cols is None else self.cols.numel()
         return self.rows.numel() * cols
-
-
-def _as_matrix_shape(p: torch.Tensor) -> tuple[int, int]:
-    first = p.shape[0] if p.dim() else 1
-    return first, p.numel() // max(first, 1)
 
 
 @dataclass(frozen=True)

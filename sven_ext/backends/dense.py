@@ -60,10 +60,14 @@ class DenseBackend(Backend):
         if settings.process_group is not None:
             raise NotImplementedError("the dense backend does not run data-parallel (process_group): use 'gram' or "
                                       "'sketch'")
+        return self.solve(self.rows(closure, settings), settings)
+
+    def rows(self, closure, settings: StepSettings):
+        """Runs the closure (gradients on) and returns its rows, refusing moving modules run without gradients."""
         with torch.enable_grad(), GradModeWatch(self.model, self.params) as watch:
             rows = rows_from_closure_output(closure(), settings.kappa, settings.microbatch_size)
         refuse_no_grad_only(watch.no_grad_calls, watch.grad_calls)
-        return self.solve(rows, settings)
+        return rows
 
     def solve(self, rows, settings: StepSettings) -> StepDirection:
         """The step from the rows of a closure that has run (their autograd graph is used once).

@@ -223,11 +223,11 @@ class SketchBackend(GramBackend):
                 y = torch.cat([y, basis.to(dtype)], dim=1)
             for _ in range(sk.power_iterations):
                 basis_rows = rows.to_captured(orthonormal_basis(y))
-                y = rows.to_rows(_summed(shard, lambda: self._products(plan, basis_rows, push=True)[1]))
+                y = rows.to_rows(_summed(shard, lambda: self._power_step(plan, basis_rows)))
             q = orthonormal_basis(y)
         # ||J||_F from the factors is that of the captured, unscaled Jacobian: only then comparable.
         norms = rows.row_map is None and scale is None and shard is None
-        core, _, norm_sq = self._products(plan, rows.to_captured(q), push=False, norms=norms)
+        core, norm_sq = self._core(plan, rows.to_captured(q), norms)
         if shard is not None:
             core = _summed(shard, lambda: core)
         solution = solve_projected(q, core, residual, truncation)
@@ -329,50 +329,67 @@ class SketchBackend(GramBackend):
                             y += use.push(p, lo, hi, tile, plan.budget, plan.fused)
         return y
 
-    def _products(self, plan: _Plan, q: torch.Tensor, push: bool, norms: bool = False):
-        """With ``Z_p = S_p J_p^T q``: the core ``M = sum_p Z_p^T Z_p``, or with ``push`` (a power
-        iteration, which needs no core) ``Y = sum_p J_p S_p Z_p`` instead.
+    def _core(self, plan: _Plan, q: torch.Tensor, norms: bool) -> tuple[torch.Tensor, float | None]:
+        """``(M, ||J||_F^2 or None)``: the core ``M = sum_p Z_p^T Z_p`` with ``Z_p = S_p J_p^T q``.
 
-        ``q`` ``(rows, s)`` is over the captured rows, and so is ``Y``.
-
-        Returns ``(M or None, Y or None, ||J||_F^2 or None)``; the norm is computed with ``norms``
-        where every component allows it cheaply (one use per component, or per-row gradients at hand).
+        ``q`` ``(rows, s)`` is over the captured rows. The norm is computed with ``norms`` where every
+        component allows it cheaply (one use per component, or per-row gradients at hand).
         """
         columns = q.shape[1]
         work = q.to(plan.work)
-        core = None if push else torch.zeros(columns, columns, dtype=q.dtype, device=q.device)
-        y = torch.zeros(plan.rows, columns, dtype=q.dtype, device=q.device) if push else None
+        core = torch.zeros(columns, columns, dtype=q.dtype, device=q.device)
         norm_sq = 0.0 if norms else None
         for comp in plan.components:
             if comp.rows:
-                z = torch.zeros(comp.width, columns, dtype=plan.work, device=q.device)
-                for r0, r1, g in self._row_blocks(comp, plan):
-                    z.addmm_(g.T, work[r0:r1])
-                    if norm_sq is not None:
-                        norm_sq += float(g.to(q.dtype).square().sum())
-                z = plan.scale_rows(comp, z)
-                if push:
-                    z = plan.scale_rows(comp, z)
-                    for r0, r1, g in self._row_blocks(comp, plan):
-                        y[r0:r1] += g @ z
-                else:
-                    wide = z.to(q.dtype)
-                    core.addmm_(wide.T, wide)
+                z, g_sq = self._pull_rows(comp, plan, work, norm_sq is not None)
+                wide = plan.scale_rows(comp, z).to(q.dtype)
+                core.addmm_(wide.T, wide)
+                norm_sq = None if norm_sq is None else norm_sq + g_sq
                 continue
             for p in comp.params:
                 uses = comp.by_param[id(p)]
                 for lo, hi in plan.tiles(p, columns):
-                    z = uses[0].pull(p, lo, hi, work, plan.budget)
-                    for use in uses[1:]:
-                        z += use.pull(p, lo, hi, work, plan.budget)
-                    z = plan.scale(p, lo, hi, z)
-                    if push:
-                        z = plan.scale(p, lo, hi, z)
-                        for use in uses:
-                            y += use.push(p, lo, hi, z, plan.budget, plan.fused)
-                    else:
-                        wide = z.reshape(-1, columns).to(q.dtype)
-                        core.addmm_(wide.T, wide)
+                    z = plan.scale(p, lo, hi, self._pull(uses, p, lo, hi, work, plan))
+                    wide = z.reshape(-1, columns).to(q.dtype)
+                    core.addmm_(wide.T, wide)
             if norm_sq is not None:
                 norm_sq = norm_sq + comp.uses[0].frobenius_sq(q.dtype, plan.budget) if len(comp.uses) == 1 else None
-        return core, y, norm_sq
+        return core, norm_sq
+
+    def _power_step(self, plan: _Plan, q: torch.Tensor) -> torch.Tensor:
+        """``Y = (J S)(J S)^T q = J S (S J^T q)``, so ``S`` is applied twice; ``q`` and ``Y`` are over the
+        captured rows."""
+        y = torch.zeros(plan.rows, q.shape[1], dtype=q.dtype, device=q.device)
+        work = q.to(plan.work)
+        for comp in plan.components:
+            if comp.rows:
+                z = self._pull_rows(comp, plan, work, False)[0]
+                z = plan.scale_rows(comp, plan.scale_rows(comp, z))
+                for r0, r1, g in self._row_blocks(comp, plan):
+                    y[r0:r1] += g @ z
+                continue
+            for p in comp.params:
+                uses = comp.by_param[id(p)]
+                for lo, hi in plan.tiles(p, q.shape[1]):
+                    z = plan.scale(p, lo, hi, plan.scale(p, lo, hi, self._pull(uses, p, lo, hi, work, plan)))
+                    for use in uses:
+                        y += use.push(p, lo, hi, z, plan.budget, plan.fused)
+        return y
+
+    def _pull_rows(self, comp: _Component, plan: _Plan, work: torch.Tensor, norms: bool) -> tuple[torch.Tensor, float]:
+        """``(J_c^T q, ||J_c||_F^2 or 0)`` of a per-row-gradient component, ``(width, s)``."""
+        z = torch.zeros(comp.width, work.shape[1], dtype=plan.work, device=work.device)
+        norm_sq = 0.0
+        for r0, r1, g in self._row_blocks(comp, plan):
+            z.addmm_(g.T, work[r0:r1])
+            if norms:
+                norm_sq += float(g.to(torch.float64).square().sum())
+        return z, norm_sq
+
+    @staticmethod
+    def _pull(uses: list, p: torch.Tensor, lo: int, hi: int, work: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """``J_p^T q`` for ``p``'s first-axis rows ``lo:hi``, summed over its uses."""
+        z = uses[0].pull(p, lo, hi, work, plan.budget)
+        for use in uses[1:]:
+            z += use.pull(p, lo, hi, work, plan.budget)
+        return z
