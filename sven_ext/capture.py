@@ -410,6 +410,9 @@ def _batch_axes(call: Call, batch: int) -> list[int] | None:
     of a module whose first output is batch-first (an RNN's ``h_n``, ``(layers, B, h)``), and for
     the sequence-first outputs of a module that says ``batch_first=False`` (attention).
     """
+    known = getattr(call.rule, "batch_axes", None)  # a rule that knows its module's layout
+    if known is not None:
+        return known(call, batch)
     # Axis 1 only with a feature axis after it: a 2-D output's axis 1 is its features.
     first, second = (0, 1) if call.batch_first else (1, 0)
     axes = [first if _holds(s, first, batch) else second if _holds(s, second, batch) else None for s in call.shapes]
@@ -493,7 +496,7 @@ def _plan(model: nn.Module, params: list[torch.Tensor], tapped: set = frozenset(
         if isinstance(module, WHOLE_MODULES):
             owned = [(n, p) for n, p in module.named_parameters() if id(p) in moving]
             inside.update(id(sub) for sub in module.modules())
-            rule = module_rule
+            rule = rule_for(module)
         else:
             owned = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in moving]
             rule = rule_for(module)

@@ -35,12 +35,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .attention import attention_rule
 from .direct import DirectUse
 from .embedding import EmbeddingUse, embedding_rule
 from .fallback import ModuleUse, module_rule
 from .linear import LinearUse, conv_rule, linear_rule, transposed_linear_rule
 from .norm import (batch_norm_rule, channel_layer_norm_rule, group_norm_rule, hf_rms_norm_rule, layer_norm_rule,
                    rms_norm_rule)
+from .recurrent import RECURRENT, recurrent_rule
 
 # One factorisation of (part of) some parameters' per-row gradients.
 Use = LinearUse | EmbeddingUse | DirectUse | ModuleUse
@@ -96,6 +98,9 @@ register(nn.LayerNorm, layer_norm_rule)
 register(nn.RMSNorm, rms_norm_rule)
 register(nn.GroupNorm, group_norm_rule)
 register(nn.modules.batchnorm._BatchNorm, batch_norm_rule)
+register(nn.MultiheadAttention, attention_rule)
+for _rnn in RECURRENT:
+    register(_rnn, recurrent_rule)
 register("torchvision.models.convnext.LayerNorm2d", channel_layer_norm_rule)
 register("timm.layers.norm.LayerNorm", layer_norm_rule)
 register("timm.layers.norm.LayerNorm2d", channel_layer_norm_rule)
