@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sven_ext
+from sven_ext import capture as capture_module
 from sven_ext.testing import relative_difference, sven_update, tiny_transformer
 
 transformers = pytest.importorskip("transformers")
@@ -198,10 +199,10 @@ ZOO = {
     "mobilenet_v3": mobilenet,
     "convnext": convnext,
     "vit": vit,
-    "lstm": lambda: recurrent(nn.LSTM),
-    "gru": lambda: recurrent(nn.GRU),
-    "encoder_batch_first": lambda: encoder(True),
-    "encoder_seq_first": lambda: encoder(False),
+    "lstm": lambda **kw: recurrent(nn.LSTM, **kw),
+    "gru": lambda **kw: recurrent(nn.GRU, **kw),
+    "encoder_batch_first": lambda **kw: encoder(True, **kw),
+    "encoder_seq_first": lambda **kw: encoder(False, **kw),
 }
 
 
@@ -249,24 +250,44 @@ def test_step_equals_dense(name, backend):
         assert info["backend"] in ("gram", "sketch")
 
 
-# Modules differentiated on their own per row (no factorisation for them): LSTM/GRU cells, attention.
-PER_ROW_FALLBACK = {"lstm", "gru", "encoder_batch_first", "encoder_seq_first"}
+# Layers whose rule runs the recorded call once more (one backward pass of its own per call, whatever the batch).
+RERUN_LAYERS = (nn.MultiheadAttention, nn.RNNBase)
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_no_backward_pass_per_row(name, monkeypatch):
-    """The gram step's factors come from a fixed number of backward passes, whatever the batch."""
+    """The gram step's factors come from a fixed number of backward passes, whatever the batch, and
+    no parameter takes the per-sample fallback (``ModuleUse``: its module differentiated per row)."""
     model, loss = ZOO[name]()
+    _, larger = ZOO[name](batch=8)
+    kinds = set()
+    uses = capture_module.Capture.uses
+
+    def recording(cap, *args, **kwargs):
+        found = uses(cap, *args, **kwargs)
+        kinds.update(type(use).__name__ for use in found)
+        return found
+
+    monkeypatch.setattr(capture_module.Capture, "uses", recording)
     opt = sven_ext.Sven(model, backend="gram", **SETTINGS)
-    opt.step(lambda: loss(model))  # the first step finds which position tables may be expanded
-    passes = BackwardPasses(monkeypatch)
+    # The first step learns which position tables and directly used parameters may be expanded to the
+    # batch; until then they are differentiated on their own (ViT's cls_token, ConvNeXt's layer_scale).
     opt.step(lambda: loss(model))
-    # The per-sample pass and a factor check (R = 4 more if a module were recorded whole).
-    assert passes.vectors <= 2
-    assert opt.last_info["recorded_whole"] == []
-    if name not in PER_ROW_FALLBACK:
-        assert passes.per_row == 0
-    assert "unused" not in opt.last_info["paths"].values()
+    kinds.clear()
+    passes = BackwardPasses(monkeypatch)
+    counted = []
+    for closure in (loss, larger):
+        opt.step(lambda: closure(model))  # the check runs (a new batch, or tables expanded since the last step)
+        before = passes.vectors
+        opt.step(lambda: closure(model))
+        counted.append(passes.vectors - before - bool(opt.last_info["checked"]))  # a re-check: one more
+        assert opt.last_info["recorded_whole"] == []
+        assert "unused" not in opt.last_info["paths"].values()
+    reruns = sum(isinstance(m, RERUN_LAYERS) for m in model.modules())
+    # Besides a check: the per-sample pass (R = 4 or 8 more if a module were recorded whole) and one per rerun layer.
+    assert counted[0] == counted[1] <= 1 + reruns
+    assert passes.per_row == 0
+    assert "ModuleUse" not in kinds, kinds
 
 
 def test_float32_gru_is_exact_to_float32():
