@@ -39,7 +39,8 @@ from .attention import attention_rule
 from .direct import DirectUse
 from .embedding import EmbeddingUse, embedding_rule
 from .fallback import ModuleUse, module_rule
-from .linear import LinearUse, conv_rule, linear_rule, transposed_linear_rule
+from .grouped import grouped_conv_rule
+from .linear import LinearUse, linear_rule, transposed_linear_rule
 from .norm import (batch_norm_rule, channel_layer_norm_rule, group_norm_rule, hf_rms_norm_rule, layer_norm_rule,
                    rms_norm_rule)
 from .recurrent import RECURRENT, recurrent_rule
@@ -92,7 +93,7 @@ def factor_bytes(uses: list) -> int:
 register(nn.Linear, linear_rule)
 register("transformers.pytorch_utils.Conv1D", transposed_linear_rule)
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register(_conv, conv_rule)
+    register(_conv, grouped_conv_rule)
 register(nn.Embedding, embedding_rule)
 register(nn.LayerNorm, layer_norm_rule)
 register(nn.RMSNorm, rms_norm_rule)
