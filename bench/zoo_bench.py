@@ -1,11 +1,14 @@
 """Third-party models at moderate size: the Sven step against Adam's, and the route of every parameter.
 
 For each model (random weights from configs; transformers, torchvision and timm must be installed,
-as ``.ci/setup.sh`` does), float32, batch ``B``: Sven ``gram`` and ``auto`` steps and Adam steps take
-turns, one call each per round (median of the rounds), after one warm-up step each (Sven's first
-step checks its factors). Reported per model: the step times, the ratios to Adam, what ``auto``
-chose and why, which modules were recorded whole (one backward pass per row) and how many
-parameters took each route of the gram backend.
+as ``.ci/setup.sh`` does), float32, batch ``B``: Sven ``gram``, ``sketch`` and ``auto`` steps and Adam
+steps take turns, one call each per round (median of the rounds), after two warm-up steps each
+(Sven's first step checks its factors and learns which tensors may be expanded to the batch, the
+second checks them expanded). Reported per model: the step times, the ratios to Adam, what ``auto``
+chose and why and whether the backend it chose is within 20% of the faster of gram and sketch,
+which modules were recorded whole (one backward pass per row), which parameters took the
+per-sample fallback (their module differentiated on its own per row) and how many parameters
+took each route of the gram backend.
 
     python bench/zoo_bench.py                          # every model, B = 16
     python bench/zoo_bench.py --models gpt2 vit --batch 64 --repeats 5
@@ -26,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import sven_ext  # noqa: E402
+from sven_ext import capture  # noqa: E402
+from sven_ext.layers import ModuleUse  # noqa: E402
 
 
 def _tokens(vocab, batch, steps, generator):
@@ -182,23 +187,48 @@ def run(name: str, batch: int, repeats: int) -> dict:
         adam.step()
 
     gram = sven_ext.Sven(model, lr=1e-6, backend="gram")
+    sketch = sven_ext.Sven(model, lr=1e-6, backend="sketch")
     auto = sven_ext.Sven(model, lr=1e-6, backend="auto")
-    steps = {"adam": adam_step, "sven_gram": lambda: gram.step(closure), "sven_auto": lambda: auto.step(closure)}
-    for step in steps.values():  # warm-up; the Sven steps check their factors here
-        step()
+    steps = {"adam": adam_step, "sven_gram": lambda: gram.step(closure), "sven_sketch": lambda: sketch.step(closure),
+             "sven_auto": lambda: auto.step(closure)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    fallback = set()
+    uses = capture.Capture.uses
+
+    def recording(cap, *args, **kwargs):  # the parameters of the gram step's uses that are the fallback's
+        found = uses(cap, *args, **kwargs)
+        fallback.update(names[id(p)] for use in found if isinstance(use, ModuleUse)
+                        for p in use.params)
+        return found
+
+    for _ in range(2):  # warm-up
+        for step in steps.values():
+            step()
+    capture.Capture.uses = recording
+    try:
+        gram.step(closure)
+    finally:
+        capture.Capture.uses = uses
     results = common.interleaved_times(steps, repeats=repeats)
     info = gram.last_info
     routes = collections.Counter(info["paths"].values())
+    median = {name: results[name]["median_s"] for name in steps}
+    chosen = auto.last_info["backend"]
     summary = {
         "name": name, "parameters": params, "batch": batch, "results": results,
-        "ratio_gram_to_adam": results["sven_gram"]["median_s"] / results["adam"]["median_s"],
-        "ratio_auto_to_adam": results["sven_auto"]["median_s"] / results["adam"]["median_s"],
-        "auto_backend": auto.last_info["backend"], "auto_reason": auto.last_info.get("auto_reason"),
-        "recorded_whole": info["recorded_whole"], "routes": dict(routes), "paths": info["paths"],
+        "ratio_gram_to_adam": median["sven_gram"] / median["adam"],
+        "ratio_sketch_to_adam": median["sven_sketch"] / median["adam"],
+        "ratio_auto_to_adam": median["sven_auto"] / median["adam"],
+        "auto_backend": chosen, "auto_reason": auto.last_info.get("auto_reason"),
+        # the backend auto chose, timed on its own, against the faster of the two
+        "auto_within_20_percent": median[f"sven_{chosen}"] <= 1.2 * min(median["sven_gram"], median["sven_sketch"]),
+        "recorded_whole": info["recorded_whole"], "fallback_parameters": sorted(fallback),
+        "routes": dict(routes), "paths": info["paths"],
     }
-    print(f"  adam {results['adam']['median_s'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x | "
-          f"auto ({summary['auto_backend']}) {summary['ratio_auto_to_adam']:5.2f}x | routes {dict(routes)} | "
-          f"recorded whole {info['recorded_whole']}", flush=True)
+    print(f"  adam {median['adam'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x | "
+          f"sketch {summary['ratio_sketch_to_adam']:5.2f}x | auto ({chosen}) {summary['ratio_auto_to_adam']:5.2f}x, "
+          f"within 20%: {summary['auto_within_20_percent']} | routes {dict(routes)} | "
+          f"recorded whole {info['recorded_whole']} | fallback {sorted(fallback)}", flush=True)
     return summary
 
 

@@ -1,8 +1,9 @@
 """The fallback for any other module that owns moving parameters (DESIGN.md section 3.4).
 
-``nn.MultiheadAttention`` (it reads ``out_proj.weight`` without calling ``out_proj``), recurrent
-layers, subclasses with their own ``forward`` and parameters a module uses directly in an
-expression: per-row gradients of that module alone with ``torch.func``, computed in row chunks
+Subclasses with their own ``forward``, custom modules, the calls the attention and recurrent rules
+leave to it (unbatched inputs, ``add_bias_kv``, ``proj_size``, dropout in training mode) and
+parameters a module uses directly in an expression until a step shows they may be expanded to
+the batch: per-row gradients of that module alone with ``torch.func``, computed in row chunks
 when asked for. Exact, and dearer than a dedicated rule: the module runs again under ``vmap``.
 """
 
