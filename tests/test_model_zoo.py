@@ -533,3 +533,42 @@ def test_autocast_bfloat16_matches_dense_to_its_precision(backend):
     expected, _ = sven_update(model, loss, backend="dense", **SETTINGS)
     update, _ = sven_update(model, loss, backend=backend, **SETTINGS)
     assert relative_difference(update, expected) <= BF16
+
+
+# ----------------------------------------------------------------------------- grouped convolutions
+
+
+GROUPED = {
+    "plain": (2, dict(kernel_size=3, padding=1)),
+    "strided_multiplier_1d": (1, dict(kernel_size=3, stride=2, padding=1, multiplier=2)),
+    "strided_multiplier_3d": (3, dict(kernel_size=3, stride=2, padding=1, multiplier=2)),
+    "dilated": (2, dict(kernel_size=2, stride=2, dilation=2)),
+    "reflect": (2, dict(kernel_size=3, stride=3, padding=2, padding_mode="reflect")),
+    "same_circular": (2, dict(kernel_size=5, dilation=2, padding="same", padding_mode="circular")),
+    "two_inputs_per_group": (2, dict(kernel_size=3, padding=1, inputs_per_group=2)),
+}
+
+
+@pytest.mark.parametrize("case", GROUPED)
+@pytest.mark.parametrize("rows", [1, 2])
+def test_grouped_convolutions_equal_dense(case, rows):
+    """Depthwise (by one convolution) and other grouped layers (from patches) as per-row gradients."""
+    torch.manual_seed(0)
+    nd, layout = GROUPED[case]
+    layout = dict(layout)
+    multiplier, per_group = layout.pop("multiplier", 1), layout.pop("inputs_per_group", 1)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+    channels = 4
+    model = nn.Sequential(conv(2, channels, 1), conv(channels, channels // per_group * multiplier,
+                                                     groups=channels // per_group, **layout),
+                          nn.Flatten(), nn.LazyLinear(1)).double()
+    x = torch.randn(3, 2, *(7,) * nd, generator=_generator(1), dtype=torch.float64)
+    model(x)
+
+    def loss(m):
+        return sven_ext.Residuals(m(x).repeat(1, rows) * torch.arange(1, rows + 1))
+
+    expected, _ = sven_update(model, loss, backend="dense", **SETTINGS)
+    update, info = sven_update(model, loss, backend="gram", **SETTINGS)
+    assert relative_difference(update, expected) <= EXACT
+    assert info["paths"]["1.weight"] == info["paths"]["1.bias"] == "direct"
