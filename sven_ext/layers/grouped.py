@@ -13,7 +13,8 @@ With one input channel per group (depthwise, any channel multiplier) they are on
 of the padded input with the output gradients, every (row, channel) pair its own group: the
 kernel offset ``k`` of output location ``t`` reads input ``t * stride + k * dilation``, so the
 output gradient acts as a kernel dilated by the layer's stride, stepped by its dilation. No
-patches are unfolded. Other grouped layers contract their patches in one einsum.
+patches are unfolded. Other grouped layers, and depthwise ones with a single output location,
+contract their patches in one einsum.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def grouped_conv_rule(call, samples: int) -> list:
     # Only calls with the samples on the input's first axis and nothing else before the channels.
     plain = not call.whole and call.sample_input().dim() == len(module.kernel_size) + 2
     small = plain and groups > 1 and (d.shape[0] // samples) * (module.out_channels // groups) <= d.shape[2:].numel()
-    if small and module.in_channels == groups:
+    # One output location: a one-element kernel per group, which oneDNN runs far slower than the
+    # patches' einsum (the patches are then no larger than the input).
+    if small and module.in_channels == groups and d.shape[2:].numel() > 1:
         return _depthwise(call, samples)
     uses = conv_rule(call, samples)
     if not small:
