@@ -62,23 +62,22 @@ class _Cells:
         steps, batch, width = gi.shape
         hidden = w_hh.shape[1]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
-        self.h_prev = gi.new_empty(steps, batch, hidden)
         self.out = gi.new_empty(steps, batch, hidden)
         if mode == "LSTM":
-            self.act, self.c_prev, self.tanh_c = gi.new_empty(steps, batch, width), torch.empty_like(self.out), \
+            self.act, cells, self.tanh_c = gi.new_empty(steps, batch, width), torch.empty_like(self.out), \
                 torch.empty_like(self.out)
         elif mode == "GRU":
             self.rz, self.n, self.gh_n = gi.new_empty(steps, batch, 2 * hidden), torch.empty_like(self.out), \
                 torch.empty_like(self.out)
+        h0, c0 = h, c
         for t in order:
-            self.h_prev[t] = h
             if mode == "LSTM":
                 gates = torch.addmm(gi[t], h, w_hh.T)
                 act = self.act[t]
                 torch.sigmoid(gates, out=act)
                 torch.tanh(gates[:, 2 * hidden:3 * hidden], out=act[:, 2 * hidden:3 * hidden])
-                self.c_prev[t] = c
-                c = act[:, hidden:2 * hidden] * c + act[:, :hidden] * act[:, 2 * hidden:3 * hidden]
+                c = torch.addcmul(act[:, hidden:2 * hidden] * c, act[:, :hidden], act[:, 2 * hidden:3 * hidden],
+                                  out=cells[t])
                 torch.tanh(c, out=self.tanh_c[t])
                 torch.mul(act[:, 3 * hidden:], self.tanh_c[t], out=self.out[t])
             elif mode == "GRU":
@@ -93,7 +92,15 @@ class _Cells:
                 gates = torch.addmm(gi[t], h, w_hh.T)
                 self.out[t] = torch.tanh(gates) if mode == "RNN_TANH" else torch.relu(gates)
             h = self.out[t]
-        self.h_n, self.c_n = h, c
+        self.h_prev = self._previous(self.out, h0)  # the state each step starts from
+        if mode == "LSTM":
+            self.c_prev = self._previous(cells, c0)
+
+    def _previous(self, states: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """``(T, B, H)`` states after each step -> the state before each step."""
+        if self.reverse:
+            return torch.cat([states[1:], first.unsqueeze(0)])
+        return torch.cat([first.unsqueeze(0), states[:-1]])
 
     def backward(self, d_out: torch.Tensor, d_h, d_c) -> tuple[torch.Tensor, torch.Tensor]:
         """``(d gi, d gh)``, ``(m, T, B, G*H)``, from the gradients of ``m`` rows per sample with respect
