@@ -9,12 +9,16 @@ Each projection is a linear map at every position, so its per-row gradient is
 attention output before ``out_proj`` are known.
 
 Obtaining them: the recorded call is run again from its inputs with the projections applied
-beforehand and ``F.multi_head_attention_forward`` given identity projections (multiplying by an
-identity is exact), so ``q``, ``k``, ``v`` are leaves and its output is the attention before
-``out_proj``; one backward pass of the rows' output gradients (``m`` of them batched, for ``m``
-rows per sample) gives ``d`` for every row. Samples never mix in attention, so each row's
-gradient lies in its own sample's slice. Cost: about one forward and backward of the layer
-(its four ``E x E`` projections run as identity products), not one per sample.
+beforehand and ``F.multi_head_attention_forward`` given identity projections, so ``q``, ``k``,
+``v`` are leaves and its output is the attention before ``out_proj``; one backward pass of the
+rows' output gradients (``m`` of them batched, for ``m`` rows per sample) gives ``d`` for every
+row. Samples never mix in attention, so each row's gradient lies in its own sample's slice. The
+input identities are :class:`_Identity` tensors, whose ``F.linear`` returns its input: the
+function looks for overrides only among its other tensor arguments, so it runs as usual and
+only its input projections see them (were it to dispatch on them, the identities would be
+multiplied, still exactly). ``out_proj``'s identity is among those arguments: a plain product,
+exact.
+Cost: about one forward and backward of the layer, not one per sample.
 
 Calls this does not cover take the fallback (:func:`sven_ext.layers.fallback.module_rule`):
 unbatched inputs, ``add_bias_kv``, and attention dropout in training mode (a rerun draws
@@ -34,6 +38,19 @@ from .fallback import module_rule
 from .linear import LinearUse
 
 _FORWARD = inspect.signature(torch.nn.MultiheadAttention.forward)
+
+
+class _Identity(torch.Tensor):
+    """An identity matrix whose ``F.linear(x, identity, b)`` is ``x (+ b)`` without a product."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch._C._nn.linear or func is F.linear:
+            x, bias = args[0], args[2] if len(args) > 2 else kwargs.get("bias")
+            return x if bias is None else x + bias
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
 
 def _arguments(call) -> dict:
@@ -111,6 +128,7 @@ def attention_rule(call, samples: int) -> list:
         weights = [module.q_proj_weight.detach(), module.k_proj_weight.detach(), module.v_proj_weight.detach()]
     biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else [None] * 3
     eye = torch.eye(embed, dtype=dtype, device=query.device)
+    identity = eye.as_subclass(_Identity)
     d_out, d_weights = call.d[0], (call.d[1] if len(call.d) > 1 else None)
     with torch.enable_grad():
         q, k, v = (F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip((query, key, value), weights, biases))
@@ -118,7 +136,7 @@ def attention_rule(call, samples: int) -> list:
             q, k, v, embed, module.num_heads, None, None, None, None, module.add_zero_attn, module.dropout,
             eye, None, training=module.training, key_padding_mask=arguments["key_padding_mask"],
             need_weights=arguments["need_weights"], attn_mask=arguments["attn_mask"], use_separate_proj_weight=True,
-            q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+            q_proj_weight=identity, k_proj_weight=identity, v_proj_weight=identity,
             average_attn_weights=arguments["average_attn_weights"], is_causal=arguments["is_causal"],
         )
         outputs, cotangents = [], []
