@@ -45,8 +45,8 @@ from .layers.fallback import module_rule
 from .layers.linear import linear_rule, transposed_linear_rule
 from .layers.norm import hf_rms_norm_rule, layer_norm_rule, rms_norm_rule
 
-# Modules that read their children's parameters without calling the children: all the
-# parameters under them are differentiated as one module.
+# Modules that read their children's parameters without calling the children: planned as one
+# module owning every parameter under it (their own rule, or the fallback, factors them all).
 WHOLE_MODULES = (nn.MultiheadAttention,)
 # Rules of layers that act on the last axis only, so any leading axis may hold the batch.
 _LAST_AXIS_RULES = (linear_rule, transposed_linear_rule, embedding_rule, layer_norm_rule, rms_norm_rule,
@@ -406,11 +406,12 @@ def _rows_first(g: torch.Tensor, rows: int) -> torch.Tensor:
 def _batch_axes(call: Call, batch: int) -> list[int] | None:
     """Per output of ``call``, the axis that holds the samples, or ``None``: record it whole.
 
-    Axis 0, or axis 1 for a sequence-first layer acting on the last axis, for the extra outputs
-    of a module whose first output is batch-first (an RNN's ``h_n``, ``(layers, B, h)``), and for
-    the sequence-first outputs of a module that says ``batch_first=False`` (attention).
+    A rule with a ``batch_axes`` attribute decides for its module (attention, recurrent layers).
+    Otherwise axis 0, or axis 1 for a sequence-first layer acting on the last axis, for the extra
+    outputs of a module whose first output is batch-first, and for the sequence-first outputs of
+    a fallback module that says ``batch_first=False``.
     """
-    known = getattr(call.rule, "batch_axes", None)  # a rule that knows its module's layout
+    known = getattr(call.rule, "batch_axes", None)
     if known is not None:
         return known(call, batch)
     # Axis 1 only with a feature axis after it: a 2-D output's axis 1 is its features.
@@ -493,13 +494,11 @@ def _plan(model: nn.Module, params: list[torch.Tensor], tapped: set = frozenset(
     for name, module in model.named_modules():
         if id(module) in inside:
             continue
-        if isinstance(module, WHOLE_MODULES):
-            owned = [(n, p) for n, p in module.named_parameters() if id(p) in moving]
+        whole = isinstance(module, WHOLE_MODULES)
+        owned = [(n, p) for n, p in module.named_parameters(recurse=whole) if id(p) in moving]
+        if whole:
             inside.update(id(sub) for sub in module.modules())
-            rule = rule_for(module)
-        else:
-            owned = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in moving]
-            rule = rule_for(module)
+        rule = rule_for(module)
         taps = [(n, p) for n, p in owned if rule is module_rule and id(p) in tapped]
         owned = [(n, p) for n, p in owned if (n, p) not in taps]
         if owned or taps:
