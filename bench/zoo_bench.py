@@ -11,13 +11,18 @@ per-sample fallback (their module differentiated on its own per row) and how man
 took each route of the gram backend.
 
     python bench/zoo_bench.py                          # every model, B = 16
-    python bench/zoo_bench.py --models gpt2 vit --batch 64 --repeats 5
+    python bench/zoo_bench.py --models gpt2 vit_tiny --batch 64 --repeats 5
+    python bench/zoo_bench.py --runs 3 --threads 1     # three passes over the models: medians and ranges
+
+On a shared machine the load moves ratios by tens of percent between runs; ``--runs`` repeats the
+whole pass and reports, per model, the median ratio over the runs and its range.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 from pathlib import Path
 
@@ -238,14 +243,42 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds, one call of each method per round")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--runs", type=int, default=1, help="passes over the models, one after another")
     parser.add_argument("--out", default="zoo_bench.json", help="results file (under bench/results/ unless a path)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cases = [run(name, args.batch, args.repeats) for name in args.models]
+    runs = [[run(name, args.batch, args.repeats) for name in args.models] for _ in range(args.runs)]
+    summary = [summarise([cases[k] for cases in runs]) for k in range(len(args.models))]
+    print("\nover the runs: median (range)")
+    for row in summary:
+        print(f"  {row['name']:24s} gram {_spread(row['ratio_gram_to_adam'])} | sketch {_spread(row['ratio_sketch_to_adam'])}"
+              f" | auto {_spread(row['ratio_auto_to_adam'])} | auto within 20% in every run: {row['auto_within_20_percent']}")
     path = common.write_json(args.out, {"command": "python bench/zoo_bench.py " + " ".join(argv or sys.argv[1:]),
-                                        "cases": cases})
+                                        "summary": summary, "runs": runs})
     print(f"\nwrote {path}")
+
+
+RATIOS = ("ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam")
+
+
+def summarise(cases: list[dict]) -> dict:
+    """One model's runs: per ratio the median over the runs and its range; what every run agreed on."""
+    first = cases[0]
+    row = {"name": first["name"], "parameters": first["parameters"], "batch": first["batch"], "runs": len(cases),
+           "adam_median_s": statistics.median(c["results"]["adam"]["median_s"] for c in cases)}
+    for key in RATIOS:
+        values = [c[key] for c in cases]
+        row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    row["auto_backends"] = sorted({c["auto_backend"] for c in cases})
+    row["auto_within_20_percent"] = all(c["auto_within_20_percent"] for c in cases)
+    row["recorded_whole"] = sorted({m for c in cases for m in c["recorded_whole"]})
+    row["fallback_parameters"] = sorted({p for c in cases for p in c["fallback_parameters"]})
+    return row
+
+
+def _spread(ratio: dict) -> str:
+    return f"{ratio['median']:5.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
 
 
 if __name__ == "__main__":
