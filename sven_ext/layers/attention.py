@@ -129,7 +129,8 @@ def attention_rule(call, samples: int) -> list:
     biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else [None] * 3
     eye = torch.eye(embed, dtype=dtype, device=query.device)
     identity = eye.as_subclass(_Identity)
-    d_out, d_weights = call.d[0], (call.d[1] if len(call.d) > 1 else None)
+    by_output = dict(zip(call.outputs, call.d))  # outputs: the attention, its weights
+    d_out, d_weights = by_output.get(0), by_output.get(1)
     with torch.enable_grad():
         q, k, v = (F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip((query, key, value), weights, biases))
         pre, attn = F.multi_head_attention_forward(

@@ -177,7 +177,7 @@ def recurrent_rule(call, samples: int) -> list:
 
     by_output = dict(zip(call.outputs, call.d))  # outputs: the sequence, h_n, c_n
     d_seq, d_h, d_c = (cotangent(by_output.get(k)) for k in range(3))
-    layers = []  # per layer: [(suffix, input, cells)] per direction
+    layers = []  # per layer, per direction: (parameter name suffix, input, w_ih, cells)
     layer_input = seq
     for layer in range(module.num_layers):
         runs = []
