@@ -252,8 +252,9 @@ def main(argv=None):
     summary = [summarise([cases[k] for cases in runs]) for k in range(len(args.models))]
     print("\nover the runs: median (range)")
     for row in summary:
-        print(f"  {row['name']:24s} gram {_spread(row['ratio_gram_to_adam'])} | sketch {_spread(row['ratio_sketch_to_adam'])}"
-              f" | auto {_spread(row['ratio_auto_to_adam'])} | auto within 20% in every run: {row['auto_within_20_percent']}")
+        print(f"  {row['name']:24s} gram {_spread(row['ratio_gram_to_adam'])}"
+              f" | sketch {_spread(row['ratio_sketch_to_adam'])} | auto {_spread(row['ratio_auto_to_adam'])}"
+              f" | auto within 20% in every run: {row['auto_within_20_percent']}")
     path = common.write_json(args.out, {"command": "python bench/zoo_bench.py " + " ".join(argv or sys.argv[1:]),
                                         "summary": summary, "runs": runs})
     print(f"\nwrote {path}")
