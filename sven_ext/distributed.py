@@ -102,6 +102,16 @@ def check_options(backend: str, variable_k: bool, track_svd_info: bool) -> None:
             )
 
 
+def sum_over_ranks(group, value: float) -> float:
+    """``value`` summed over the ranks of ``group`` (float64), the same on every rank; ``value`` itself
+    for ``group=None``."""
+    if group is None:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_device(group))
+    dist.all_reduce(total, group=group)
+    return float(total)
+
+
 def _device(group) -> torch.device:
     """Where the group's small tensors live: NCCL moves CUDA tensors only."""
     if dist.get_backend(group) == "nccl":

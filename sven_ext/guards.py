@@ -10,6 +10,7 @@ import math
 import torch
 
 from .backends.base import ElementSubset
+from .safeguard import check_scale
 from .update import all_finite
 
 
@@ -78,9 +79,11 @@ class ClosureWatch:
 
 
 def check_step_state(entry) -> None:
-    """The optimizer-wide state ``state["sven"]``: the step counter, the seed, the sketch's basis."""
-    if not isinstance(entry, dict) or set(entry) - {"step", "seed", "basis"}:
-        raise ValueError(f"the optimizer state's 'sven' entry must be a dict of 'step', 'seed' and 'basis', got "
+    """The optimizer-wide state ``state["sven"]``: the step counter, the seed, the sketch's basis, the
+    safeguard's step scale."""
+    if not isinstance(entry, dict) or set(entry) - {"step", "seed", "basis", "scale"}:
+        raise ValueError(f"the optimizer state's 'sven' entry must be a dict of 'step', 'seed', 'basis' and 'scale', "
+                         "got "
                          f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}")
     step = entry.get("step", 0)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -88,6 +91,8 @@ def check_step_state(entry) -> None:
     seed = entry.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"the optimizer state's seed must be an integer, got {seed!r}")
+    if "scale" in entry:
+        check_scale(entry["scale"])
     basis = entry.get("basis")
     if basis is not None and not (isinstance(basis, torch.Tensor) and basis.dim() == 2 and basis.is_floating_point()
                                   and all_finite([basis])):

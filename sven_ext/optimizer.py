@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed
+from . import distributed, safeguard
 from .backends import SketchSettings, StepDirection, StepSettings, make_backend
 from .backends.base import ElementSubset
 from .backends.sketch import step_key
@@ -330,14 +330,22 @@ class Sven(torch.optim.Optimizer):
         backend = self._backend(s.backend, params)
         result = backend.compute(recorded, prepared.backend_settings)
         values, states = self._updates(params, result.directions, s, prepared.subsets)
-        kept = None
+        kept, guard = None, None
+        scale = self.state.get("sven", {}).get("scale", 1.0)
+        if s.safeguard is not None and result.solution.rank:
+            guard = self._guard(closure, prepared, result, values, scale, isinstance(outputs[-1], Residuals))
+            values = guard.values
         if s.variable_k:
             kept, values = self._variable_k(closure, params, result, s, prepared.subsets)
             require_finite(self._names_of(params), [[v] for v in values], [[("update", v)] for v in values])
         optimizer_state = {"step": prepared.step + 1, "seed": s.seed}
         if s.warm_start and result.state.get("basis") is not None:
             optimizer_state["basis"] = result.state["basis"].detach()
+        if s.safeguard is not None:
+            optimizer_state["scale"] = scale if guard is None else guard.scale
         info = self._info(backend, result, params, prepared.subsets, s, kept)
+        if guard is not None:
+            info["safeguard"] = guard.info
         if "warning" in info:  # before the commit: a warning turned into an error changes nothing
             warnings.warn(info["warning"], RuntimeWarning, stacklevel=3)
         return _Computed(result, values, states, optimizer_state, info, isinstance(outputs[-1], Residuals))
@@ -497,6 +505,31 @@ class Sven(torch.optim.Optimizer):
                 p.copy_(saved)
         return kept, values(0) if chosen is None else chosen
 
+    def _guard(self, closure, prepared: _Prepared, result, values: list[torch.Tensor], scale: float,
+               residual_rows: bool) -> safeguard.Decision:
+        """The safeguard's search along this step (:func:`sven_ext.safeguard.search`); the parameters and
+        buffers are put back after each trial."""
+        s, params = prepared.settings, prepared.params
+        lrs = {group["lr"] for group in self.param_groups}
+        model = safeguard.linearisation(result, lr=s.lr if len(lrs) == 1 else None,
+                                        kappa=None if residual_rows else s.kappa, group=s.microbatch_size or 1)
+
+        def values_for(trial_scale: float) -> list[torch.Tensor]:
+            if trial_scale == 1.0:
+                return values
+            scaled = [d * trial_scale for d in result.directions]
+            return self._updates(params, scaled, s, prepared.subsets)[0]
+
+        def batch_loss() -> float:
+            # The closure ran under grad mode for the step (its rows may take derivatives, e.g. a PDE's).
+            with distributed.Agreement(self.process_group), torch.enable_grad():
+                loss = _batch_loss(closure())
+            return distributed.sum_over_ranks(self.process_group, loss)
+
+        buffers = snapshot_buffers(self.model)
+        return safeguard.search(params, float(result.rows.losses.sum()), model, scale, values_for, batch_loss,
+                                lambda: restore_buffers(buffers))
+
     def _track(self, closure, result, s: Settings, residual_rows: bool) -> None:
         """Appends this step's spectrum and predicted vs actual loss change to ``svd_history``."""
         rows, solution = result.rows, result.solution
@@ -515,11 +548,7 @@ class Sven(torch.optim.Optimizer):
         plain = s.plain and len({g["lr"] for g in self.param_groups}) == 1
         if plain and solution.left_vectors is not None:
             linear = solution.linearised_residual(residual, s.lr) * rows.scale
-            if residual_rows:
-                predicted = float(linear.square().sum())
-            else:  # rows are (group means of) losses ** (kappa / 2)
-                m = s.microbatch_size or 1
-                predicted = m * float(linear.clamp_min(0).pow(2.0 / s.kappa).sum())
+            predicted = safeguard.loss_of_rows(linear, None if residual_rows else s.kappa, s.microbatch_size or 1)
             entry["predicted_loss_change"] = predicted - before
         entry["actual_loss_change"] = _batch_loss(closure()) - before
         self.svd_history.append(entry)

@@ -17,6 +17,7 @@ import torch
 from .backends import check_backend_name
 from .backends.sketch import DEFAULT_POWER_ITERATIONS, TEST_MATRICES
 from .linalg import DEFAULT_ATOL, Truncation
+from .safeguard import check_safeguard
 
 FUNCTIONAL_MODES = ("exact", "randomized")
 RMSPROP_MODES = (None, "before", "after")
@@ -72,6 +73,11 @@ class Settings:
     momentum: float = _setting(0.0, "heavy-ball momentum on the final direction")
     variable_k: bool = _setting(False, "apply the kept components in descending order while the batch loss "
                                        "keeps falling")
+    safeguard: str | None = _setting("backtracking", "`\"backtracking\"`: each step is checked on the batch loss "
+                                                    "before it is applied and halved while the loss falls by less than "
+                                                    "1% of what the linearised model predicts (one extra forward pass "
+                                                    "per step, one per halving); `None`: the bare step (needed with "
+                                                    "`momentum`, `rmsprop` or `variable_k`)")
 
     def __post_init__(self) -> None:
         _check_non_negative("lr", self.lr)
@@ -115,6 +121,7 @@ class Settings:
         if self.variable_k and (self.rmsprop is not None or self.momentum):
             raise ValueError("variable_k chooses how many components of the Sven step to apply; it does not "
                              "combine with rmsprop or momentum")
+        check_safeguard(self.safeguard, self.momentum, self.rmsprop, self.variable_k)
         check_backend_name(self.backend)
 
     @classmethod

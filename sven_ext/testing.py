@@ -145,7 +145,8 @@ def sven_update(model: nn.Module, loss, *, dtype=None, params=None, **sven_kwarg
         loss: ``loss(model)`` returns what a Sven closure returns for that model.
         dtype: cast the copy to this dtype first (``None``: keep).
         params: names of the parameters that move (``None``: every trainable one).
-        sven_kwargs: passed to :class:`sven_ext.Sven` (``backend``, ``lr``, ``k``, ...).
+        sven_kwargs: passed to :class:`sven_ext.Sven` (``backend``, ``lr``, ``k``, ...); ``safeguard``
+            is ``None`` unless given: the helpers compare the bare step's arithmetic.
 
     Returns:
         ``(deltas, last_info)``: ``{name: new - old}`` in the copy's dtype, and the step's info.
@@ -157,7 +158,7 @@ def sven_update(model: nn.Module, loss, *, dtype=None, params=None, **sven_kwarg
     if params is not None:
         named = dict(model.named_parameters())
         sven_kwargs["params"] = [named[name] for name in params]
-    optimizer = Sven(model, **sven_kwargs)
+    optimizer = Sven(model, **{"safeguard": None, **sven_kwargs})
     optimizer.step(lambda: loss(model))
     return {name: p.detach() - before[name] for name, p in model.named_parameters()}, optimizer.last_info
 

@@ -93,7 +93,8 @@ def test_a_raising_callback_comes_after_the_applied_step():
 def test_a_raising_track_svd_info_forward_comes_after_the_applied_step():
     x, y = data()
     reference, model = mlp((3, 4, 1)), mlp((3, 4, 1))
-    sven_ext.Sven(reference, backend="gram", k=3).step(lambda: squared_errors(reference, x, y))
+    # No safeguard: its trial evaluation would be the closure's second call.
+    sven_ext.Sven(reference, backend="gram", k=3, safeguard=None).step(lambda: squared_errors(reference, x, y))
     calls = []
 
     def closure():
@@ -102,7 +103,7 @@ def test_a_raising_track_svd_info_forward_comes_after_the_applied_step():
             raise KeyError("second forward")
         return squared_errors(model, x, y)
 
-    opt = sven_ext.Sven(model, backend="gram", k=3, track_svd_info=True)
+    opt = sven_ext.Sven(model, backend="gram", k=3, track_svd_info=True, safeguard=None)
     with pytest.raises(KeyError, match="second forward"):
         opt.step(closure)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
@@ -237,9 +238,9 @@ def _model(dtype, big=None):
 # (dtype, value of a spare parameter, injected direction, settings, steps before the failing one, message)
 STAGES = {
     "direction": (torch.float32, None, math.nan, dict(), 0, "at the direction stage for parameter '0.weight'"),
-    "RMSProp": (torch.float32, None, 1e21, dict(rmsprop="after", lr=1e-30), 0,
+    "RMSProp": (torch.float32, None, 1e21, dict(rmsprop="after", lr=1e-30, safeguard=None), 0,
                 "at the RMSProp stage for parameter '0.weight'"),
-    "momentum": (torch.float16, None, 4e4, dict(momentum=0.99, lr=1e-7), 1,
+    "momentum": (torch.float16, None, 4e4, dict(momentum=0.99, lr=1e-7, safeguard=None), 1,
                  "at the momentum stage for parameter '0.weight'"),
     "lr": (torch.float16, None, 2.0, dict(lr=6e4), 0, "at the lr stage for parameter '0.weight'"),
     "lr beyond the dtype": (torch.float16, None, 2.0, dict(lr=1e6), 0,
@@ -316,7 +317,7 @@ def test_a_bad_state_is_refused_at_load_and_changes_nothing(case):
     change, match = LOADS[case]
     x, y = data()
     source = mlp((3, 4, 1))
-    settings = dict(backend="gram", k=3, momentum=0.5, rmsprop="after")
+    settings = dict(backend="gram", k=3, momentum=0.5, rmsprop="after", safeguard=None)
     saving = sven_ext.Sven(source, **settings)
     saving.step(lambda: squared_errors(source, x, y))
     saved = copy.deepcopy(saving.state_dict())
@@ -347,7 +348,7 @@ def test_a_state_of_another_optimizer_is_refused():
 def test_a_setting_changed_between_steps_is_checked_like_the_constructor():
     model = mlp((3, 4, 1))
     x, y = data()
-    opt = sven_ext.Sven(model, momentum=0.5)
+    opt = sven_ext.Sven(model, momentum=0.5, safeguard=None)
     opt.param_groups[0]["momentum"] = 1.5
     snapshot = Snapshot(model, opt)
     with pytest.raises(ValueError, match=r"param group 0: momentum must be in \[0, 1\), got 1.5"):
@@ -372,7 +373,7 @@ def test_add_param_group_is_checked_like_the_constructor():
 # ----------------------------------------------------------------------------- copies
 
 
-@pytest.mark.parametrize("backend,settings", [("gram", dict(momentum=0.5)),
+@pytest.mark.parametrize("backend,settings", [("gram", dict(momentum=0.5, safeguard=None)),
                                               ("sketch", dict(warm_start=True, k=2, oversampling=1))])
 def test_deepcopy_and_pickle_give_working_optimizers_of_the_copied_model(backend, settings):
     x, y = data()
@@ -571,7 +572,8 @@ def test_a_lowered_max_memory_is_refused_before_the_forward_pass(backend):
         calls.append(1)
         return squared_errors(model, x, y)
 
-    opt = sven_ext.Sven(model, backend=backend, k=3, max_memory=1 << 30)
+    # No safeguard: the test counts the closure's calls, and its trial evaluation is one.
+    opt = sven_ext.Sven(model, backend=backend, k=3, max_memory=1 << 30, safeguard=None)
     opt.step(closure)
     for group in opt.param_groups:
         group["max_memory"] = 1024

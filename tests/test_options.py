@@ -72,8 +72,9 @@ def test_decoupled_weight_decay(backend):
 
 
 def _trajectory(model, backend, batches, **kwargs):
+    """The bare steps (no safeguard): the options' arithmetic against the dense backend's or a formula."""
     model = copy.deepcopy(model)
-    opt = sven_ext.Sven(model, backend=backend, **kwargs)
+    opt = sven_ext.Sven(model, backend=backend, **{"safeguard": None, **kwargs})
     for x, y in batches:
         opt.step(lambda: squared_errors(x, y)(model))
     return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
@@ -102,7 +103,7 @@ def test_rmsprop_after_and_momentum_by_hand():
     beta, eps, mu, lr = 0.9, 1e-8, 0.8, 0.01
     # Plain directions d1, d2 from the same weights the optimized run sees.
     plain = copy.deepcopy(model)
-    opt = sven_ext.Sven(plain, backend="dense", lr=1.0, k=4)
+    opt = sven_ext.Sven(plain, backend="dense", lr=1.0, k=4, safeguard=None)
     start = {n: p.detach().clone() for n, p in plain.named_parameters()}
     x, y = batches[0]
     opt.step(lambda: squared_errors(x, y)(plain))
@@ -173,7 +174,7 @@ def test_track_svd_info_predicts_the_loss_change_of_small_steps():
 def test_options_resume_bitwise():
     model = mlp((3, 6, 2), seed=9)
     batches = [data(seed=s) for s in range(4)]
-    kwargs = dict(backend="gram", lr=0.05, k=4, rmsprop="before", momentum=0.9, weight_decay=0.01)
+    kwargs = dict(backend="gram", lr=0.05, k=4, rmsprop="before", momentum=0.9, weight_decay=0.01, safeguard=None)
     full, _ = _trajectory(model, batches=batches, **kwargs)
     half_model = copy.deepcopy(model)
     opt = sven_ext.Sven(half_model, **kwargs)
@@ -223,9 +224,9 @@ def test_fitted_samples_with_kappa_below_2_give_zero_rows(backend, m):
 
 
 def _element_steps(model, steps, **kwargs):
-    """Per step: the parameter changes and the subsets the optimizer drew."""
+    """Per step: the parameter changes and the subsets the optimizer drew (bare steps, no safeguard)."""
     model = copy.deepcopy(model)
-    opt = sven_ext.Sven(model, **kwargs)
+    opt = sven_ext.Sven(model, **{"safeguard": None, **kwargs})
     out = []
     for s in range(steps):
         x, y = data(seed=s)
@@ -302,7 +303,7 @@ def test_rmsprop_before_by_hand():
     model = mlp((3, 5, 2), seed=10)
     batches = [data(batch=4, seed=s) for s in range(2)]  # 8 rows < 32 parameters: pinv is exact
     beta, eps, lr = 0.9, 1e-8, 0.1
-    kwargs = dict(lr=lr, k=100, rtol=0, atol=0, rmsprop="before", rmsprop_beta=beta)
+    kwargs = dict(lr=lr, k=100, rtol=0, atol=0, rmsprop="before", rmsprop_beta=beta, safeguard=None)
     mine = copy.deepcopy(model)
     opt = sven_ext.Sven(mine, backend="dense", **kwargs)
     for x, y in batches:
@@ -343,7 +344,7 @@ def test_variable_k_applies_a_prefix_of_the_components_while_the_loss_falls(back
 def test_variable_k_on_the_functional_backend_is_a_clear_error():
     model = mlp((3, 8, 2), seed=11)
     x, y = data(batch=12)
-    opt = sven_ext.Sven(model, backend="functional", variable_k=True, k=4)
+    opt = sven_ext.Sven(model, backend="functional", variable_k=True, k=4, safeguard=None)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="variable_k needs U_k and a contraction from the backend"):
         opt.step(lambda: residuals(x, y)(model))
