@@ -131,15 +131,17 @@ def adam_step(optimizer: torch.optim.Optimizer, model: torch.nn.Module, x: torch
 
 
 def warmup_then_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor of step ``s``: linear warm-up over ``warmup_steps``, then linear decay to 0.
+    """Learning-rate factor of step ``s``: linear warm-up over ``warmup_steps`` (0: none), then linear
+    decay to 0.
 
-    Both optimizers use it. Sven needs the warm-up: at initialisation the Jacobian is
-    nearly rank-deficient, and the minimum-norm step through a direction with
-    ``s_j ~ rtol * s_0`` can throw the weights far away (seen on some seeds as a
-    validation loss of 1e5 after the first step, and a worse plateau afterwards).
-    The decay lets the last steps, each fitted to one mini-batch, settle.
-    Adam with the same schedule ends about where it does with a constant rate.
+    Adam takes a one-epoch warm-up (with it, it ends about where it does with a constant rate).
+    Sven takes none: its safeguard checks every step on the batch loss, which is what made a
+    warm-up necessary without it (from random weights the minimum-norm step through a direction
+    with ``s_j ~ rtol * s_0`` could throw the weights far away). The decay lets the last steps,
+    each fitted to one mini-batch, settle.
     """
+    if warmup_steps == 0:
+        return lambda step: (total_steps - step) / total_steps
     return lambda step: min((step + 1) / warmup_steps, (total_steps - step) / total_steps)
 
 
@@ -150,18 +152,20 @@ def train(
     step: Callable[[torch.optim.Optimizer, torch.nn.Module, torch.Tensor, torch.Tensor], float],
     data: Split,
     config: DemoConfig,
+    warmup: bool,
 ) -> History:
     """Trains ``model`` for ``config.epochs`` epochs, recording the validation loss after each.
 
     The batch order comes from a generator seeded with ``config.seed``, so every
     optimizer sees the same batches in the same order. The learning rate follows
-    :func:`warmup_then_decay` with a one-epoch warm-up.
+    :func:`warmup_then_decay`, with a one-epoch warm-up if ``warmup``.
     """
     history = History(name)
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = -(-data.x_train.shape[0] // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(steps_per_epoch, total_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_decay(steps_per_epoch if warmup else 0, total_steps))
     bar = tqdm(total=total_steps, desc=f"{name:>4}", disable=config.quiet, leave=True)
     seconds = 0.0
     history.record(0, 0.0, mse(model, data.x_val, data.y_val))
@@ -206,10 +210,10 @@ def run_demo(config: DemoConfig, stream: TextIO | None = None) -> list[History]:
     with torch_threads(1):
         model = copy.deepcopy(initial)
         sven = sven_ext.Sven(model, lr=config.lr, k=config.k, rtol=1e-3, backend=config.backend)
-        histories = [train("Sven", model, sven, sven_step, data, config)]
+        histories = [train("Sven", model, sven, sven_step, data, config, warmup=False)]
         model = copy.deepcopy(initial)
         adam = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
-        histories.append(train("Adam", model, adam, adam_step, data, config))
+        histories.append(train("Adam", model, adam, adam_step, data, config, warmup=True))
 
     print(format_table(histories), file=stream)
     save_plot(histories, config)

@@ -9,6 +9,7 @@ import torch
 
 from sven_ext import Residuals
 from sven_ext.__main__ import main
+from sven_ext.demo import warmup_then_decay
 from sven_ext.harness import optimizers, plots, report, runner, scaling, tasks
 
 
@@ -176,15 +177,35 @@ def test_poisson_task_builds_and_evaluates():
     assert problem.steps_per_epoch() == 5
 
 
-def test_poisson_sven_steps_backtrack_to_a_lower_loss():
+def test_poisson_sven_steps_lower_the_loss_with_the_safeguard():
     task = tasks.get_tasks(["poisson"], quick=True)[0]
     problem = task.build(0)
     stepper = optimizers.OPTIMIZERS["sven-functional"].build(problem, 1.0, task)
+    assert stepper.optimizer.param_groups[0]["safeguard"] == "backtracking"
     batch, _ = next(problem.batches(torch.Generator()))
     losses = [stepper.step(batch) for _ in range(4)]
     assert all(b < a for a, b in zip(losses, losses[1:]))  # each step lowered the loss
-    with pytest.raises(NotImplementedError, match="no line search"):
-        tasks.get_tasks(["regression_1d"], quick=True)[0].build(0).line_search([], 0.0)
+
+
+def test_full_batch_lbfgs_trains_on_the_whole_set_until_its_budget():
+    task = dataclasses.replace(_tiny(n_train=64, n_val=32), full_batch_seconds=0.2)
+    spec = optimizers.OPTIMIZERS["lbfgs-full"]
+    record = runner.train(task, spec, 10, 0, progress=False)
+    assert record["status"] == "ok" and record["seconds"] >= 0.2
+    losses = record["curve"]["val_loss"]
+    assert losses[-1] < 0.5 * losses[0]
+    # One call of step per point of the curve, each on every training example.
+    assert record["epochs"]["epoch"] == list(range(1, record["steps"] + 1))
+    assert record["task_config"]["full_batch_seconds"] == 0.2
+    assert "full_batch_seconds" in runner.protocol(record["task_config"], "lbfgs-full")
+    assert "full_batch_seconds" not in runner.protocol(record["task_config"], "adam")
+
+
+def test_sven_takes_no_warm_up_and_adam_one():
+    assert not any(spec.warmup for name, spec in optimizers.OPTIMIZERS.items() if name.startswith("sven"))
+    assert optimizers.OPTIMIZERS["adam"].warmup
+    assert warmup_then_decay(0, 10)(0) == 1.0 and warmup_then_decay(0, 10)(5) == 0.5
+    assert warmup_then_decay(5, 10)(0) == 0.2
 
 
 def test_residual_rows_are_per_output_and_scaled_to_the_per_sample_loss():
@@ -266,6 +287,6 @@ def test_speedup_median_counts_a_seed_that_never_reached_adam_as_the_worst():
     runs += [run("sven-gram", sven, 0, [0, 1, 2], [1.0, 0.1, 0.01]),  # reaches 0.1 at 1 s: 10x
              run("sven-gram", sven, 1, [0, 2, 4], [1.0, 0.05, 0.01]),  # at 2 s: 5x
              run("sven-gram", sven, 2, [0, 1], [1.0, float("nan")], status="diverged")]  # never
-    comparison = report.versus_adam(runs, task)
+    comparison = report.versus(runs, task, "adam")
     assert comparison["speedups"] == [10.0, 5.0, None]
     assert comparison["speedup"] == 5.0  # median of 10, 5 and the worst (0)

@@ -1,8 +1,8 @@
 """The optimizers compared, each with an equal-size grid of one hyper-parameter.
 
 Every optimizer tunes exactly one value (its learning rate, or for Polyak-SGD the cap on its
-step size, or for L-BFGS the initial step length of its line search) over
-:data:`GRID_SIZE` values; everything else is fixed and listed here. The Sven backends compute
+step size, for mini-batch L-BFGS the initial step length of its line search, for full-batch
+L-BFGS its history size) over :data:`GRID_SIZE` values; everything else is fixed and listed here. The Sven backends compute
 the same update (``dense`` and ``gram`` exactly, ``sketch`` approximately): ``sven-gram`` is
 tuned, the other backends run at the value it selected (``follows``), which measures what the
 backend changes rather than spending the budget on re-tuning the same step.
@@ -30,10 +30,16 @@ DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "rmsprop": (3e-4, 1e-3, 3e-3, 1e-2),
     "polyak": (0.1, 0.3, 1.0, 3.0),
     "lbfgs": (0.1, 0.3, 1.0, 3.0),
+    "lbfgs_full": (10, 20, 50, 100),
 }
 
 SGD_MOMENTUM = 0.9
 LBFGS_HISTORY = 10
+# Full-batch L-BFGS: iterations per call of ``step`` (each call is one point of its curve; the run
+# makes calls until its wall-time budget is spent). Its tolerances are far below float32 rounding,
+# so that it stops only when the budget does (or its line search can no longer move).
+LBFGS_FULL_ITERATIONS = 20
+LBFGS_FULL_TOLERANCES = dict(tolerance_grad=1e-12, tolerance_change=1e-15)
 
 
 class Stepper:
@@ -90,20 +96,34 @@ def _closure_optimizer(optimizer_class, **fixed):
     return build
 
 
+def _full_batch_lbfgs(problem: Problem, value: float, task: Task) -> Stepper:
+    """``torch.optim.LBFGS`` on the whole training set: strong-Wolfe line search, history ``value``."""
+    del task
+    optimizer = torch.optim.LBFGS(problem.model.parameters(), lr=1.0, max_iter=LBFGS_FULL_ITERATIONS,
+                                  history_size=int(value), line_search_fn="strong_wolfe", **LBFGS_FULL_TOLERANCES)
+
+    def step(batch):
+        def closure():
+            optimizer.zero_grad()
+            loss = problem.loss(batch)
+            loss.backward()
+            return loss
+
+        return float(optimizer.step(closure).detach())
+
+    return Stepper(optimizer, step)
+
+
 def _sven(backend: str):
     def build(problem: Problem, value: float, task: Task) -> Stepper:
         settings = dict(task.sven)
         rows = settings.pop("rows", "losses")  # what the closure returns, not a Sven argument
-        line_search = settings.pop("line_search", False)  # the problem rescales each step
         if backend == "functional":
             settings.setdefault("functional_mode", "exact")
         optimizer = Sven(problem.model, lr=value, backend=backend, **settings)
 
         def step(batch):
-            before = [p.detach().clone() for p in problem.model.parameters()] if line_search else None
             losses = optimizer.step(lambda: problem.rows(batch, rows))
-            if line_search:
-                problem.line_search(before, float(losses.sum()))
             # Mini-batches: the mean of the per-sample losses (for residual rows, each sample's sum
             # of squares, which the problem scales to its loss); full batch: their sum (the loss).
             return float(losses.sum()) if task.batch_size is None else float(losses.mean())
@@ -123,7 +143,10 @@ class OptimizerSpec:
         grid_name: which grid it tunes (a key of :data:`DEFAULT_GRIDS` and of ``Task.grids``).
         hyper: what the grid value is, in words.
         build: ``build(problem, value, task) -> Stepper``.
-        scheduled: follows the task's warm-up-then-decay schedule (where the task has one).
+        scheduled: follows the task's schedule (where the task has one): a linear decay to 0.
+        warmup: the schedule starts with a one-epoch linear warm-up.
+        full_batch: each step is a call on the whole training set, the run ends at the task's
+            ``full_batch_seconds`` (its ``epochs`` and batches do not apply).
         backend: the Sven backend (``None`` for the others).
         follows: run only at the value this other optimizer selected, instead of tuning.
         fixed: the settings it does not tune, for the record.
@@ -135,6 +158,8 @@ class OptimizerSpec:
     hyper: str
     build: Callable[[Problem, float, Task], Stepper]
     scheduled: bool = True
+    warmup: bool = True
+    full_batch: bool = False
     backend: str | None = None
     follows: str | None = None
     fixed: str = ""
@@ -151,9 +176,10 @@ class OptimizerSpec:
 def _sven_spec(backend: str, follows: str | None) -> OptimizerSpec:
     return OptimizerSpec(
         f"sven-{backend}", f"Sven ({backend})", "sven", "lr", _sven(backend), backend=backend, follows=follows,
-        fixed="k, rtol and the rows per task (Task.sven): per-sample losses as rows (kappa = 2) by default, "
-              "signed residuals per output where the task says so, residual rows on poisson "
-              "(with the example's backtracking line search)",
+        warmup=False,
+        fixed="k, rtol, the safeguard and the rows per task (Task.sven): per-sample losses as rows (kappa = 2) "
+              "by default, signed residuals per output where the task says so, residual rows on poisson; "
+              "linear decay of lr without warm-up",
     )
 
 
@@ -170,7 +196,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec("rmsprop", "RMSprop", "rmsprop", "lr", _first_order(torch.optim.RMSprop),
                       fixed="alpha 0.99"),
         OptimizerSpec("polyak", "Polyak-SGD", "polyak", "max lr", _closure_optimizer(PolyakSGD), fixed="f_star 0"),
-        OptimizerSpec("lbfgs", "L-BFGS", "lbfgs", "lr (initial step)",
+        OptimizerSpec("lbfgs-full", "L-BFGS (full batch)", "lbfgs_full", "history", _full_batch_lbfgs,
+                      scheduled=False, full_batch=True,
+                      fixed=f"whole training set, lr 1 (the strong-Wolfe line search sets the step), "
+                            f"{LBFGS_FULL_ITERATIONS} iterations per call, calls until Task.full_batch_seconds"),
+        OptimizerSpec("lbfgs", "L-BFGS (mini-batch)", "lbfgs", "lr (initial step)",
                       _closure_optimizer(torch.optim.LBFGS, max_iter=1, history_size=LBFGS_HISTORY,
                                          line_search_fn="strong_wolfe"),
                       scheduled=False,

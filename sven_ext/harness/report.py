@@ -2,8 +2,9 @@
 
 For each task: every optimizer at its selected value (median final validation metric over
 seeds, with the range; test metrics where the task has a test split; median training wall
-time; diverged runs), the whole grid, and Sven against the best-tuned Adam (ratio of final
-losses, and how much sooner in wall time Sven reaches Adam's final loss).
+time; diverged runs), the whole grid, and Sven against the best-tuned Adam and the best-tuned
+full-batch L-BFGS (ratio of final losses, and how much sooner in wall time Sven reaches the
+other's final loss).
 """
 
 from __future__ import annotations
@@ -49,19 +50,19 @@ def selected_runs(runs: list[dict], task: Task, optimizer: str) -> tuple[float |
     return chosen[0], sorted((r for r in mine if r["value"] == chosen[0]), key=lambda r: r["seed"])
 
 
-def versus_adam(runs: list[dict], task: Task) -> dict | None:
-    """Sven (gram, or the task's first backend) against the best-tuned Adam, seed by seed.
+def versus(runs: list[dict], task: Task, other: str = "adam") -> dict | None:
+    """Sven (gram, or the task's first backend) against the best-tuned ``other``, seed by seed.
 
     Returns:
-        ``None`` without both; else medians over seeds: ``sven``, ``adam`` (final validation
-        metric), ``ratio`` (Adam's / Sven's median), ``speedups`` (Adam's time to first reach its
-        own final value over Sven's time to reach it; ``None`` entries where Sven never did) and
-        their median ``speedup`` (a seed where Sven never did counts as the worst, 0),
-        ``sven_seconds`` and ``adam_seconds`` (those times), ``seeds``.
+        ``None`` without both; else medians over seeds: ``sven``, ``other`` (final validation
+        metric), ``ratio`` (the other's / Sven's median), ``speedups`` (the other's time to first
+        reach its own final value over Sven's time to reach it; ``None`` entries where Sven never
+        did) and their median ``speedup`` (a seed where Sven never did counts as the worst, 0),
+        ``sven_seconds`` and ``other_seconds`` (those times), ``seeds``.
     """
     sven_name = SVEN if SVEN in [r["optimizer"] for r in runs] else f"sven-{task.sven_backends[0]}"
     _, sven = selected_runs(runs, task, sven_name)
-    _, adam = selected_runs(runs, task, "adam")
+    _, adam = selected_runs(runs, task, other)
     adam_by_seed = {r["seed"]: r for r in adam}
     pairs = [(s, adam_by_seed[s["seed"]]) for s in sven if s["seed"] in adam_by_seed]
     if not pairs:
@@ -78,9 +79,9 @@ def versus_adam(runs: list[dict], task: Task) -> dict | None:
     adam_median = _median([final_metric(a, task.metric) for _, a in pairs])
     return {
         "sven_optimizer": sven_name,
-        "sven": sven_median, "adam": adam_median, "ratio": adam_median / sven_median if sven_median else None,
+        "sven": sven_median, "other": adam_median, "ratio": adam_median / sven_median if sven_median else None,
         "speedup": _median([0.0 if x is None else x for x in speedups]),
-        "speedups": speedups, "sven_seconds": sven_times, "adam_seconds": adam_times,
+        "speedups": speedups, "sven_seconds": sven_times, "other_seconds": adam_times,
         "seeds": [s["seed"] for s, _ in pairs],
     }
 
@@ -131,18 +132,22 @@ def task_table(runs: list[dict], task: Task) -> list[str]:
             cells.append(f"**{cell}**" if chosen and value == chosen[0] else cell)
         lines.append(f"- {spec.label} ({spec.hyper}): " + ", ".join(cells))
 
-    comparison = versus_adam(runs, task)
-    if comparison is not None:
+    for other in ("adam", "lbfgs-full"):
+        comparison = versus(runs, task, other)
+        if comparison is None:
+            continue
+        label = OPTIMIZERS[other].label
         speedups = ", ".join(_fmt(x) if x is not None else "never" for x in comparison["speedups"])
         sven_seconds = ", ".join(_fmt(x) if x is not None else "never" for x in comparison["sven_seconds"])
-        adam_seconds = ", ".join(_fmt(x) for x in comparison["adam_seconds"])
+        other_seconds = ", ".join(_fmt(x) for x in comparison["other_seconds"])
         median = _fmt(comparison["speedup"]) if comparison["speedup"] else "never"
         lines += [
             "",
-            f"Sven vs best-tuned Adam (seeds {comparison['seeds']}): median final validation {metric} "
-            f"{_fmt(comparison['sven'])} vs {_fmt(comparison['adam'])}, Adam / Sven = {_fmt(comparison['ratio'])}. "
-            f"Time to first reach Adam's final validation {metric} (same seed): Sven {sven_seconds} s, "
-            f"Adam {adam_seconds} s; Adam's time / Sven's: {speedups} (median {median}, never counted as the worst).",
+            f"Sven vs best-tuned {label} (seeds {comparison['seeds']}): median final validation {metric} "
+            f"{_fmt(comparison['sven'])} vs {_fmt(comparison['other'])}, {label} / Sven = "
+            f"{_fmt(comparison['ratio'])}. Time to first reach {label}'s final validation {metric} (same seed): "
+            f"Sven {sven_seconds} s, {label} {other_seconds} s; {label}'s time / Sven's: {speedups} "
+            f"(median {median}, never counted as the worst).",
         ]
     return lines
 

@@ -32,18 +32,23 @@ from .tasks import Problem, Task, parameter_count
 # this far above its initial value (the models here start at a validation loss of about 1).
 DIVERGENCE_FACTOR = 1e3
 EVALS_PER_EPOCH = 8
+_UNBOUNDED = 10**9  # epochs of a run that ends at its wall-time budget
 # Optimizers that follow another one's selection (the other Sven backends) run this many seeds:
 # they repeat the tuned configuration to measure the backend's time, not to tune.
 FOLLOWER_SEEDS = 2
 
 
 def protocol(config: dict, optimizer: str) -> dict:
-    """The part of a task's ``config`` that identifies ``optimizer``'s runs: all of it for Sven,
-    all but the Sven settings (``"sven"``) for the others, so changing Sven's settings on a task
-    sets Sven's earlier runs aside without setting aside the other optimizers' runs."""
-    if optimizer.startswith("sven"):
-        return config
-    return {key: value for key, value in config.items() if key != "sven"}
+    """The part of a task's ``config`` that identifies ``optimizer``'s runs: Sven's settings
+    (``"sven"``) only for Sven, the full-batch budget (``"full_batch_seconds"``) only for the
+    full-batch optimizers, so changing either sets aside only the runs it concerns."""
+    spec = OPTIMIZERS[optimizer]
+    dropped = set()
+    if not optimizer.startswith("sven"):
+        dropped.add("sven")
+    if not spec.full_batch:
+        dropped.add("full_batch_seconds")
+    return {key: value for key, value in config.items() if key not in dropped}
 
 
 def run_id(task: str, config: dict, optimizer: str, value: float, seed: int) -> str:
@@ -139,18 +144,25 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
         progress: show a progress bar of the steps.
     """
     problem = task.build(seed)
-    spectra = spectra and problem.probe() is not None
+    spectra = spectra and problem.probe() is not None and not spec.full_batch
     stepper = spec.build(problem, value, task)
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = problem.steps_per_epoch()
-    total = task.epochs * steps_per_epoch
+    if spec.full_batch:
+        # One call on the whole training set per "epoch", as many as the budget allows.
+        epochs, budget, steps_per_epoch = _UNBOUNDED, task.full_batch_seconds, 1
+        batches = lambda: [problem.full_batch()]  # noqa: E731
+    else:
+        epochs, budget, steps_per_epoch = task.epochs, task.budget_seconds, problem.steps_per_epoch()
+        batches = lambda: problem.batches(generator)  # noqa: E731
+    total = epochs * steps_per_epoch
     schedule = None
     if task.schedule and spec.scheduled:
-        schedule = torch.optim.lr_scheduler.LambdaLR(stepper.optimizer, warmup_then_decay(steps_per_epoch, total))
+        warmup = steps_per_epoch if spec.warmup else 0
+        schedule = torch.optim.lr_scheduler.LambdaLR(stepper.optimizer, warmup_then_decay(warmup, total))
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
 
     curve: dict[str, list] = {"step": [], "epoch": [], "seconds": []}
-    epochs: dict[str, list] = {"epoch": [], "seconds": [], "train_loss": []}
+    per_epoch: dict[str, list] = {"epoch": [], "seconds": [], "train_loss": []}
     record = {"spectra": {"epoch": [], "singular_values": []}} if spectra else {}
     ranks: list[int] = []
 
@@ -172,12 +184,12 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
     snapshot(0)
     status, reason = "ok", None
     seconds, step = 0.0, 0
-    bar = tqdm(total=None if task.budget_seconds else total, desc=f"  {spec.name} {value:g} seed {seed}",
+    bar = tqdm(total=None if budget else total, desc=f"  {spec.name} {value:g} seed {seed}",
                leave=False, disable=not progress, dynamic_ncols=True)
     try:
-        for epoch in range(1, task.epochs + 1):
+        for epoch in range(1, epochs + 1):
             weighted, examples = 0.0, 0
-            for batch, size in problem.batches(generator):
+            for batch, size in batches():
                 start = time.perf_counter()
                 loss = stepper.step(batch)
                 if schedule is not None:
@@ -196,11 +208,11 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
                         status, reason = "diverged", f"validation {task.metric} {latest:.3g} at step {step}"
                         break
                     bar.set_postfix({f"val_{task.metric}": f"{latest:.3e}"}, refresh=False)
-                if task.budget_seconds is not None and seconds >= task.budget_seconds:
+                if budget is not None and seconds >= budget:
                     break
-            epochs["epoch"].append(epoch)
-            epochs["seconds"].append(seconds)
-            epochs["train_loss"].append(weighted / max(examples, 1))
+            per_epoch["epoch"].append(epoch)
+            per_epoch["seconds"].append(seconds)
+            per_epoch["train_loss"].append(weighted / max(examples, 1))
             if status != "ok":
                 break
             if curve["step"][-1] != step:
@@ -208,7 +220,7 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
             snapshot(epoch)
             if hasattr(stepper.optimizer, "last_info") and "rank" in stepper.optimizer.last_info:
                 ranks.append(stepper.optimizer.last_info["rank"])
-            if task.budget_seconds is not None and seconds >= task.budget_seconds:
+            if budget is not None and seconds >= budget:
                 break
     except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError) as error:
         status, reason = "diverged", f"{type(error).__name__} at step {step}: {str(error).splitlines()[0][:200]}"
@@ -219,12 +231,12 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
     if status == "ok":
         for split in problem.splits[1:]:
             final.update({f"{split}_{name}": number for name, number in problem.evaluate(split).items()})
-        final["train_loss"] = epochs["train_loss"][-1]
+        final["train_loss"] = per_epoch["train_loss"][-1]
     record.update({
         "task": task.name, "task_config": task.config(), "optimizer": spec.name, "hyper": spec.hyper,
         "value": value, "seed": seed, "status": status, "reason": reason,
         "parameters": parameter_count(problem.model), "steps": step, "seconds": seconds,
-        "final": final, "epochs": epochs, "curve": curve,
+        "final": final, "epochs": per_epoch, "curve": curve,
     })
     if ranks:
         record["ranks"] = ranks
