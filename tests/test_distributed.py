@@ -99,6 +99,7 @@ def _compare(model, data, shards, rank, steps=1, reference=None, **kwargs):
         "bytes": info["communicated_bytes"],
         "gradient_bytes": info["gradient_allreduce_bytes"],
         "backend": info["backend"],
+        "safeguard": info.get("safeguard"),
     }
 
 
@@ -107,6 +108,8 @@ def _check_mlp(rank, world):
     data = _data(shards, (3,), 2, seed=2)
     return {
         "gram": _compare(model, data, shards, rank, backend="gram", lr=0.5),
+        # A step the safeguard shortens: every rank sums the trials' losses and takes the same scale.
+        "safeguard": _compare(model, data, shards, rank, backend="gram", lr=8.0),
         # s = 4 columns for 12 rows: a true sketch, equal to the single-process one with the same seed.
         "sketch": _compare(model, data, shards, rank, backend="sketch", lr=0.5, k=2, oversampling=2, seed=7),
         "auto": _compare(model, data, shards, rank, backend="auto", lr=0.5, k=3),
@@ -353,12 +356,14 @@ def test_mlp_matches_single_process(job):
     world, results = job
     rows = sum(SHARDS[world])
     for rank, result in enumerate(results):
-        for name in ("gram", "sketch", "auto", "fraction_rmsprop", "elements"):
+        for name in ("gram", "safeguard", "sketch", "auto", "fraction_rmsprop", "elements"):
             _assert_matches(result["mlp"][name], rows)
             assert result["mlp"][name]["losses"] < 1e-12  # step returns the whole batch's losses
         _assert_matches(result["mlp"]["microbatch"], sum(EVEN_SHARDS[world]) // 2)
         gram = result["mlp"]["gram"]
         assert 0 < gram["bytes"] and gram["gradient_bytes"] > 0
+        assert result["mlp"]["safeguard"]["safeguard"]["trials"] >= 2
+    assert len({json.dumps(r["mlp"]["safeguard"]["safeguard"]) for r in results}) == 1
     # Every rank sends the same amount (padding to the largest shard).
     assert len({r["mlp"]["gram"]["bytes"] for r in results}) == 1
 
