@@ -205,7 +205,7 @@ def test_poisson_example_smoke(tmp_path, capsys):
     summary = poisson.main(["--quick", "--adam-lrs", "1e-3", "--out", str(tmp_path), "--no-progress", "--threads", "1"])
     sven = summary["histories"]["sven"]
     assert sven["errors"][-1] < 0.5 * sven["errors"][0]
-    # The line search accepts only steps that lower the loss.
+    # The safeguard accepts only steps that lower the loss.
     assert all(b <= a for a, b in zip(sven["losses"], sven["losses"][1:]))
     assert "adam lr=0.001" in summary["adam"] and summary["best_adam"] == "adam lr=0.001"
     assert json.loads((tmp_path / "poisson.json").read_text())["sven"] == summary["sven"]

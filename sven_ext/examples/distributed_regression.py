@@ -7,16 +7,19 @@ it (slices differ in size when the world size does not divide the batch). ``Sven
 process_group=...)`` takes the step of the whole batch on every rank: not an average of
 per-rank steps. With ``--ddp`` the model is wrapped in ``DistributedDataParallel`` first (what
 a training script that also runs first-order optimisers may do); Sven never lets DDP reduce.
-The step size warms up linearly over the first epoch (``torch.optim.lr_scheduler`` works as
-with any optimizer).
+No warm-up: Sven's safeguard checks every step on the whole batch's loss (each rank's is
+summed over the ranks, so every rank takes the same decision) and shortens the first steps,
+where the linearised model is poor. ``--warmup N`` adds a linear warm-up over ``N`` steps
+(``torch.optim.lr_scheduler`` works as with any optimizer).
 
 Run on CPUs (gloo)::
 
     torchrun --nproc_per_node=2 -m sven_ext.examples.distributed_regression
     torchrun --nproc_per_node=3 -m sven_ext.examples.distributed_regression --ddp --backend sketch
 
-Rank 0 prints the training and validation losses and the bytes a step sent per rank, next to
-those of a gradient all-reduce of the same model.
+Rank 0 prints the first step's batch loss before and after it, the training and validation
+losses, and the bytes a step sent per rank, next to those of a gradient all-reduce of the same
+model.
 """
 
 from __future__ import annotations
@@ -60,8 +63,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--backend", default="gram", choices=["gram", "sketch", "auto"])
     parser.add_argument("--lr", type=float, default=0.5, help="peak step size")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="steps of linear warm-up to --lr (default: one epoch)")
+    parser.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up to --lr (default: none)")
     parser.add_argument("--ddp", action="store_true", help="wrap the model in DistributedDataParallel")
     args = parser.parse_args()
 
@@ -79,10 +81,7 @@ def main() -> None:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = Sven(model, lr=args.lr, backend=args.backend, process_group=dist.group.WORLD)
     steps = args.samples // args.batch
-    # From random weights the linearised model is poor: full-size first steps overshoot by
-    # orders of magnitude (the loss jumps before it recovers), small ones do not.
-    warmup = steps if args.warmup is None else args.warmup
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup, 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup, 1)))
     mine = my_slice(args.batch, rank, world)
     order = torch.Generator().manual_seed(2)  # one shuffle, identical on every rank
     for epoch in range(args.epochs):
@@ -94,6 +93,10 @@ def main() -> None:
             # Per-sample losses of this rank's shard; the step returns the whole batch's.
             losses = optimizer.step(lambda: (model(xb) - yb).square().sum(1))
             schedule.step()
+            guard = optimizer.last_info.get("safeguard")  # absent when the step kept no singular value
+            if rank == 0 and epoch == 0 and start == 0 and guard is not None:
+                print(f"first step: mean batch loss {float(losses.mean()):.3e} -> {guard['loss'] / args.batch:.3e} "
+                      f"(step scale {guard['scale']:g} after {guard['trials']} evaluation(s))")
             total += float(losses.sum())
         with torch.no_grad():
             validation = float((model(x_val) - y_val).square().mean())

@@ -158,10 +158,14 @@ def _progress(total: int, description: str, enabled: bool):
 
 
 def train_sven(problem: PoissonProblem, model: nn.Module, steps: int = 1000, *, lr: float = 1.0,
-               k: int | None = None,
-               rtol: float = 1e-6, mode: str = "exact", chunk_rows: int = 64, line_search: bool = True,
+               k: int | None = None, rtol: float = 1e-6, mode: str = "exact", chunk_rows: int = 64,
                eval_every: int = 10, progress: bool = False, **sven_kwargs) -> History:
     """Trains ``model`` in place with ``Sven(backend="functional")`` for ``steps`` steps.
+
+    Sven's safeguard (on by default) checks each step on the loss and halves it while the loss
+    falls by less than the linearised model predicts; training stops early when no scale of a
+    step lowers the loss (the step is then the same at every later step: the loss is at the floor
+    the rows and the cut-offs allow).
 
     Args:
         problem: the rows.
@@ -170,61 +174,32 @@ def train_sven(problem: PoissonProblem, model: nn.Module, steps: int = 1000, *, 
         lr, k, rtol: Sven's step size, rank cap (``None``: every row) and relative cut-off.
         mode: ``functional_mode``, ``"exact"`` or ``"randomized"``.
         chunk_rows: products with ``J`` batched at once.
-        line_search: scale each step by the first of ``LINE_SEARCH`` that lowers the training loss
-            (the Sven direction is computed once, each trial is one evaluation of the rows); training
-            stops early when none does (the loss is at the floor the rows and the cut-offs allow).
         eval_every: measure the error every this many steps (and at the last).
         progress: show a progress bar.
         sven_kwargs: passed to :class:`sven_ext.Sven`.
     """
     optimizer = Sven(model, lr=lr, k=problem.rows if k is None else k, rtol=rtol, backend="functional",
                      functional_mode=mode, chunk_rows=chunk_rows, **sven_kwargs)
-    params = [p for p in model.parameters() if p.requires_grad]
     history = History()
     history.record(0, 0.0, problem.relative_l2(model), float(problem.loss(model).detach()))
     elapsed = 0.0
     with _progress(steps, "sven", progress) as bar:
         for step in range(1, steps + 1):
             start = time.perf_counter()
-            before = [p.detach().clone() for p in params] if line_search else None
             losses = optimizer.step(lambda: problem.residuals(model))
-            stalled = line_search and _line_search(problem, model, params, before, float(losses.sum())) == 0.0
             elapsed += time.perf_counter() - start
+            stalled = optimizer.last_info.get("safeguard", {}).get("scale") == 0.0
             if step % eval_every == 0 or step == steps or stalled:
                 # The losses are those before the step; the error is measured after it.
                 history.record(step, elapsed, problem.relative_l2(model), float(losses.sum()))
                 bar.set_postfix(error=f"{history.errors[-1]:.2e}", rank=optimizer.last_info["rank"])
             bar.update()
             if stalled:
-                # The step is a deterministic function of the weights: every later one would fail too.
                 break
     return history
 
 
 TARGET = 1e-5  # relative L2 error reported as reached (or not) in the summary
-
-# Step scales tried along each Sven step, largest first (backtracking over the grid energy natural
-# gradient methods use for PINNs): the full Gauss-Newton step overshoots while the linearisation
-# is poor, and with small kept singular values it can be long.
-LINE_SEARCH = tuple(0.5 ** i for i in range(31))
-
-
-@torch.no_grad()
-def _line_search(problem: PoissonProblem, model: nn.Module, params: list, before: list, loss_before: float) -> float:
-    """Rescales the step just taken (``params - before``) to the first scale that lowers the loss.
-
-    Returns the scale (0 when none does: the parameters are restored).
-    """
-    steps = [p - b for p, b in zip(params, before)]
-    for scale in LINE_SEARCH:
-        for p, b, d in zip(params, before, steps):
-            torch.add(b, d, alpha=scale, out=p)
-        with torch.enable_grad():
-            if float(problem.loss(model).detach()) < loss_before:
-                return scale
-    for p, b in zip(params, before):
-        p.copy_(b)
-    return 0.0
 
 
 def train_adam(problem: PoissonProblem, model: nn.Module, lr: float, seconds: float, *, eval_every: int = 50,
@@ -331,7 +306,7 @@ def main(argv=None) -> dict:
                     "grid": args.grid, "width": args.width, "depth": args.depth, "parameters": params,
                     "dtype": "float64", "seed": args.seed},
         "sven": {"max_steps": args.steps, "steps": sven.steps[-1], "lr": args.lr, "k": args.k, "rtol": args.rtol,
-                 "mode": args.mode, "line_search": list(LINE_SEARCH[:1] + LINE_SEARCH[-1:]),
+                 "mode": args.mode, "safeguard": "backtracking",
                  "final_error": sven.errors[-1], "seconds": budget, f"first_step_at_{TARGET:g}": reached},
         "adam": {name: {"final_error": h.errors[-1], "best_error": min(h.errors), "steps": h.steps[-1],
                         "seconds": h.seconds[-1]} for name, h in runs.items() if name != "sven"},
