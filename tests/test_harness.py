@@ -290,3 +290,19 @@ def test_speedup_median_counts_a_seed_that_never_reached_adam_as_the_worst():
     comparison = report.versus(runs, task, "adam")
     assert comparison["speedups"] == [10.0, 5.0, None]
     assert comparison["speedup"] == 5.0  # median of 10, 5 and the worst (0)
+
+
+def test_fisher_rows_sum_to_the_cross_entropy_and_pull_back_its_weighted_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 5).double()
+    x, labels = torch.randn(6, 4, dtype=torch.float64) * 2, torch.tensor([0, 1, 2, 3, 4, 0])
+    rows = tasks.fisher_rows(model(x), labels).values
+    ce = torch.nn.functional.cross_entropy(model(x), labels, reduction="none")
+    torch.testing.assert_close(rows.detach().square().sum(1), ce.detach(), rtol=1e-12, atol=0)
+    # J^T rho is each sample's cross-entropy gradient times its row scale w = sqrt(CE / (1 / p_label - 1)).
+    pulled = torch.autograd.grad((rows.detach() * rows).sum(), list(model.parameters()))
+    p_label = torch.softmax(model(x), 1).gather(1, labels[:, None]).squeeze(1).detach()
+    weights = (ce.detach() / (1 / p_label - 1)).sqrt()
+    expected = torch.autograd.grad((weights * ce).sum(), list(model.parameters()))
+    for a, b in zip(pulled, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

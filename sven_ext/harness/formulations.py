@@ -2,6 +2,7 @@
 
     python -m sven_ext.harness.formulations --task digits_regression --out bench/results/convergence_digits_formulations.jsonl
     python -m sven_ext.harness.formulations --task regression_1d --out bench/results/convergence_regression_1d_formulations.jsonl
+    python -m sven_ext.harness.formulations --task digits_ce --out bench/results/convergence_digits_ce_formulations.jsonl
 
 The convergence protocol gives Sven one fixed formulation per task (``Task.sven``: its rows, ``k``
 and ``rtol``) and tunes only its learning rate. On the tasks below that formulation was chosen
@@ -17,6 +18,9 @@ BENCHMARKS.md reports it.
   ``rtol`` still truncates).
 - ``regression_1d``, the cut-off ``rtol`` (``k = 16``, the first pass's ``rtol = 1e-3``
   included): a smaller ``rtol`` keeps more of each step's singular directions.
+- ``digits_ce``, the rows: per-sample cross-entropies (``k = 16``, the task's) or the
+  generalised Gauss-Newton rows of :func:`sven_ext.harness.tasks.fisher_rows` (ten per image,
+  ``k = 32`` or half the rows).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ FORMULATIONS: dict[str, tuple[dict, ...]] = {
         {"rows": "residuals", "k": None}, {"rows": "residuals", "k": 320},
     ),
     "regression_1d": ({"rtol": 1e-3}, {"rtol": 1e-4}, {"rtol": 1e-5}, {"rtol": 1e-6}),
+    "digits_ce": ({"rows": "losses", "k": 16}, {"rows": "fisher", "k": 32}, {"rows": "fisher", "k": None}),
 }
 
 

@@ -38,8 +38,35 @@ from ..residuals import Residuals
 
 DATA_SEED = 0  # the data of every task; run seeds move weights and batch order only
 # What Sven's closure returns (``Task.sven["rows"]``, default "losses"): per-sample losses (one row
-# per sample), or signed residuals (one row per sample and output, the Gauss-Newton rows).
-SVEN_ROWS = ("losses", "residuals")
+# per sample), signed residuals (one row per sample and output, the Gauss-Newton rows of squared
+# errors), or the generalised Gauss-Newton rows of the cross-entropy (:func:`fisher_rows`).
+SVEN_ROWS = ("losses", "residuals", "fisher")
+
+
+def fisher_rows(logits: torch.Tensor, labels: torch.Tensor) -> Residuals:
+    """Generalised Gauss-Newton rows of the cross-entropy, ``C`` per sample, scaled to its value.
+
+    With ``p = softmax(z)``, the cross-entropy's gradient in the logits is ``g = p - y`` and its
+    Hessian ``H = diag(p) - p p^T`` (the Fisher). Rows ``H^(1/2) x`` with ``H x = g`` and the
+    Jacobian ``H^(1/2) dz/dtheta`` (``H`` held fixed) make the Gauss-Newton model of the rows the
+    cross-entropy's second-order model in the logits (the Sven step of all of them is the
+    natural-gradient step); their sum of squares is ``x^T H x = 1 / p_label - 1``. Each sample's
+    rows are scaled by ``sqrt(CE / (1 / p_label - 1))`` so that their sum of squares is its
+    cross-entropy (the loss the safeguard checks): 1 near a fit, less for a sample far from one.
+    With ``x = 1 - y / p`` and ``H 1 = 0`` the rows are ``-H^(1/2) e_label / p_label``.
+    """
+    log_p = torch.log_softmax(logits.detach().double(), dim=1)
+    p = log_p.exp()
+    hessian = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    values, vectors = torch.linalg.eigh(hessian)
+    root = (vectors * values.clamp_min(0).sqrt().unsqueeze(1)) @ vectors.transpose(1, 2)
+    label_log = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
+    # CE / (1 - p_label), evaluated where both vanish together (a fitted sample) as its limit 1.
+    ratio = torch.where(label_log < 0, label_log / torch.expm1(label_log).clamp_max(-1e-300), 1.0)
+    column = root.gather(2, labels.view(-1, 1, 1).expand(-1, root.shape[1], 1)).squeeze(2)
+    target = -column * (ratio / label_log.exp().clamp_min(1e-300)).sqrt().unsqueeze(1)
+    linear = (root.to(logits.dtype) @ logits.unsqueeze(2)).squeeze(2)
+    return Residuals(linear - linear.detach() + target.to(logits.dtype))
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -141,9 +168,12 @@ class SupervisedProblem(Problem):
     def rows(self, batch, kind="losses"):
         if kind == "losses":
             return self.per_sample(*batch)
+        if kind == "fisher" and self.kind == "ce":
+            x, y = batch
+            return fisher_rows(self.model(x), y)
         if kind != "residuals" or self.kind != "mse":
-            raise ValueError(f"rows {kind!r}: a {self.kind!r} problem gives rows 'losses'"
-                             + (" or 'residuals'" if self.kind == "mse" else ""))
+            raise ValueError(f"rows {kind!r}: a {self.kind!r} problem gives rows 'losses' or "
+                             + ("'residuals'" if self.kind == "mse" else "'fisher'"))
         x, y = batch
         # Scaled by 1/sqrt(outputs): each sample's sum of squares is its mean squared error, the
         # per-sample loss the other optimizers minimise (a constant scale leaves Sven's step unchanged).
