@@ -183,7 +183,7 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
     initial = evaluate(0, 0.0)
     snapshot(0)
     status, reason = "ok", None
-    seconds, step = 0.0, 0
+    seconds, step, evaluations = 0.0, 0, 0
     bar = tqdm(total=None if budget else total, desc=f"  {spec.name} {value:g} seed {seed}",
                leave=False, disable=not progress, dynamic_ncols=True)
     try:
@@ -195,6 +195,9 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
                 if schedule is not None:
                     schedule.step()
                 seconds += time.perf_counter() - start
+                guard = getattr(stepper.optimizer, "last_info", {}).get("safeguard")
+                if guard is not None:
+                    evaluations += guard["trials"]
                 step += 1
                 weighted += loss * size
                 examples += size
@@ -240,6 +243,8 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
     })
     if ranks:
         record["ranks"] = ranks
+    if evaluations:
+        record["safeguard_evaluations"] = evaluations  # closure evaluations of the safeguard, all steps
     return record
 
 
