@@ -193,7 +193,7 @@ def test_full_batch_lbfgs_trains_on_the_whole_set_until_its_budget():
     record = runner.train(task, spec, 10, 0, progress=False)
     assert record["status"] == "ok" and record["seconds"] >= 0.2
     losses = record["curve"]["val_loss"]
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[1] < losses[0]  # after the first call (how many calls fit the budget is the machine's)
     # One call of step per point of the curve, each on every training example.
     assert record["epochs"]["epoch"] == list(range(1, record["steps"] + 1))
     assert record["task_config"]["full_batch_seconds"] == 0.2
