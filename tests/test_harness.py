@@ -100,7 +100,7 @@ def test_selection_takes_the_lowest_median_over_seeds():
 def test_report_and_plots(tiny_results, tmp_path):
     task, _, runs = tiny_results
     text = report.format_report(runs, [task])
-    assert "| Sven (gram) | lr |" in text and "| Adam | lr |" in text and "| L-BFGS |" in text
+    assert "| Sven (gram) | lr |" in text and "| Adam | lr |" in text and "| L-BFGS (1 iteration per batch) |" in text
     assert "Sven vs best-tuned Adam" in text and "Grid:" in text
     written = plots.convergence_plots(runs, [task], tmp_path)
     assert {p.name for p in written} == {"convergence_regression_1d.png", "spectra.png"}

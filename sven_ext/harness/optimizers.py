@@ -200,7 +200,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                       scheduled=False, full_batch=True,
                       fixed=f"whole training set, lr 1 (the strong-Wolfe line search sets the step), "
                             f"{LBFGS_FULL_ITERATIONS} iterations per call, calls until Task.full_batch_seconds"),
-        OptimizerSpec("lbfgs", "L-BFGS (mini-batch)", "lbfgs", "lr (initial step)",
+        OptimizerSpec("lbfgs", "L-BFGS (1 iteration per batch)", "lbfgs", "lr (initial step)",
                       _closure_optimizer(torch.optim.LBFGS, max_iter=1, history_size=LBFGS_HISTORY,
                                          line_search_fn="strong_wolfe"),
                       scheduled=False,
