@@ -29,7 +29,6 @@ parameters minus a scaled copy of the direction; no backward pass, no new solve)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 

@@ -1,9 +1,9 @@
 """The optimizers compared, each with an equal-size grid of one hyper-parameter.
 
 Every optimizer tunes exactly one value (its learning rate, or for Polyak-SGD the cap on its
-step size, for mini-batch L-BFGS the initial step length of its line search, for full-batch
-L-BFGS its history size) over :data:`GRID_SIZE` values; everything else is fixed and listed here. The Sven backends compute
-the same update (``dense`` and ``gram`` exactly, ``sketch`` approximately): ``sven-gram`` is
+step size, for one-iteration L-BFGS the initial step length of its line search, for full-batch
+L-BFGS its history size) over :data:`GRID_SIZE` values; everything else is fixed and listed
+here. The Sven backends compute the same update (``dense`` and ``gram`` exactly, ``sketch`` approximately): ``sven-gram`` is
 tuned, the other backends run at the value it selected (``follows``), which measures what the
 backend changes rather than spending the budget on re-tuning the same step.
 """
