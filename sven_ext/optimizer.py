@@ -547,7 +547,8 @@ class Sven(torch.optim.Optimizer):
         # The linearised model predicts the plain Sven step only.
         plain = s.plain and len({g["lr"] for g in self.param_groups}) == 1
         if plain and solution.left_vectors is not None:
-            linear = solution.linearised_residual(residual, s.lr) * rows.scale
+            applied = s.lr * self.last_info.get("safeguard", {}).get("scale", 1.0)  # the safeguard's scale
+            linear = solution.linearised_residual(residual, applied) * rows.scale
             predicted = safeguard.loss_of_rows(linear, None if residual_rows else s.kappa, s.microbatch_size or 1)
             entry["predicted_loss_change"] = predicted - before
         entry["actual_loss_change"] = _batch_loss(closure()) - before

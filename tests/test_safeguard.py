@@ -199,3 +199,16 @@ def test_a_direction_the_model_says_cannot_descend_moves_nothing_at_no_cost():
                                 lambda: calls.append(1) or 0.0, lambda: None)
     assert calls == [] and decision.info["trials"] == 0 and decision.info["scale"] == 0.0
     assert decision.scale == 0.5 and torch.equal(decision.values[0], params[0])
+
+
+def test_track_svd_info_predicts_the_step_the_safeguard_applied():
+    model = mlp((3, 8, 2), seed=1)
+    x, y = data()
+    opt = sven_ext.Sven(model, lr=8.0, k=6, backend="gram", track_svd_info=True)
+    before = batch_loss(model, x, y)
+    opt.step(lambda: residuals(model, x, y))
+    info, entry = opt.last_info["safeguard"], opt.svd_history[-1]
+    assert info["scale"] < 1
+    assert entry["actual_loss_change"] == pytest.approx(info["loss"] - before, rel=1e-12)
+    # rho is the actual over the predicted change of the scaled step.
+    assert entry["actual_loss_change"] / entry["predicted_loss_change"] == pytest.approx(info["rho"], rel=1e-9)
