@@ -1,7 +1,8 @@
 """Figures from results files (matplotlib, drawn on bare ``Figure`` objects: no pyplot state).
 
 - ``convergence_<task>.png``: validation metric against epoch and against training wall time,
-  each optimizer at its selected value: median over seeds (line) and the range (band).
+  each optimizer at its selected value: median over seeds (line) and the range (band); the
+  full-batch optimizers against wall time only.
 - ``spectra.png``: singular values of the probe batch's Jacobian after each epoch, Sven
   against Adam, first seed, one row per task.
 - ``scaling.png``: step time and peak memory against parameter count and against batch size.
@@ -55,6 +56,8 @@ def convergence_plots(runs: list[dict], tasks: list[Task], out_dir: Path) -> lis
         for name in present:
             value, chosen = selected_runs(runs, task, name)
             for axis, key in ((by_epoch, "epoch"), (by_time, "seconds")):
+                if key == "epoch" and OPTIMIZERS[name].full_batch:
+                    continue  # its steps are calls on the whole set, not passes of mini-batches
                 band = _median_band(chosen, key, task.metric)
                 if band is None:
                     continue
