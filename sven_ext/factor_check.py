@@ -30,8 +30,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .linalg import check_finite
-
 # The check's tolerance relative to |J|^T |w|: sqrt(float32 eps). Float32 steps sit in the graphs
 # of float64 models too (norms that upcast, rotary tables), so float64 models get the float32 bar;
 # a wrong factorisation is off by O(1) of the terms it misplaces.
@@ -176,29 +174,22 @@ def tolerance(dtypes) -> float:
     return HALF_PRECISION_ROUNDOFFS * low
 
 
-def compare(params: list[torch.Tensor], from_factors: list[torch.Tensor], magnitudes: list,
-            grads, dtypes: list, names: dict) -> None:
+def judge(params: list[torch.Tensor], found: list[tuple[float, float]], dtypes: list, names: dict) -> None:
     """Raises :class:`FactorMismatch` where the factors' ``J^T w`` is not autograd's.
 
     Args:
         params: the moving parameters.
-        from_factors: ``J^T w`` from the factors, float64, per parameter.
-        magnitudes: ``|J|^T |w|`` per parameter (float64), or ``None`` where no absolute
-            bound is available (then the two results' norms set the scale).
-        grads: autograd's ``J^T w`` per parameter (``None``: no dependence).
+        found: per parameter, ``(error, scale)``: the norm of the difference between the factors'
+            ``J^T w`` and autograd's, and the norm of ``|J|^T |w|`` (or, where no absolute bound
+            is available, the sum of the two results' norms).
         dtypes: per parameter, the dtypes its factors and gradient were computed in.
         names: ``id(p) -> name`` for the message.
 
     Raises:
-        FloatingPointError: autograd's gradient is not finite (an infinite derivative).
         FactorMismatch: naming the first parameter whose factors fail; ``params`` holds every one.
     """
     failed, message = set(), None
-    for p, mine, true, magnitude, kinds in zip(params, from_factors, grads, magnitudes, dtypes):
-        true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
-        check_finite(true, f"the gradient of parameter {names.get(id(p), '?')!r}")
-        error = float((mine - true).norm())
-        scale = float(magnitude.norm()) if magnitude is not None else float(true.norm() + mine.norm())
+    for p, (error, scale), kinds in zip(params, found, dtypes):
         bar = tolerance(kinds)
         if not error <= bar * scale:
             failed.add(id(p))

@@ -114,14 +114,16 @@ def test_transformer(monkeypatch, shared_positions, route):
     _, info = sven_update(model, loss, backend="gram", lr=0.1, k=5)
     paths = info["paths"]
     assert paths["blocks.0.qkv.weight"] == route
-    # Tied to the head (an Embedding use and a Linear use): both routes and their cross term.
-    assert paths["tok.weight"] == f"{route} + embedding_gram"
+    # Tied to the head (an Embedding use and a Linear use): both routes and their cross term, or the
+    # per-row gradients of both uses formed together.
+    assert paths["tok.weight"] == ("seq_gram + embedding_gram" if route == "seq_gram" else "rows")
     assert paths["pos.weight"] == "embedding_gram"
 
 
-@pytest.mark.parametrize("backend", ["gram", "sketch"])
-def test_tied_head_with_a_row_per_token(backend):
-    # m = T rows per sample: the tied route's cross term maps rows to their samples' lookups.
+@pytest.mark.parametrize("backend,route", [("gram", "seq_gram"), ("gram", "rows"), ("sketch", None)])
+def test_tied_head_with_a_row_per_token(monkeypatch, backend, route):
+    # m = T rows per sample: the tied routes map rows to their samples' lookups.
+    monkeypatch.setattr(gram_module, "SEQ_GRAM_COST_FACTOR", 0.0 if route == "seq_gram" else float("inf"))
     g = torch.Generator().manual_seed(4)
     idx, targets = torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (4, 5), generator=g)
     model = tiny_transformer(11, 8, 2, 5)
@@ -131,8 +133,9 @@ def test_tied_head_with_a_row_per_token(backend):
         return sven_ext.Residuals(losses.sqrt())
 
     assert compare_backends(model, per_token, backend, lr=0.1, k=20, oversampling=10) < F64
-    _, info = sven_update(model, per_token, backend="gram", lr=0.1, k=20)
-    assert info["paths"]["tok.weight"].endswith(" + embedding_gram")
+    if route is not None:
+        _, info = sven_update(model, per_token, backend="gram", lr=0.1, k=20)
+        assert info["paths"]["tok.weight"] == ("seq_gram + embedding_gram" if route == "seq_gram" else "rows")
 
 
 def test_transformer_rmsnorm_untied_two_layers():

@@ -44,7 +44,6 @@ concatenated batch on every rank, and each rank contracts its own rows, summed b
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -52,8 +51,8 @@ from .. import costs, distributed, factor_check, ops
 from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
 from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
-from ..layers.common import combine_rows, rows_of, sample_index
-from ..linalg import Truncation, solve_gram
+from ..layers.common import combine_rows, first_axis, items_within, rows_of, sample_index
+from ..linalg import Truncation, check_finite, solve_gram
 from ..residuals import Rows, rows_from_closure_output
 from ..routes import components, route
 from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
@@ -66,6 +65,9 @@ SEQ_GRAM_COST_FACTOR = 2.0
 # asked for (the 1-D regression at rtol = 1e-6 converged with float32 products and diverged with
 # exact ones, as the dense backend does).
 FLOAT32_GRAM_RTOL = 1e-3
+# The factor check's live transients (a block of J^T w, autograd's block, a pull's products), each
+# at most this fraction of the transient budget.
+CHECK_TRANSIENTS = 4
 # Most elements of a temporary while an element subset's direction is written into its weight.
 SUBSET_CHUNK_ELEMENTS = 1 << 18
 
@@ -206,7 +208,9 @@ class GramBackend(Backend):
                 verdict.shared.update((key, per_module[key]) for key in found)
             # Modules whose rows came from one backward pass per row (slow, still exact).
             self.recorded_whole = sorted({call.name for call in cap.calls if call.whole})
-        return rows, uses, checked
+        # Nothing differentiates the rows again: without their graph, the forward pass's saved
+        # activations are freed before the solve.
+        return _detached(rows), uses, checked
 
     def _check_or_share(self, cap, rows: Rows, uses: list, probe, shared: set, chunk_rows: int):
         """Checks the factors; where a parameter fails, tries its modules as shared by every sample.
@@ -258,26 +262,73 @@ class GramBackend(Backend):
     def _check_factors(self, uses: list, weights: torch.Tensor, grads) -> None:
         """The factors' ``J^T w`` must match autograd's, parameter by parameter.
 
+        Compared in float64 over blocks of each parameter's first axis (every use's ``pull`` of the
+        block, for ``J^T w`` and, from one component's absolute factors, ``|J|^T |w|``), blocks of
+        at most ``row_budget_bytes``: the check holds autograd's gradient and one block, not
+        float64 copies of the model. Parameters of fallback modules (no ``pull``, no absolute
+        bound) are compared whole.
+
         Raises:
             FactorMismatch: naming the first parameter that fails; ``params`` holds every one.
         """
         dtype = torch.float64
-        from_factors = self._directions(uses, weights.to(dtype), in_param_dtype=False)
-        unbounded = {id(p) for use in uses if isinstance(use, ModuleUse) for p in use.params}
-        # |J|^T |w|, one use's absolute factors at a time.
-        magnitudes, absolute_weights = {}, weights.to(dtype).abs()
-        for use in uses:
-            if not isinstance(use, ModuleUse):
-                for p, part in zip(use.params, _absolute(use).direction(absolute_weights)):
-                    magnitudes[id(p)] = part if id(p) not in magnitudes else magnitudes[id(p)].add_(part)
+        w = weights.to(dtype).reshape(-1, 1)
+        true_of = {id(p): g for p, g in zip(self.params, grads)}
+        found = {}  # id(p) -> (error, scale)
+        for params, group in components(uses):
+            if any(isinstance(use, ModuleUse) for use in group):
+                found.update(self._compare_whole(params, group, w[:, 0], true_of))
+                continue
+            absolute = [_absolute(use) for use in group]
+            for p in params:
+                own = [i for i, use in enumerate(group) if any(q is p for q in use.params)]
+                found[id(p)] = self._compare_blocks(p, [group[i] for i in own], [absolute[i] for i in own], w,
+                                                    true_of[id(p)])
         dtypes = {id(p): {p.dtype} for p in self.params}
         for use in uses:
             for p in use.params:
                 dtypes[id(p)].update(_factor_dtypes(use))
-        factor_check.compare(self.params, from_factors,
-                             [None if id(p) in unbounded else magnitudes.get(id(p), torch.zeros_like(m))
-                              for p, m in zip(self.params, from_factors)],
-                             grads, [dtypes[id(p)] for p in self.params], self._names)
+        factor_check.judge(self.params, [found[id(p)] for p in self.params], [dtypes[id(p)] for p in self.params],
+                           self._names)
+
+    def _compare_blocks(self, p: torch.Tensor, uses: list, bounds: list, w: torch.Tensor, true) -> tuple:
+        """``(||J_p^T w - g||, |||J_p|^T |w|||)`` over blocks of ``p``'s first axis (``g``: autograd's)."""
+        first, rest = first_axis(p)
+        true = None if true is None else true.reshape(first, rest)
+        name = f"the gradient of parameter {self._names.get(id(p), '?')!r}"
+        # A block, autograd's part of it in float64 and each pull's transients share the budget.
+        budget = self.row_budget_bytes // CHECK_TRANSIENTS
+        block = items_within(first, rest * 8, budget)
+        error, scale = 0.0, 0.0
+        for lo in range(0, first, block):
+            hi = min(lo + block, first)
+            mine = sum(use.pull(p, lo, hi, w, budget) for use in uses).reshape(hi - lo, rest)
+            if true is not None:
+                part = true[lo:hi].to(w.dtype)
+                check_finite(part, name)
+                mine -= part
+            error += float(mine.square().sum())
+            del mine
+            magnitude = sum(use.pull(p, lo, hi, w.abs(), budget) for use in bounds)
+            scale += float(magnitude.square().sum())
+        return error ** 0.5, scale ** 0.5
+
+    def _compare_whole(self, params: list, group: list, w: torch.Tensor, true_of: dict) -> dict:
+        """``{id(p): (error, scale)}`` of a component with a fallback module: whole float64 ``J^T w``,
+        scaled by the norms of both results (there is no absolute bound)."""
+        total = {}
+        for use in group:
+            for p, part in zip(use.params, use.direction(w)):
+                total[id(p)] = part if id(p) not in total else total[id(p)].add_(part)
+        out = {}
+        for p in params:
+            mine = total.pop(id(p), None)
+            mine = torch.zeros_like(p, dtype=w.dtype) if mine is None else mine
+            true = true_of[id(p)]
+            true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
+            check_finite(true, f"the gradient of parameter {self._names.get(id(p), '?')!r}")
+            out[id(p)] = (float((mine - true).norm()), float(true.norm() + mine.norm()))
+        return out
 
     # ----------------------------------------------------------------- K and J^T c
 
@@ -299,21 +350,25 @@ class GramBackend(Backend):
         return [d.mul_(scales[id(p)].to(d.dtype).square()) if id(p) in scales else d
                 for p, d in zip(self.params, directions)]
 
-    def _directions(self, uses: list, c: torch.Tensor, in_param_dtype: bool = True) -> list[torch.Tensor]:
-        """``J^T c`` per parameter.
+    def _directions(self, uses: list, c: torch.Tensor) -> list[torch.Tensor]:
+        """``J^T c`` per parameter, in the parameters' dtypes.
 
-        With ``in_param_dtype`` each use contracts in its factors' precision (float32 for float32
-        models: the factors' own rounding already bounds the accuracy, and the float32 GEMM is
-        twice as fast) and no float64 copy of the parameters is ever held; else in ``c.dtype``.
+        Each use contracts in its factors' precision (float32 for float32 models: the factors' own
+        rounding already bounds the accuracy, and the float32 GEMM is twice as fast), so no float64
+        copy of the parameters is ever held. An embedding table tied to a linear map scatters into
+        the map's direction (linear uses go first), so no table-sized zeros are filled.
         """
         total = {}
-        for use in uses:
-            weights = c.to(_gemm_dtype(use.params[0].dtype)) if in_param_dtype else c
-            for p, part in zip(use.params, use.direction(weights)):
-                part = part.to(p.dtype) if in_param_dtype else part
+        for use in sorted(uses, key=lambda u: isinstance(u, EmbeddingUse)):
+            weights = c.to(_gemm_dtype(use.params[0].dtype))
+            if isinstance(use, EmbeddingUse) and id(use.param) in total:
+                use.direction(weights, into=total[id(use.param)])
+                continue
+            parts = _linear_direction(use, weights) if type(use) is LinearUse else use.direction(weights)
+            for p, part in zip(use.params, parts):
+                part = part.to(p.dtype)
                 total[id(p)] = part if id(p) not in total else total[id(p)].add_(part)
-        dtype = None if in_param_dtype else c.dtype
-        return [total[id(p)] if id(p) in total else torch.zeros_like(p, dtype=dtype) for p in self.params]
+        return [total[id(p)] if id(p) in total else torch.zeros_like(p) for p in self.params]
 
     def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scales: dict,
               rtol: float) -> tuple[torch.Tensor, dict]:
@@ -443,6 +498,11 @@ def _restrict(uses: list, restricted: dict) -> list:
 # --------------------------------------------------------------------------- helpers
 
 
+def _detached(rows: Rows) -> Rows:
+    """``rows`` without autograd history."""
+    return dataclasses.replace(rows, residual=rows.residual.detach(), per_sample=rows.per_sample.detach())
+
+
 def _merge_linear(group: list) -> LinearUse:
     """Uses of one weight (a module called twice, tied weights): concatenate along T."""
     if len(group) == 1:
@@ -489,10 +549,7 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
             dd = (d[:, g] @ d[:, g].T).to(dtype)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
         return "gemm"
-    seq_cost = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
-    chunk = _rows_within(rows, groups * din * dout * torch.finfo(work).bits // 64, budget)
-    passes = math.ceil(rows / chunk)
-    row_cost = groups * (rows * steps * din * dout * (passes + 1) / 2 + rows * rows * din * dout / 2)
+    seq_cost, row_cost = _sequence_costs(use, rows)
     if seq_cost <= row_cost:
         a = _repeat_per_row(use.a, rows)
         for g in range(groups):
@@ -500,7 +557,7 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
             gram.add_(ops.seq_gram(a[:, :, g].to(work), use.d[:, :, g].to(work)).to(dtype))
         path = "seq_gram"
     else:
-        _weight_rows_gram(use, gram, chunk, work)
+        _weight_rows_gram(use, gram, budget, work)
         path = "rows"
     if use.bias is not None:
         # The bias's per-row gradients are sum_t d_t: its Gram adds to the weight's, no concatenation.
@@ -509,29 +566,61 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
     return path
 
 
-def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, chunk: int, work: torch.dtype) -> None:
-    """``K += G G^T`` with ``G`` the per-row weight gradients ``sum_t d_t a_t^T``, ``chunk`` rows at a time.
+def _sequence_costs(use: LinearUse, rows: int) -> tuple[float, float]:
+    """Multiply-adds of a Linear/conv weight's two routes to ``K_w`` for ``T > 1``: ``ops.seq_gram``
+    (``~R^2 T^2 (din + dout)``, weighted by ``SEQ_GRAM_COST_FACTOR``) and per-row gradients formed
+    once, a block of output units at a time (``~R T din dout + R^2 din dout``), halved where ``K``
+    is symmetric."""
+    _, steps, groups, din = use.a.shape
+    dout = use.d.shape[3]
+    seq = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
+    return seq, groups * (rows * steps * din * dout + rows * rows * din * dout / 2)
 
-    The per-row gradients and their products run in ``work`` (see :func:`_linear_gram`); blocks
-    are added to ``gram`` in its dtype.
+
+def _per_sample_view(d: torch.Tensor, samples: int) -> torch.Tensor:
+    """``(R, ...)`` per row -> ``(S, m, ...)``: each sample's rows together."""
+    return d.view(samples, d.shape[0] // samples, *d.shape[1:])
+
+
+def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, budget: int, work: torch.dtype) -> None:
+    """``K += G G^T`` with ``G`` the per-row weight gradients ``sum_t d_t a_t^T``.
+
+    ``G`` is formed for every row at once, a block of output units at a time (at most ``budget``
+    bytes), so no gradient is formed twice. The products run in ``work`` (see
+    :func:`_linear_gram`); blocks are added to ``gram`` in its dtype.
     """
     rows = gram.shape[0]
-    a, d = use.a.to(work), use.d.to(work)
+    samples, _, groups, din = use.a.shape
+    dout = use.d.shape[3]
+    a = use.a.to(work)
+    d = _per_sample_view(use.d, samples)  # (S, m, T, G, dout)
+    units = items_within(dout, rows * groups * din * torch.finfo(work).bits // 8, budget)
+    for o0 in range(0, dout, units):
+        o1 = min(o0 + units, dout)
+        block = torch.einsum("stgi,smtgo->smgoi", a, d[..., o0:o1].to(work)).reshape(rows, -1)
+        gram.add_((block @ block.T).to(gram.dtype))
+        del block  # before the next block is formed
 
-    def block(start: int, stop: int) -> torch.Tensor:
-        index = sample_index(start, stop, rows, a.shape[0], a.device)
-        return torch.einsum("rtgi,rtgo->rgoi", a[index], d[start:stop]).reshape(stop - start, -1)
 
-    starts = list(range(0, rows, chunk))
-    for i, start in enumerate(starts):
-        stop = min(start + chunk, rows)
-        gi = block(start, stop)
-        gram[start:stop, start:stop] += (gi @ gi.T).to(gram.dtype)
-        for other in starts[i + 1:]:
-            end = min(other + chunk, rows)
-            cross = (gi @ block(other, end).T).to(gram.dtype)
-            gram[start:stop, other:end] += cross
-            gram[other:end, start:stop] += cross.T
+def _linear_direction(use: LinearUse, c: torch.Tensor) -> list[torch.Tensor]:
+    """``use.direction(c)``, for an ungrouped layer with one row per sample without a factor-sized
+    temporary: ``sum_r c_r d_r^T a_r`` scales the smaller of ``a`` and ``d`` (an output head's ``d``
+    is vocabulary-wide), and the GEMM writes the weight in its stored layout."""
+    samples, steps, groups, din = use.a.shape
+    rows, dout = use.d.shape[0], use.d.shape[3]
+    if groups != 1 or rows != samples:
+        return use.direction(c)
+    a = use.a.reshape(-1, din).to(c.dtype)
+    d = use.d.reshape(-1, dout).to(c.dtype)
+    scale = c.repeat_interleave(steps).unsqueeze(1)
+    if din <= dout:
+        a = a * scale
+    else:
+        d = d * scale
+    weight = a.T @ d if use.transposed else d.T @ a
+    if use.bias is None:
+        return [weight.view(use.param.shape)]
+    return [weight.view(use.param.shape), (c @ use.d.sum(1).reshape(rows, -1).to(c.dtype)).view(use.bias.shape)]
 
 
 def _absolute(use):
@@ -567,11 +656,48 @@ def _tied_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budge
     """Adds ``K_w`` of a weight that is both an embedding table and a linear map's (an output head's).
 
     ``g_r = E_r + L_r``: the table's scatter of ``d^e_r[t]`` into rows ``idx_r[t]`` and the head's
-    ``sum_t' d^l_r[t']^T a_r[t']``. ``K = K_E + K_L + C + C^T`` with the cross term
-    ``C[r, q] = <E_r, L_q> = sum_{t, t'} (d^e_r[t] . a_q[t']) d^l_q[t', idx_r[t]]``, formed row by row
-    of ``C`` and in chunks of ``q`` whose ``(T_e, T_l)`` blocks fit ``budget`` bytes.
+    ``sum_t' d^l_r[t']^T a_r[t']``. Whichever costs less: ``g_r`` formed in blocks of table rows
+    (:func:`_tied_rows_gram`), or ``K = K_E + K_L + C + C^T`` with ``K_L`` by ``seq_gram`` and
+    the cross term ``C[r, q] = <E_r, L_q> = sum_{t, t'} (d^e_r[t] . a_q[t']) d^l_q[t', idx_r[t]]``
+    (:func:`_tied_cross`).
     """
+    rows = gram.shape[0]
+    seq_cost, row_cost = _sequence_costs(linear, rows)
+    # The cross term, like seq_gram, reduces T_e x T_l tiles.
+    cross_cost = SEQ_GRAM_COST_FACTOR * rows * rows * table.d.shape[1] * linear.a.shape[1] * linear.a.shape[3]
+    if row_cost <= seq_cost + cross_cost:
+        _tied_rows_gram(linear, table, gram, budget, gram.dtype if precise else _gemm_dtype(linear.a.dtype))
+        return "rows"
     path = _linear_gram(linear, gram, budget, precise) + " + " + _embedding_gram(table, gram)
+    _tied_cross(linear, table, gram, budget)
+    return path
+
+
+def _tied_rows_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budget: int,
+                    work: torch.dtype) -> None:
+    """``K += G G^T`` with ``G`` the per-row gradients ``E_r + L_r`` of a tied table, formed for every
+    row at once in blocks of table rows of at most ``budget`` bytes (in ``work``)."""
+    rows = gram.shape[0]
+    samples, _, _, dim = linear.a.shape
+    vocab = linear.d.shape[3]
+    a = linear.a[:, :, 0].to(work)  # (S, T_l, d)
+    head = _per_sample_view(linear.d[:, :, 0], samples)  # (S, m, T_l, V)
+    indices = rows_of(table.indices, 0, rows, rows)  # (R, T_e): each row's sample's lookups
+    row = torch.arange(rows, device=indices.device).unsqueeze(1).expand_as(indices)
+    units = items_within(vocab, rows * dim * torch.finfo(work).bits // 8, budget)
+    for v0 in range(0, vocab, units):
+        v1 = min(v0 + units, vocab)
+        block = torch.einsum("sti,smtv->smvi", a, head[..., v0:v1].to(work)).reshape(rows, v1 - v0, dim)
+        hit = (indices >= v0) & (indices < v1)
+        block.index_put_((row[hit], indices[hit] - v0), table.d[hit].to(work), accumulate=True)
+        flat = block.view(rows, -1)
+        gram.add_((flat @ flat.T).to(gram.dtype))
+        del block, flat  # before the next block is formed
+
+
+def _tied_cross(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budget: int) -> None:
+    """Adds ``C + C^T`` (:func:`_tied_gram`), row by row of ``C`` and in chunks of ``q`` whose
+    ``(T_e, T_l)`` blocks fit ``budget`` bytes."""
     dtype, rows = gram.dtype, gram.shape[0]
     a = linear.a[:, :, 0]  # (S_l, T_l, d)
     head = linear.d[:, :, 0]  # (R, T_l, V)
@@ -588,7 +714,6 @@ def _tied_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budge
             picked = head[q0:q1][:, :, idx].to(dtype)  # (q, T_l, T_e): d^l_q[t', idx_r[t]]
             cross[r, q0:q1] = (inner * picked.transpose(1, 2)).sum((1, 2))
     gram.add_(cross).add_(cross.T)
-    return path
 
 
 def _rows_within(rows: int, width: int, budget: int) -> int:

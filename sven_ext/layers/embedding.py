@@ -40,10 +40,12 @@ class EmbeddingUse:
         out.index_put_((row, self.indices[index]), self.d[start:stop].to(dtype), accumulate=True)
         return out.reshape(count, -1)
 
-    def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
+    def direction(self, c: torch.Tensor, into: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``J^T c`` in ``c.dtype``; with ``into`` (the table's shape) added into it instead (a tied
+        table's other use already wrote it), with no table-sized zeros."""
         dc = combine_rows(self.d, c, self.indices.shape[0])
-        out = torch.zeros(self.param.shape, dtype=c.dtype, device=c.device)
-        return [out.index_add_(0, self.indices.reshape(-1), dc.reshape(-1, dc.shape[-1]))]
+        out = torch.zeros(self.param.shape, dtype=c.dtype, device=c.device) if into is None else into
+        return [out.index_add_(0, self.indices.reshape(-1), dc.reshape(-1, dc.shape[-1]).to(out.dtype))]
 
     # Sketch products: only the looked-up positions ("pairs" (row, t)) contribute, sorted by index.
 
