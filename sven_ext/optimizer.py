@@ -319,21 +319,24 @@ class Sven(torch.optim.Optimizer):
     def _compute(self, closure, prepared: _Prepared, watch: ClosureWatch) -> _Computed:
         """Runs the closure and the backend and forms the new values and state; writes nothing."""
         s, params = prepared.settings, prepared.params
-        outputs = []
+        residual_rows = []  # whether the closure returned Residuals (not the output: its graph would stay alive)
 
         def recorded():
             output = closure()
             watch.check()
-            outputs.append(output)
+            residual_rows.append(isinstance(output, Residuals))
             return output
 
         backend = self._backend(s.backend, params)
         result = backend.compute(recorded, prepared.backend_settings)
-        values, states = self._updates(params, result.directions, s, prepared.subsets)
+        # The update consumes the directions (one model's worth of memory, not two), unless the safeguard
+        # scales them for its trials.
+        directions = result.directions if s.safeguard is None else list(result.directions)
+        values, states = self._updates(params, directions, s, prepared.subsets)
         kept, guard = None, None
         scale = self.state.get("sven", {}).get("scale", 1.0)
         if s.safeguard is not None and result.solution.rank:
-            guard = self._guard(closure, prepared, result, values, scale, isinstance(outputs[-1], Residuals))
+            guard = self._guard(closure, prepared, result, values, scale, residual_rows[-1])
             values = guard.values
         if s.variable_k:
             kept, values = self._variable_k(closure, params, result, s, prepared.subsets)
@@ -348,7 +351,7 @@ class Sven(torch.optim.Optimizer):
             info["safeguard"] = guard.info
         if "warning" in info:  # before the commit: a warning turned into an error changes nothing
             warnings.warn(info["warning"], RuntimeWarning, stacklevel=3)
-        return _Computed(result, values, states, optimizer_state, info, isinstance(outputs[-1], Residuals))
+        return _Computed(result, values, states, optimizer_state, info, residual_rows[-1])
 
     def _commit(self, params: list[torch.Tensor], computed: _Computed) -> None:
         """Plain copies of checked values into tensors that each own their memory: cannot fail."""
@@ -453,18 +456,28 @@ class Sven(torch.optim.Optimizer):
         return [None if subset is None or not group_of[id(p)]["weight_decay"] else subset.mask(p)
                 for p, subset in zip(params, subsets or [None] * len(params))]
 
-    def _updates(self, params: list[torch.Tensor], directions: list[torch.Tensor], s: Settings,
+    def _updates(self, params: list[torch.Tensor], directions: list, s: Settings,
                  subsets) -> tuple[list[torch.Tensor], list[dict]]:
-        """``(values, states)``: :func:`sven_ext.update.sven_update` with each parameter's group and state."""
+        """``(values, states)``: :func:`sven_ext.update.sven_update` with each parameter's group and state.
+
+        One parameter at a time, and each entry of ``directions`` is released (set to ``None``) once
+        its new value is formed and checked: the directions and the new values together hold about
+        one model's worth of memory (plus one parameter), not two. Any failure still comes before the
+        commit, so nothing has been written.
+        """
         group_of = self._group_of()
-        groups = [group_of[id(p)] for p in params]
-        return sven_update(
-            params, directions, [self.state.get(p, {}) for p in params],
-            lrs=[g["lr"] for g in groups], rates=[g["lr"] * g["weight_decay"] for g in groups],
-            decay_masks=self._decay_masks(params, subsets),
-            rule=UpdateRule(s.rmsprop, s.rmsprop_beta, s.rmsprop_eps, s.momentum),
-            names=self._names_of(params),
-        )
+        rule = UpdateRule(s.rmsprop, s.rmsprop_beta, s.rmsprop_eps, s.momentum)
+        masks, names = self._decay_masks(params, subsets), self._names_of(params)
+        values, states = [], []
+        for i, p in enumerate(params):
+            group = group_of[id(p)]
+            (value,), (state,) = sven_update([p], [directions[i]], [self.state.get(p, {})], lrs=[group["lr"]],
+                                             rates=[group["lr"] * group["weight_decay"]], decay_masks=[masks[i]],
+                                             rule=rule, names=[names[i]])
+            directions[i] = None
+            values.append(value)
+            states.append(state)
+        return values, states
 
     def _variable_k(self, closure, params: list[torch.Tensor], result, s: Settings,
                     subsets) -> tuple[int, list[torch.Tensor]]:
