@@ -25,7 +25,14 @@ import torch
 from .device_rates import DeviceRates, rates_for
 from .layers import DirectUse, EmbeddingUse, LinearUse
 from .layers.linear import linear_costs
-from .routes import components, route
+from .routes import (
+    components,
+    route,
+    sequence_costs,
+    sequence_route,
+    tied_cross_cost,
+    tied_route,
+)
 
 GRAM_PREFERENCE = 4.0
 # Per-row gradients of a fallback module through torch.func.vmap(grad): a few forward costs.
@@ -90,9 +97,11 @@ def _params(use) -> int:
 
 def update_bytes(uses: list) -> int:
     """Bytes of a step's update: the directions and the checked new values of the captured
-    parameters, both in the parameters' dtype, held together until the commit."""
+    parameters in the parameters' dtype. Each direction is released once its new value is formed
+    (``Sven._updates``), so together they hold one model's worth and one parameter more."""
     params = {id(p): p for use in uses for p in use.params}
-    return 2 * sum(p.numel() * p.element_size() for p in params.values())
+    sizes = [p.numel() * p.element_size() for p in params.values()]
+    return sum(sizes) + max(sizes, default=0)
 
 
 def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:
@@ -135,35 +144,32 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
             flops += 2.0 * rows**2 * sum(p.numel() for p in params)
             transient = TRANSIENT_BUDGET_BYTES
             continue
+        if kind == "tied":
+            linear = [u for u in group if isinstance(u, LinearUse)]
+            table = [u for u in group if isinstance(u, EmbeddingUse)]
+            if tied_route(linear[0], table[0], rows) == "rows":
+                # Both uses' per-row gradients formed together, in blocks of table rows.
+                flops += 2.0 * sequence_costs(linear[0], rows)[1] * len(linear)
+                transient = TRANSIENT_BUDGET_BYTES
+                continue
+            flops += 2.0 * sum(tied_cross_cost(u, t, rows) for u in linear for t in table)
         for use in group:
             if isinstance(use, LinearUse):
                 samples, steps, groups, din, dout = _shape(use)
                 if steps == 1:
                     flops += 2 * groups * (samples**2 * din + rows**2 * dout)
-                else:
-                    flops += groups * min(2.0 * rows**2 * steps**2 * (din + dout),
-                                          2.0 * rows * steps * din * dout + 2.0 * rows**2 * din * dout)
+                elif sequence_route(use, rows) == "seq_gram":
+                    flops += 2.0 * groups * rows**2 * steps**2 * (din + dout) / 2
+                else:  # per-row gradients in blocks of output units
+                    flops += 2.0 * sequence_costs(use, rows)[1]
                     transient = TRANSIENT_BUDGET_BYTES
             elif isinstance(use, EmbeddingUse):
                 flops += 2.0 * rows**2 * use.d.shape[1] ** 2 * use.d.shape[2]
             else:
                 flops += 2.0 * rows**2 * use.g.shape[1]
-        if kind == "tied":
-            flops += _tied_cross_flops(group, rows)
     k_bytes = rows * rows * 8
     # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route; the update.
     return Estimate("gram", 4 * k_bytes + transient + update_bytes(uses), flops, f"K needs {mib(k_bytes)}")
-
-
-def _tied_cross_flops(uses: list, rows: int) -> float:
-    """The cross term of a weight that is both an embedding table and a linear map's: ``2 R^2 T_e T_l d``."""
-    lookups, heads = {}, {}
-    for use in uses:
-        if isinstance(use, EmbeddingUse):
-            lookups[id(use.param)] = lookups.get(id(use.param), 0) + use.d.shape[1] * use.d.shape[2]
-        elif isinstance(use, LinearUse):
-            heads[id(use.param)] = heads.get(id(use.param), 0) + use.a.shape[1]
-    return sum(2.0 * rows**2 * lookups[key] * heads[key] for key in lookups.keys() & heads.keys())
 
 
 def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, test_matrix: str,
@@ -256,16 +262,22 @@ def held_bytes(root: torch.Tensor, uses: list, model: torch.nn.Module) -> int:
 
 def estimate_check(uses: list, params: list, backend: str) -> Estimate:
     """Memory of the factor check (:mod:`sven_ext.factor_check`), which runs before the solve:
-    autograd's ``J^T w`` in the parameters' dtype and the factors' ``J^T w`` and ``|J|^T |w|`` in
-    float64, plus the larger transient: one use's contraction (its absolute factors, their float64
-    copies and its float64 result) or, while the two are compared, the largest parameter's
-    autograd gradient in float64 and their difference."""
-    count = sum(p.numel() for p in params)
+    autograd's ``J^T w`` in the parameters' dtype, plus the largest component's share: its uses'
+    absolute factors (an ungrouped, untransposed linear map's come a block at a time, within the
+    transients) and float64 blocks of its parameters within ``TRANSIENT_BUDGET_BYTES``; a component with a fallback
+    module is compared whole in float64 (its ``J^T w``, autograd's copy, the module's transients)."""
     autograd = sum(p.numel() * p.element_size() for p in params)
-    contraction = max((3 * factor_bytes_of(use) + 8 * sum(p.numel() for p in use.params) for use in uses),
-                      default=0)
-    compared = 2 * 8 * max((p.numel() for p in params), default=0)
-    need = autograd + 16 * count + max(contraction, compared)
+    worst = 0
+    for members, group in components(uses):
+        if any(not hasattr(use, "pull") for use in group):
+            share = 16 * sum(p.numel() for p in members) + 2 * sum(factor_bytes_of(use) for use in group)
+        else:
+            blocked = [isinstance(use, LinearUse) and use.a.shape[2] == 1 and not use.transposed for use in group]
+            # About four float64 blocks live at once (J^T w, autograd's, |J|^T |w|, a pull's products).
+            blocks = min(TRANSIENT_BUDGET_BYTES, 4 * 8 * max(p.numel() for p in members))
+            share = blocks + sum(factor_bytes_of(use) for use, b in zip(group, blocked) if not b)
+        worst = max(worst, share)
+    need = autograd + worst
     return Estimate(backend, need, 0.0, f"the factor check needs {mib(need)}")
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sven_ext
+from sven_ext import routes as routes_module
 from sven_ext.backends import gram as gram_module
 from sven_ext.testing import (
     LargestStorage, compare_backends, mlp, relative_difference, small_cnn, sven_update, tiny_transformer,
@@ -105,7 +106,7 @@ def test_conv3d_groupnorm_and_eval_batchnorm():
 @pytest.mark.parametrize("route", ["seq_gram", "rows"])
 def test_transformer(monkeypatch, shared_positions, route):
     # Force the cost model's choice for sequence layers, to check both routes.
-    monkeypatch.setattr(gram_module, "SEQ_GRAM_COST_FACTOR", 0.0 if route == "seq_gram" else float("inf"))
+    monkeypatch.setattr(routes_module, "SEQ_GRAM_COST_FACTOR", 0.0 if route == "seq_gram" else float("inf"))
     g = torch.Generator().manual_seed(3)
     idx, targets = torch.randint(0, 11, (7, 5), generator=g), torch.randint(0, 11, (7, 5), generator=g)
     model = tiny_transformer(11, 8, 2, 5, shared_positions=shared_positions)
@@ -123,7 +124,7 @@ def test_transformer(monkeypatch, shared_positions, route):
 @pytest.mark.parametrize("backend,route", [("gram", "seq_gram"), ("gram", "rows"), ("sketch", None)])
 def test_tied_head_with_a_row_per_token(monkeypatch, backend, route):
     # m = T rows per sample: the tied routes map rows to their samples' lookups.
-    monkeypatch.setattr(gram_module, "SEQ_GRAM_COST_FACTOR", 0.0 if route == "seq_gram" else float("inf"))
+    monkeypatch.setattr(routes_module, "SEQ_GRAM_COST_FACTOR", 0.0 if route == "seq_gram" else float("inf"))
     g = torch.Generator().manual_seed(4)
     idx, targets = torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (4, 5), generator=g)
     model = tiny_transformer(11, 8, 2, 5)
@@ -389,7 +390,7 @@ def test_gram_matrix_equals_explicit_jacobian_gram(rows):
 @pytest.mark.parametrize("route,steps,seq_gram_cost", [("gemm", 1, 1.0), ("seq_gram", 3, 0.0), ("rows", 3, 1e9)])
 def test_float32_factors_with_a_small_rtol_give_the_dense_step(monkeypatch, route, steps, seq_gram_cost):
     """Inputs spanning 1e5: K's eigenvalues span ~1e10, below float32 products' rounding."""
-    monkeypatch.setattr(gram_module, "SEQ_GRAM_COST_FACTOR", seq_gram_cost)
+    monkeypatch.setattr(routes_module, "SEQ_GRAM_COST_FACTOR", seq_gram_cost)
     torch.manual_seed(0)
     model = nn.Linear(16, 1)
     x = torch.randn(12, steps, 16) * torch.logspace(0, -5, 16)

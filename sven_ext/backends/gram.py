@@ -54,20 +54,18 @@ from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
 from ..layers.common import combine_rows, first_axis, items_within, rows_of, sample_index
 from ..linalg import Truncation, check_finite, solve_gram
 from ..residuals import Rows, rows_from_closure_output
-from ..routes import components, route
+from ..routes import components, route, sequence_route, tied_route
 from .base import Backend, ElementSubset, StepDirection, StepSettings, effective_column_scale
 
-# A seq_gram flop is dearer than a GEMM flop: it is a reduction over T x T tiles.
-SEQ_GRAM_COST_FACTOR = 2.0
 # Float32 factors' Gram products run in float32 while ``rtol`` is at least this: their rounding,
 # about 1e-7 of the largest eigenvalue, stays below the cut at ``rtol^2`` of it. For a smaller
 # ``rtol`` they run in ``solve_dtype``: a float32 ``K``'s noise floor would act as a damping nobody
 # asked for (the 1-D regression at rtol = 1e-6 converged with float32 products and diverged with
 # exact ones, as the dense backend does).
 FLOAT32_GRAM_RTOL = 1e-3
-# The factor check's live transients (a block of J^T w, autograd's block, a pull's products), each
-# at most this fraction of the transient budget.
-CHECK_TRANSIENTS = 4
+# The factor check's live transients (a block of J^T w, autograd's block, a pull's products, a
+# block of absolute factors), each at most this fraction of the transient budget.
+CHECK_TRANSIENTS = 8
 # Most elements of a temporary while an element subset's direction is written into its weight.
 SUBSET_CHUNK_ELEMENTS = 1 << 18
 
@@ -279,11 +277,10 @@ class GramBackend(Backend):
             if any(isinstance(use, ModuleUse) for use in group):
                 found.update(self._compare_whole(params, group, w[:, 0], true_of))
                 continue
-            absolute = [_absolute(use) for use in group]
+            absolute = {}  # id(use) -> its absolute copy, made when first needed
             for p in params:
-                own = [i for i, use in enumerate(group) if any(q is p for q in use.params)]
-                found[id(p)] = self._compare_blocks(p, [group[i] for i in own], [absolute[i] for i in own], w,
-                                                    true_of[id(p)])
+                own = [use for use in group if any(q is p for q in use.params)]
+                found[id(p)] = self._compare_blocks(p, own, absolute, w, true_of[id(p)])
         dtypes = {id(p): {p.dtype} for p in self.params}
         for use in uses:
             for p in use.params:
@@ -291,8 +288,13 @@ class GramBackend(Backend):
         factor_check.judge(self.params, [found[id(p)] for p in self.params], [dtypes[id(p)] for p in self.params],
                            self._names)
 
-    def _compare_blocks(self, p: torch.Tensor, uses: list, bounds: list, w: torch.Tensor, true) -> tuple:
-        """``(||J_p^T w - g||, |||J_p|^T |w|||)`` over blocks of ``p``'s first axis (``g``: autograd's)."""
+    def _compare_blocks(self, p: torch.Tensor, uses: list, absolute: dict, w: torch.Tensor, true) -> tuple:
+        """``(||J_p^T w - g||, |||J_p|^T |w|||)`` over blocks of ``p``'s first axis (``g``: autograd's).
+
+        ``absolute``: the absolute copies of the component's uses made so far (shared by its
+        parameters); a linear map's weight takes the absolute values of its block of ``d`` alone
+        (an output head's ``d`` is vocabulary-wide).
+        """
         first, rest = first_axis(p)
         true = None if true is None else true.reshape(first, rest)
         name = f"the gradient of parameter {self._names.get(id(p), '?')!r}"
@@ -309,7 +311,7 @@ class GramBackend(Backend):
                 mine -= part
             error += float(mine.square().sum())
             del mine
-            magnitude = sum(use.pull(p, lo, hi, w.abs(), budget) for use in bounds)
+            magnitude = sum(_absolute_pull(use, p, lo, hi, w.abs(), budget, absolute) for use in uses)
             scale += float(magnitude.square().sum())
         return error ** 0.5, scale ** 0.5
 
@@ -549,8 +551,7 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
             dd = (d[:, g] @ d[:, g].T).to(dtype)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
         return "gemm"
-    seq_cost, row_cost = _sequence_costs(use, rows)
-    if seq_cost <= row_cost:
+    if sequence_route(use, rows) == "seq_gram":
         a = _repeat_per_row(use.a, rows)
         for g in range(groups):
             # seq_gram accumulates the sum over (t, t') in float64 whatever the input precision.
@@ -564,17 +565,6 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
         bias = use.d.sum(1).reshape(rows, -1).to(dtype)
         gram.addmm_(bias, bias.T)
     return path
-
-
-def _sequence_costs(use: LinearUse, rows: int) -> tuple[float, float]:
-    """Multiply-adds of a Linear/conv weight's two routes to ``K_w`` for ``T > 1``: ``ops.seq_gram``
-    (``~R^2 T^2 (din + dout)``, weighted by ``SEQ_GRAM_COST_FACTOR``) and per-row gradients formed
-    once, a block of output units at a time (``~R T din dout + R^2 din dout``), halved where ``K``
-    is symmetric."""
-    _, steps, groups, din = use.a.shape
-    dout = use.d.shape[3]
-    seq = SEQ_GRAM_COST_FACTOR * groups * rows * rows * steps * steps * (din + dout) / 2
-    return seq, groups * (rows * steps * din * dout + rows * rows * din * dout / 2)
 
 
 def _per_sample_view(d: torch.Tensor, samples: int) -> torch.Tensor:
@@ -623,6 +613,18 @@ def _linear_direction(use: LinearUse, c: torch.Tensor) -> list[torch.Tensor]:
     return [weight.view(use.param.shape), (c @ use.d.sum(1).reshape(rows, -1).to(c.dtype)).view(use.bias.shape)]
 
 
+def _absolute_pull(use, p: torch.Tensor, lo: int, hi: int, q: torch.Tensor, budget: int, absolute: dict):
+    """``|J_p[:, lo:hi]|^T q`` (``q >= 0``) from ``use``'s absolute factors: for an ungrouped,
+    untransposed linear weight from ``|d|`` of the block's output units; else from ``use``'s
+    absolute copy, made once into ``absolute``."""
+    if isinstance(use, LinearUse) and p is use.param and use.a.shape[2] == 1 and not use.transposed:
+        part = dataclasses.replace(use, a=use.a.abs(), d=use.d[..., lo:hi].abs(), bias=None)
+        return part.pull(p, 0, hi - lo, q, budget)
+    if id(use) not in absolute:
+        absolute[id(use)] = _absolute(use)
+    return absolute[id(use)].pull(p, lo, hi, q, budget)
+
+
 def _absolute(use):
     """``use`` with its factors replaced by their absolute values: its ``J^T |w|`` bounds every term."""
     if isinstance(use, LinearUse):
@@ -661,11 +663,7 @@ def _tied_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budge
     the cross term ``C[r, q] = <E_r, L_q> = sum_{t, t'} (d^e_r[t] . a_q[t']) d^l_q[t', idx_r[t]]``
     (:func:`_tied_cross`).
     """
-    rows = gram.shape[0]
-    seq_cost, row_cost = _sequence_costs(linear, rows)
-    # The cross term, like seq_gram, reduces T_e x T_l tiles.
-    cross_cost = SEQ_GRAM_COST_FACTOR * rows * rows * table.d.shape[1] * linear.a.shape[1] * linear.a.shape[3]
-    if row_cost <= seq_cost + cross_cost:
+    if tied_route(linear, table, gram.shape[0]) == "rows":
         _tied_rows_gram(linear, table, gram, budget, gram.dtype if precise else _gemm_dtype(linear.a.dtype))
         return "rows"
     path = _linear_gram(linear, gram, budget, precise) + " + " + _embedding_gram(table, gram)
