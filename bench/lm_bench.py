@@ -14,7 +14,7 @@ Subcommands:
 
     python bench/lm_bench.py memory --layers 2 6 12 --steps-len 128    # each optimizer in a fresh process
     python bench/lm_bench.py ratios --layers 6 --steps-len 128         # interleaved step times, one process
-    python bench/lm_bench.py budget --budget-gib 3                     # largest L whose step fits the budget
+    python bench/lm_bench.py budget --budget-gib 3 --start 16          # largest L whose step fits the budget
     python bench/lm_bench.py train --seconds 60                        # byte-level LM on the stdlib's sources
 
 ``memory``: a child process per (model, L, T, optimizer) builds the model, takes ``--steps``
@@ -23,7 +23,7 @@ included), its resident memory after import and after the build (the bare model)
 time of the steps after the first. Results: ``bench/results/lm_bench_memory.json`` (``--out``).
 ``ratios``: all optimizers on one model in one process, one step each per round (the ratio to
 Adam is robust to the machine's load). ``budget``: per optimizer, the largest ``L`` (at
-``d = 768``) whose build and steps stay within the budget, found by bisection over fresh processes.
+``d = 768``) whose build and steps stay within the budget, over fresh processes from a guess.
 ``train``: the loss each optimizer reaches in the same wall time on a small byte-level LM.
 """
 
@@ -226,7 +226,8 @@ def budget(args) -> None:
 
 
 def largest_fitting(optimizer: str, args) -> dict:
-    """The largest ``L`` whose fresh process peaks within the budget: doubling from ``args.start``, then bisection."""
+    """The largest ``L`` whose fresh process peaks within the budget: from the guess ``args.start``
+    (e.g. a linear fit of ``memory`` results), up while it fits, or down until it does."""
     limit, probes = args.budget_gib * 1024, {}
 
     def fits(layers: int) -> bool:
@@ -237,17 +238,16 @@ def largest_fitting(optimizer: str, args) -> dict:
                                                else str(r["error"])) + (" fits" if ok else ""), flush=True)
         return ok
 
-    lo, hi, layers = 0, None, args.start  # lo fits (0: nothing known), hi does not
-    while hi is None:
-        if fits(layers):
-            lo, layers = layers, layers * 2
-        else:
-            hi = layers
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    best = probes.get(lo)
-    return {"largest_layers": lo, "parameters": best["parameters"] if best else 0,
+    layers = args.start[optimizer] if isinstance(args.start, dict) else args.start
+    if fits(layers):
+        while fits(layers + 1):
+            layers += 1
+    else:
+        layers -= 1
+        while layers > 0 and not fits(layers):
+            layers -= 1
+    best = probes.get(layers)
+    return {"largest_layers": layers, "parameters": best["parameters"] if best else 0,
             "peak_rss_mib": best["peak_rss_mib"] if best else None, "probes": list(probes.values())}
 
 
@@ -322,7 +322,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per fresh process")
     parser.add_argument("--repeats", type=int, default=3, help="ratios: timed rounds")
     parser.add_argument("--budget-gib", type=float, default=3.0)
-    parser.add_argument("--start", type=int, default=4, help="budget: first L probed (then doubled)")
+    parser.add_argument("--start", type=json.loads, default=8,
+                        help="budget: the first L probed, or JSON {optimizer: L} (then up or down by one)")
     parser.add_argument("--seconds", type=float, default=60.0, help="train: wall time per run")
     parser.add_argument("--width", type=int, default=128, help="train: d of the byte-level LM")
     parser.add_argument("--batch", type=int, default=16, help="train: sequences per batch")
