@@ -261,12 +261,22 @@ def held_bytes(root: torch.Tensor, uses: list, model: torch.nn.Module) -> int:
 
 
 def estimate_check(uses: list, params: list, backend: str) -> Estimate:
-    """Memory of the factor check (:mod:`sven_ext.factor_check`), which runs before the solve:
-    autograd's ``J^T w`` in the parameters' dtype, plus the largest component's share: its uses'
-    absolute factors (an ungrouped, untransposed linear map's come a block at a time, within the
-    transients) and float64 blocks of its parameters within ``TRANSIENT_BUDGET_BYTES``; a component with a fallback
-    module is compared whole in float64 (its ``J^T w``, autograd's copy, the module's transients)."""
-    autograd = sum(p.numel() * p.element_size() for p in params)
+    """Memory of the factor check (:mod:`sven_ext.factor_check`), which runs before the solve.
+
+    Autograd's ``J^T w`` in the parameters' dtype: each parameter's is compared and dropped once
+    complete, so those of parameters with several uses build up over the pass, plus the largest
+    other. Then the largest component's share: its uses' absolute factors (an ungrouped,
+    untransposed linear map's come a block at a time, within the transients) and float64 blocks of
+    its parameters within ``TRANSIENT_BUDGET_BYTES``; a component with a fallback module is compared
+    whole in float64 (its ``J^T w``, autograd's copy, the module's transients).
+    """
+    counts: dict = {}
+    for use in uses:
+        for p in use.params:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    sizes = [(p.numel() * p.element_size(), counts.get(id(p), 0) > 1) for p in params]
+    autograd = sum(size for size, shared in sizes if shared) + max((size for size, shared in sizes if not shared),
+                                                                   default=0)
     worst = 0
     for members, group in components(uses):
         if any(not hasattr(use, "pull") for use in group):

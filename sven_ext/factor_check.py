@@ -158,12 +158,42 @@ def hooks_fingerprint(model: nn.Module) -> tuple:
     return per_module, global_hooks
 
 
-def probe(residual: torch.Tensor, params: list[torch.Tensor]):
-    """Random row weights ``w`` and ``J^T w`` from autograd (one ordinary backward pass)."""
+def probe_weights(residual: torch.Tensor) -> torch.Tensor:
+    """The check's random row weights ``w`` (the same every check: reproducible)."""
     generator = torch.Generator(device=residual.device).manual_seed(CHECK_SEED)
-    weights = torch.randn(residual.shape, generator=generator, device=residual.device).to(residual.dtype)
-    grads = torch.autograd.grad(residual, params, grad_outputs=weights, retain_graph=True, allow_unused=True)
-    return weights, grads
+    return torch.randn(residual.shape, generator=generator, device=residual.device).to(residual.dtype)
+
+
+def probe(residual: torch.Tensor, params: list[torch.Tensor], weights: torch.Tensor, each) -> None:
+    """Autograd's ``J^T w`` by one ordinary backward pass (the graph is kept), handed to
+    ``each(p, gradient)`` as soon as each parameter's gradient is complete and then dropped, so
+    the pass never holds the whole model's gradient; ``each(p, None)`` for a parameter the rows
+    do not depend on. An exception from ``each`` is raised once the pass is over."""
+    reached, failures = set(), []
+
+    def hook(p):
+        def seen(gradient):
+            reached.add(id(p))
+            if not failures:
+                try:
+                    each(p, gradient)
+                except Exception as error:  # raised below, outside the autograd engine
+                    failures.append(error)
+            return gradient.new_zeros(()).expand_as(gradient)  # nothing of the size of p is returned
+
+        return seen
+
+    handles = [p.register_hook(hook(p)) for p in params]
+    try:
+        torch.autograd.grad(residual, params, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if failures:
+        raise failures[0]
+    for p in params:
+        if id(p) not in reached:
+            each(p, None)
 
 
 def tolerance(dtypes) -> float:

@@ -33,17 +33,17 @@ def step_against_dense(opt, model, loss):
 
 
 class ProbeCounter:
-    """Counts the factor checks' autograd probes."""
+    """Counts the factor checks (each draws its random row weights once, a retry included)."""
 
     def __init__(self, monkeypatch):
         self.count = 0
-        probe = factor_check.probe
+        draw = factor_check.probe_weights
 
         def counting(*args):
             self.count += 1
-            return probe(*args)
+            return draw(*args)
 
-        monkeypatch.setattr(factor_check, "probe", counting)
+        monkeypatch.setattr(factor_check, "probe_weights", counting)
 
 
 def inputs(batch, seed=0):

@@ -200,8 +200,7 @@ class GramBackend(Backend):
             if checked:
                 costs.require_fit(costs.estimate_check(uses, self.params, self.name), self._held(rows, uses, settings),
                                   settings.max_memory, self.params[0].device)
-                probe = factor_check.probe(rows.captured, self.params)
-                uses, found = self._check_or_share(cap, rows, uses, probe, shared, settings.chunk_rows)
+                uses, found = self._check_or_share(cap, rows, uses, shared, settings.chunk_rows)
                 verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
                 verdict.shared.update((key, per_module[key]) for key in found)
             # Modules whose rows came from one backward pass per row (slow, still exact).
@@ -210,7 +209,7 @@ class GramBackend(Backend):
         # activations are freed before the solve.
         return _detached(rows), uses, checked
 
-    def _check_or_share(self, cap, rows: Rows, uses: list, probe, shared: set, chunk_rows: int):
+    def _check_or_share(self, cap, rows: Rows, uses: list, shared: set, chunk_rows: int):
         """Checks the factors; where a parameter fails, tries its modules as shared by every sample.
 
         A module's output is taken per sample when its first axis has the batch's size, so
@@ -219,8 +218,9 @@ class GramBackend(Backend):
         Returns:
             ``(uses, modules)``: the checked uses and the ids of the modules found shared.
         """
+        weights = factor_check.probe_weights(rows.captured)
         try:
-            self._check_factors(uses, *probe)
+            self._check_factors(uses, rows.captured, weights)
             return uses, set()
         except FactorMismatch as mismatch:
             suspects = {id(call.module) for call in cap.calls
@@ -229,7 +229,7 @@ class GramBackend(Backend):
                 raise
             retried = cap.uses(rows.per_sample, chunk_rows, shared | suspects)
             try:
-                self._check_factors(retried, *probe)
+                self._check_factors(retried, rows.captured, weights)
             except FactorMismatch:
                 raise mismatch from None
         return retried, suspects
@@ -257,30 +257,40 @@ class GramBackend(Backend):
                 "them (e.g. `x @ layer.weight.T`). Call the module instead, or use backend='dense'"
             )
 
-    def _check_factors(self, uses: list, weights: torch.Tensor, grads) -> None:
-        """The factors' ``J^T w`` must match autograd's, parameter by parameter.
+    def _check_factors(self, uses: list, residual: torch.Tensor, weights: torch.Tensor) -> None:
+        """The factors' ``J^T w`` must match autograd's, parameter by parameter (``w``: ``weights``).
 
-        Compared in float64 over blocks of each parameter's first axis (every use's ``pull`` of the
-        block, for ``J^T w`` and, from one component's absolute factors, ``|J|^T |w|``), blocks of
-        at most ``row_budget_bytes``: the check holds autograd's gradient and one block, not
-        float64 copies of the model. Parameters of fallback modules (no ``pull``, no absolute
-        bound) are compared whole.
+        Each parameter is compared as soon as autograd's backward pass has its gradient
+        (:func:`sven_ext.factor_check.probe`), in float64 over blocks of its first axis (every use's
+        ``pull`` of the block, for ``J^T w`` and ``|J|^T |w|``), blocks of at most
+        ``row_budget_bytes``: the check holds one parameter's gradient and one block, not the
+        model's gradient or float64 copies of it. Parameters of fallback modules (no ``pull``, no
+        absolute bound) are compared whole.
 
         Raises:
             FactorMismatch: naming the first parameter that fails; ``params`` holds every one.
         """
-        dtype = torch.float64
-        w = weights.to(dtype).reshape(-1, 1)
-        true_of = {id(p): g for p, g in zip(self.params, grads)}
-        found = {}  # id(p) -> (error, scale)
+        w = weights.to(torch.float64).reshape(-1, 1)
+        # id(p) -> (its uses, or its component's where whole; the component's absolute copies, or its
+        # J^T w where whole; whole: the component has a fallback module)
+        component = {}
         for params, group in components(uses):
-            if any(isinstance(use, ModuleUse) for use in group):
-                found.update(self._compare_whole(params, group, w[:, 0], true_of))
-                continue
-            absolute = {}  # id(use) -> its absolute copy, made when first needed
+            whole = any(isinstance(use, ModuleUse) for use in group)
+            absolute = {}  # id(use) -> its absolute copy, made when first needed; whole: its J^T w
             for p in params:
-                own = [use for use in group if any(q is p for q in use.params)]
-                found[id(p)] = self._compare_blocks(p, own, absolute, w, true_of[id(p)])
+                own = group if whole else [use for use in group if any(q is p for q in use.params)]
+                component[id(p)] = (own, absolute, whole)
+        found = {}  # id(p) -> (error, scale)
+
+        def compare(p: torch.Tensor, true: torch.Tensor | None) -> None:
+            if id(p) not in component:  # not captured: _check_uncovered showed it does not move the rows
+                found[id(p)] = (0.0, 0.0)
+                return
+            own, absolute, whole = component[id(p)]
+            compared = self._compare_whole if whole else self._compare_blocks
+            found[id(p)] = compared(p, own, absolute, w, true)
+
+        factor_check.probe(residual, self.params, weights, compare)
         dtypes = {id(p): {p.dtype} for p in self.params}
         for use in uses:
             for p in use.params:
@@ -315,22 +325,19 @@ class GramBackend(Backend):
             scale += float(magnitude.square().sum())
         return error ** 0.5, scale ** 0.5
 
-    def _compare_whole(self, params: list, group: list, w: torch.Tensor, true_of: dict) -> dict:
-        """``{id(p): (error, scale)}`` of a component with a fallback module: whole float64 ``J^T w``,
-        scaled by the norms of both results (there is no absolute bound)."""
-        total = {}
-        for use in group:
-            for p, part in zip(use.params, use.direction(w)):
-                total[id(p)] = part if id(p) not in total else total[id(p)].add_(part)
-        out = {}
-        for p in params:
-            mine = total.pop(id(p), None)
-            mine = torch.zeros_like(p, dtype=w.dtype) if mine is None else mine
-            true = true_of[id(p)]
-            true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
-            check_finite(true, f"the gradient of parameter {self._names.get(id(p), '?')!r}")
-            out[id(p)] = (float((mine - true).norm()), float(true.norm() + mine.norm()))
-        return out
+    def _compare_whole(self, p: torch.Tensor, uses: list, directions: dict, w: torch.Tensor, true) -> tuple:
+        """``(||J_p^T w - g||, ||g|| + ||J_p^T w||)`` for a parameter of a component with a fallback
+        module: whole float64 ``J^T w`` (there is no absolute bound). ``directions``: the uses'
+        ``J^T w`` per parameter, formed once for the component and handed out here."""
+        if not directions:
+            for use in uses:
+                for q, part in zip(use.params, use.direction(w[:, 0])):
+                    directions[id(q)] = part if id(q) not in directions else directions[id(q)].add_(part)
+        mine = directions.pop(id(p), None)
+        mine = torch.zeros_like(p, dtype=w.dtype) if mine is None else mine
+        true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
+        check_finite(true, f"the gradient of parameter {self._names.get(id(p), '?')!r}")
+        return float((mine - true).norm()), float(true.norm() + mine.norm())
 
     # ----------------------------------------------------------------- K and J^T c
 
