@@ -274,9 +274,11 @@ class GramBackend(Backend):
         # id(p) -> (its uses, or its component's where whole; the component's absolute copies, or its
         # J^T w where whole; whole: the component has a fallback module)
         component = {}
+        left = {}  # per component, its parameters not compared yet: its copies go with the last one
         for params, group in components(uses):
             whole = any(isinstance(use, ModuleUse) for use in group)
             absolute = {}  # id(use) -> its absolute copy, made when first needed; whole: its J^T w
+            left[id(absolute)] = len(params)
             for p in params:
                 own = group if whole else [use for use in group if any(q is p for q in use.params)]
                 component[id(p)] = (own, absolute, whole)
@@ -286,9 +288,12 @@ class GramBackend(Backend):
             if id(p) not in component:  # not captured: _check_uncovered showed it does not move the rows
                 found[id(p)] = (0.0, 0.0)
                 return
-            own, absolute, whole = component[id(p)]
+            own, absolute, whole = component.pop(id(p))
             compared = self._compare_whole if whole else self._compare_blocks
             found[id(p)] = compared(p, own, absolute, w, true)
+            left[id(absolute)] -= 1
+            if not left[id(absolute)]:
+                absolute.clear()
 
         factor_check.probe(residual, self.params, weights, compare)
         dtypes = {id(p): {p.dtype} for p in self.params}
@@ -621,11 +626,17 @@ def _linear_direction(use: LinearUse, c: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _absolute_pull(use, p: torch.Tensor, lo: int, hi: int, q: torch.Tensor, budget: int, absolute: dict):
-    """``|J_p[:, lo:hi]|^T q`` (``q >= 0``) from ``use``'s absolute factors: for an ungrouped,
-    untransposed linear weight from ``|d|`` of the block's output units; else from ``use``'s
-    absolute copy, made once into ``absolute``."""
-    if isinstance(use, LinearUse) and p is use.param and use.a.shape[2] == 1 and not use.transposed:
-        part = dataclasses.replace(use, a=use.a.abs(), d=use.d[..., lo:hi].abs(), bias=None)
+    """``|J_p[:, lo:hi]|^T q`` (``q >= 0``) from ``use``'s absolute factors: for an ungrouped linear
+    map from those of the block alone (its ``d`` restricted to the block's output units, or a
+    transposed weight's ``a`` to its input features); else from ``use``'s absolute copy, made once
+    into ``absolute``."""
+    if isinstance(use, LinearUse) and use.a.shape[2] == 1:
+        if p is use.bias:
+            part = dataclasses.replace(use, d=use.d[..., lo:hi].abs())
+        elif use.transposed:
+            part = dataclasses.replace(use, a=use.a[..., lo:hi].abs(), d=use.d.abs())
+        else:
+            part = dataclasses.replace(use, a=use.a.abs(), d=use.d[..., lo:hi].abs())
         return part.pull(p, 0, hi - lo, q, budget)
     if id(use) not in absolute:
         absolute[id(use)] = _absolute(use)
