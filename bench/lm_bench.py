@@ -47,6 +47,7 @@ import common
 
 import sven_ext
 from sven_ext import testing
+from sven_ext.harness.environment import MALLOC_ENV
 
 VOCAB, WIDTH, HEADS, BATCH = 32000, 768, 12, 8
 OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon", "sven_gram", "sven_auto", "sven_sketch")
@@ -156,13 +157,20 @@ def child(args) -> None:
     }))
 
 
-def fresh(model: str, layers: int, steps_len: int, optimizer: str, steps: int, threads: int | None) -> dict:
-    """:func:`child` in a new interpreter; its JSON result (``"error"`` if it failed, e.g. out of memory)."""
+def fresh(model: str, layers: int, steps_len: int, optimizer: str, steps: int, threads: int | None,
+          exact: bool = False) -> dict:
+    """:func:`child` in a new interpreter; its JSON result (``"error"`` if it failed, e.g. out of memory).
+
+    ``exact``: under the allocator settings of exact accounting (``common.MALLOC_ENV``: freed memory
+    goes back to the system at once, so the peak is that of live tensors); else the default allocator,
+    as users run.
+    """
     command = [sys.executable, __file__, "child", "--model", model, "--layers", str(layers), "--steps-len",
                str(steps_len), "--optimizer", optimizer, "--steps", str(steps)]
     if threads:
         command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, **(MALLOC_ENV if exact else {})}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         return {"model": model, "layers": layers, "steps_len": steps_len, "optimizer": optimizer,
@@ -176,7 +184,7 @@ def memory(args) -> None:
         for steps_len in args.steps_len:
             for layers in args.layers:
                 for optimizer in args.optimizers:
-                    r = fresh(model, layers, steps_len, optimizer, args.steps, args.threads)
+                    r = fresh(model, layers, steps_len, optimizer, args.steps, args.threads, args.exact_accounting)
                     out.append(r)
                     if "error" in r:
                         print(f"{model} L={layers} T={steps_len} {optimizer}: {r['error']}", flush=True)
@@ -185,7 +193,7 @@ def memory(args) -> None:
                           f"peak {r['peak_rss_mib']:7.0f} MiB (later steps {r['later_steps_peak_rss_mib'] or 0:6.0f}, "
                           f"bare model {r['bare_model_rss_mib']:6.0f})  "
                           f"step {r['median_step_s']:6.2f} s  {r.get('routes', '')}", flush=True)
-    save(args, {"results": out})
+    save(args, {"exact_accounting": args.exact_accounting, "results": out})
 
 
 # --------------------------------------------------------------------------- interleaved ratios
@@ -337,6 +345,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lrs", type=json.loads, default={"sven_gram": [0.1, 0.3], "adamw": [1e-3, 3e-3],
                                                            "adafactor": [1e-2, 3e-2], "muon": [0.02, 0.05]},
                         help="train: JSON {optimizer: [lr, ...]}")
+    parser.add_argument("--exact-accounting", action="store_true",
+                        help="memory: children under the allocator settings of exact accounting (live tensors)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="results file under bench/results/ (default lm_bench_COMMAND.json)")
     args = parser.parse_args(argv)
