@@ -93,6 +93,11 @@ def per_sequence_loss(model, idx, target) -> torch.Tensor:
     return F.cross_entropy(model(idx).transpose(1, 2), target, reduction="none").mean(1)
 
 
+def per_token_rows(model, idx, target) -> sven_ext.Residuals:
+    """``(B, T)`` rows, each token a condition: the square roots of the token cross-entropies."""
+    return sven_ext.Residuals(F.cross_entropy(model(idx).transpose(1, 2), target, reduction="none").sqrt())
+
+
 def make_step(name: str, model: torch.nn.Module, loss, lr: float | None = None):
     """``(optimizer, step)``: ``step()`` takes one step of ``name`` on the closure ``loss`` (per-sample losses).
 
@@ -135,7 +140,8 @@ def child(args) -> None:
     model = build(args.model, args.layers[0], args.steps_len[0])
     bare = status_mib("VmRSS")
     idx, target = batch_of(args.steps_len[0])
-    opt, step = make_step(args.optimizer, model, lambda: per_sequence_loss(model, idx, target))
+    rows = per_token_rows if args.per_token else per_sequence_loss
+    opt, step = make_step(args.optimizer, model, lambda: rows(model, idx, target))
     times, info, first_peak = [], {}, None
     for index in range(args.steps):
         start = time.perf_counter()
@@ -149,7 +155,7 @@ def child(args) -> None:
                 "routes": sorted(set(opt.last_info.get("paths", {}).values()))}
     print(json.dumps({
         "model": args.model, "layers": args.layers[0], "steps_len": args.steps_len[0], "batch": BATCH,
-        "optimizer": args.optimizer, "parameters": sum(p.numel() for p in model.parameters()),
+        "optimizer": args.optimizer, "per_token": args.per_token, "parameters": sum(p.numel() for p in model.parameters()),
         "peak_rss_mib": max(first_peak, status_mib("VmHWM")), "first_step_peak_rss_mib": first_peak,
         "later_steps_peak_rss_mib": status_mib("VmHWM") if args.steps > 1 else None,
         "imported_rss_mib": imported, "bare_model_rss_mib": bare,
@@ -158,15 +164,15 @@ def child(args) -> None:
 
 
 def fresh(model: str, layers: int, steps_len: int, optimizer: str, steps: int, threads: int | None,
-          exact: bool = False) -> dict:
+          exact: bool = False, per_token: bool = False) -> dict:
     """:func:`child` in a new interpreter; its JSON result (``"error"`` if it failed, e.g. out of memory).
 
     ``exact``: under the allocator settings of exact accounting (``common.MALLOC_ENV``: freed memory
     goes back to the system at once, so the peak is that of live tensors); else the default allocator,
-    as users run.
+    as users run. ``per_token``: Sven's rows are the tokens (:func:`per_token_rows`).
     """
     command = [sys.executable, __file__, "child", "--model", model, "--layers", str(layers), "--steps-len",
-               str(steps_len), "--optimizer", optimizer, "--steps", str(steps)]
+               str(steps_len), "--optimizer", optimizer, "--steps", str(steps)] + (["--per-token"] if per_token else [])
     if threads:
         command += ["--threads", str(threads)]
     env = {**os.environ, **(MALLOC_ENV if exact else {})}
@@ -184,7 +190,8 @@ def memory(args) -> None:
         for steps_len in args.steps_len:
             for layers in args.layers:
                 for optimizer in args.optimizers:
-                    r = fresh(model, layers, steps_len, optimizer, args.steps, args.threads, args.exact_accounting)
+                    r = fresh(model, layers, steps_len, optimizer, args.steps, args.threads, args.exact_accounting,
+                              args.per_token)
                     out.append(r)
                     if "error" in r:
                         print(f"{model} L={layers} T={steps_len} {optimizer}: {r['error']}", flush=True)
@@ -347,6 +354,8 @@ def main(argv=None) -> None:
                         help="train: JSON {optimizer: [lr, ...]}")
     parser.add_argument("--exact-accounting", action="store_true",
                         help="memory: children under the allocator settings of exact accounting (live tensors)")
+    parser.add_argument("--per-token", action="store_true",
+                        help="memory: Sven's rows are the tokens, Residuals (B, T), not the sequences")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default=None, help="results file under bench/results/ (default lm_bench_COMMAND.json)")
     args = parser.parse_args(argv)
