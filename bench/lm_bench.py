@@ -16,6 +16,7 @@ Subcommands:
     python bench/lm_bench.py ratios --layers 6 --steps-len 128         # interleaved step times, one process
     python bench/lm_bench.py budget --budget-gib 3 --start 16          # largest L whose step fits the budget
     python bench/lm_bench.py train --seconds 60                        # byte-level LM on the stdlib's sources
+    python bench/lm_bench.py plot                                      # peak memory against parameters (PNG)
 
 ``memory``: a child process per (model, L, T, optimizer) builds the model, takes ``--steps``
 steps and reports its peak resident memory (``VmHWM``: build and steps, the interpreter and torch
@@ -326,6 +327,32 @@ def train_one(optimizer: str, lr: float | None, data: torch.Tensor, held_out: tu
             "held_out_loss": held, "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def plot(args) -> None:
+    """Peak memory against parameters per optimizer (``--inputs``: ``memory`` results files), with the
+    budget as a line: ``bench/results/lm_bench_memory.png`` (``--out``)."""
+    from matplotlib.figure import Figure
+
+    series: dict = {}
+    for name in args.inputs:
+        for r in json.loads((common.RESULTS / name).read_text())["results"]:
+            if "error" in r or r["model"] != args.models[0] or r["steps_len"] != args.steps_len[0]:
+                continue
+            series.setdefault(r["optimizer"], []).append((r["parameters"] / 1e6, r["peak_rss_mib"] / 1024))
+    figure = Figure(figsize=(6.4, 4.2))
+    axes = figure.subplots()
+    for optimizer, points in sorted(series.items()):
+        points.sort()
+        axes.plot(*zip(*points), marker="o", label=optimizer)
+    axes.axhline(args.budget_gib, color="gray", linestyle="--", label=f"{args.budget_gib:g} GiB")
+    axes.set_xlabel("parameters (millions)")
+    axes.set_ylabel("peak resident memory of the process (GiB)")
+    axes.set_title(f"{args.models[0]}, d = {WIDTH}, T = {args.steps_len[0]}, B = {BATCH}, float32, CPU")
+    axes.legend(fontsize=8)
+    path = common.RESULTS / (args.out or "lm_bench_memory.png")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
 def save(args, payload: dict) -> None:
     command = "python bench/lm_bench.py " + " ".join(sys.argv[1:])
     path = common.write_json(args.out or f"lm_bench_{args.command}.json", {"command": command, **payload})
@@ -334,7 +361,7 @@ def save(args, payload: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("memory", "ratios", "budget", "train", "child"))
+    parser.add_argument("command", choices=("memory", "ratios", "budget", "train", "plot", "child"))
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=("tiny", "gpt2"))
     parser.add_argument("--model", default="tiny", choices=("tiny", "gpt2"), help="child: the model")
     parser.add_argument("--layers", type=int, nargs="+", default=[6])
@@ -354,6 +381,9 @@ def main(argv=None) -> None:
                         help="train: JSON {optimizer: [lr, ...]}")
     parser.add_argument("--exact-accounting", action="store_true",
                         help="memory: children under the allocator settings of exact accounting (live tensors)")
+    parser.add_argument("--inputs", nargs="+", default=["lm_bench_memory_baselines_t128.json",
+                                                        "lm_bench_memory_sven_t128.json"],
+                        help="plot: memory results files under bench/results/")
     parser.add_argument("--per-token", action="store_true",
                         help="memory: Sven's rows are the tokens, Residuals (B, T), not the sequences")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -364,7 +394,7 @@ def main(argv=None) -> None:
         return
     if args.command == "train" and args.optimizers == list(OPTIMIZERS):
         args.optimizers = ["sven_gram", "adamw", "adafactor", "muon"]
-    {"memory": memory, "ratios": ratios, "budget": budget, "train": train}[args.command](args)
+    {"memory": memory, "ratios": ratios, "budget": budget, "train": train, "plot": plot}[args.command](args)
 
 
 if __name__ == "__main__":
