@@ -307,6 +307,8 @@ def train_one(optimizer: str, lr: float | None, data: torch.Tensor, held_out: tu
     """Trains a fresh byte-level LM for ``args.seconds`` on random windows of ``data``; its held-out loss."""
     steps_len = args.steps_len[0]
     model = build("tiny", args.layers[0], steps_len, vocab=256, width=args.width, heads=4, seed=0)
+    with torch.no_grad():  # GPT-2's scale for the tied table: unit-variance rows make the logits huge
+        model.tok.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(2))
     draws = torch.Generator().manual_seed(1)
     batch = {}
 
