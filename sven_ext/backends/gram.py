@@ -276,7 +276,7 @@ class GramBackend(Backend):
         component = {}
         left = {}  # per component, its parameters not compared yet: its copies go with the last one
         for params, group in components(uses):
-            whole = any(isinstance(use, ModuleUse) for use in group)
+            whole = any(not hasattr(use, "pull") for use in group)  # the fallback's ModuleUse
             absolute = {}  # id(use) -> its absolute copy, made when first needed; whole: its J^T w
             left[id(absolute)] = len(params)
             for p in params:
