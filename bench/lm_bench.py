@@ -107,7 +107,9 @@ def make_step(name: str, model: torch.nn.Module, loss, lr: float | None = None):
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if name.startswith("sven_"):
-        opt = sven_ext.Sven(model, lr=1e-3 if lr is None else lr, backend=name[len("sven_"):])
+        # The bare step (the results were measured before the backtracking safeguard, now the default,
+        # which adds a forward pass per step and keeps the directions for its trials).
+        opt = sven_ext.Sven(model, lr=1e-3 if lr is None else lr, backend=name[len("sven_"):], safeguard=None)
         return opt, lambda: opt.step(loss)
     if name == "muon":
         # Muon for the blocks' matrices; the embedding (tied to the head), norms and biases with AdamW.

@@ -97,11 +97,11 @@ def _params(use) -> int:
 
 def update_bytes(uses: list) -> int:
     """Bytes of a step's update: the directions and the checked new values of the captured
-    parameters in the parameters' dtype. Each direction is released once its new value is formed
-    (``Sven._updates``), so together they hold one model's worth and one parameter more."""
+    parameters, both in the parameters' dtype. The safeguard (the default) scales the directions for
+    its trials, so both are held until the commit; without it ``Sven._updates`` releases each
+    direction as its new value is formed (one model's worth), which this bound does not credit."""
     params = {id(p): p for use in uses for p in use.params}
-    sizes = [p.numel() * p.element_size() for p in params.values()]
-    return sum(sizes) + max(sizes, default=0)
+    return 2 * sum(p.numel() * p.element_size() for p in params.values())
 
 
 def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:

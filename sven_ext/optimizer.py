@@ -462,8 +462,9 @@ class Sven(torch.optim.Optimizer):
 
         One parameter at a time, and each entry of ``directions`` is released (set to ``None``) once
         its new value is formed and checked: the directions and the new values together hold about
-        one model's worth of memory (plus one parameter), not two. Any failure still comes before the
-        commit, so nothing has been written.
+        one model's worth of memory (plus one parameter), not two, unless the caller keeps its own
+        references (the safeguard does, for its trials). Any failure still comes before the commit,
+        so nothing has been written.
         """
         group_of = self._group_of()
         rule = UpdateRule(s.rmsprop, s.rmsprop_beta, s.rmsprop_eps, s.momentum)
