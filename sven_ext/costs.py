@@ -96,12 +96,11 @@ def _params(use) -> int:
 
 
 def update_bytes(uses: list) -> int:
-    """Bytes of a step's update: the directions and the checked new values of the captured
-    parameters, both in the parameters' dtype. The safeguard (the default) scales the directions for
-    its trials, so both are held until the commit; without it ``Sven._updates`` releases each
-    direction as its new value is formed (one model's worth), which this bound does not credit."""
-    params = {id(p): p for use in uses for p in use.params}
-    return 2 * sum(p.numel() * p.element_size() for p in params.values())
+    """Bytes of a step's update: the checked new values of the captured parameters, in their dtype, and
+    one parameter's direction: ``Sven._updates`` releases each direction as its new value is formed,
+    and the safeguard's shorter trials contract again, holding one trial's values at a time."""
+    sizes = [p.numel() * p.element_size() for p in {id(p): p for use in uses for p in use.params}.values()]
+    return sum(sizes) + max(sizes, default=0)
 
 
 def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:

@@ -329,15 +329,19 @@ class Sven(torch.optim.Optimizer):
 
         backend = self._backend(s.backend, params)
         result = backend.compute(recorded, prepared.backend_settings)
-        # The update consumes the directions (one model's worth of memory, not two), unless the safeguard
-        # scales them for its trials.
-        directions = result.directions if s.safeguard is None else list(result.directions)
-        values, states = self._updates(params, directions, s, prepared.subsets)
+        guarded = s.safeguard is not None and not s.variable_k and result.solution.rank > 0
+        # The update consumes the directions (one model's worth of memory, not two). The safeguard's
+        # shorter trials contract the scaled coefficients again, except where the backend has no
+        # contraction or its directions do not come from one (dense's come from V_k; it holds J anyway).
+        contracted = result.contract is not None and backend.name != "dense"
+        kept_directions = list(result.directions) if guarded and not contracted else None
+        values, states = self._updates(params, result.directions, s, prepared.subsets)
         kept, guard = None, None
         scale = self.state.get("sven", {}).get("scale", 1.0)
-        if s.safeguard is not None and result.solution.rank:
-            guard = self._guard(closure, prepared, result, values, scale, residual_rows[-1])
-            values = guard.values
+        if guarded:
+            guard = self._guard(closure, prepared, result, (values, states), kept_directions, scale,
+                                residual_rows[-1])
+            values, states = guard.candidate
         if s.variable_k:
             kept, values = self._variable_k(closure, params, result, s, prepared.subsets)
             require_finite(self._names_of(params), [[v] for v in values], [[("update", v)] for v in values])
@@ -463,8 +467,7 @@ class Sven(torch.optim.Optimizer):
         One parameter at a time, and each entry of ``directions`` is released (set to ``None``) once
         its new value is formed and checked: the directions and the new values together hold about
         one model's worth of memory (plus one parameter), not two, unless the caller keeps its own
-        references (the safeguard does, for its trials). Any failure still comes before the commit,
-        so nothing has been written.
+        references. Any failure still comes before the commit, so nothing has been written.
         """
         group_of = self._group_of()
         rule = UpdateRule(s.rmsprop, s.rmsprop_beta, s.rmsprop_eps, s.momentum)
@@ -519,20 +522,29 @@ class Sven(torch.optim.Optimizer):
                 p.copy_(saved)
         return kept, values(0) if chosen is None else chosen
 
-    def _guard(self, closure, prepared: _Prepared, result, values: list[torch.Tensor], scale: float,
-               residual_rows: bool) -> safeguard.Decision:
-        """The safeguard's search along this step (:func:`sven_ext.safeguard.search`); the parameters and
-        buffers are put back after each trial."""
+    def _guard(self, closure, prepared: _Prepared, result, full: tuple, kept_directions: list | None,
+               scale: float, residual_rows: bool) -> safeguard.Decision:
+        """The safeguard's search along this step (:func:`sven_ext.safeguard.search`). A trial is the step
+        whose Sven direction is ``scale`` times this one's; RMSProp and momentum then see that direction.
+        ``full``: the values and states of the whole step; ``kept_directions``: the directions where the
+        backend offers no contraction."""
         s, params = prepared.settings, prepared.params
-        lrs = {group["lr"] for group in self.param_groups}
-        model = safeguard.linearisation(result, lr=s.lr if len(lrs) == 1 else None,
+        # The linearised model predicts the bare step at one lr; otherwise the loss alone decides.
+        predicts = len({group["lr"] for group in self.param_groups}) == 1 and s.rmsprop is None and not s.momentum
+        model = safeguard.linearisation(result, lr=s.lr if predicts else None,
                                         kappa=None if residual_rows else s.kappa, group=s.microbatch_size or 1)
 
-        def values_for(trial_scale: float) -> list[torch.Tensor]:
-            if trial_scale == 1.0:
-                return values
-            scaled = [d * trial_scale for d in result.directions]
-            return self._updates(params, scaled, s, prepared.subsets)[0]
+        unscaled = [full]  # dropped once a shorter trial is formed: one model's worth of values at a time
+
+        def candidate(trial_scale: float) -> tuple[list[torch.Tensor], list[dict]]:
+            if trial_scale == 1.0 and unscaled:
+                return unscaled.pop()
+            unscaled.clear()
+            if kept_directions is None:  # for a power of two t, J^T (t c) is exactly t J^T c
+                directions = result.contract(result.solution.coefficients * trial_scale)
+            else:
+                directions = [d * trial_scale for d in kept_directions]
+            return self._updates(params, directions, s, prepared.subsets)
 
         def batch_loss() -> float:
             # The closure ran under grad mode for the step (its rows may take derivatives, e.g. a PDE's).
@@ -541,7 +553,7 @@ class Sven(torch.optim.Optimizer):
             return distributed.sum_over_ranks(self.process_group, loss)
 
         buffers = snapshot_buffers(self.model)
-        return safeguard.search(params, float(result.rows.losses.sum()), model, scale, values_for, batch_loss,
+        return safeguard.search(params, float(result.rows.losses.sum()), model, scale, candidate, batch_loss,
                                 lambda: restore_buffers(buffers))
 
     def _track(self, closure, result, s: Settings, residual_rows: bool) -> None:

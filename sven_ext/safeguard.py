@@ -6,8 +6,10 @@ model of the rows, ``r + J delta``. Where that model is poor (random initial wei
 loss by orders of magnitude. The safeguard checks each step on the batch before it is committed
 (DESIGN.md, "The safeguard"):
 
-1. The trial is the Sven step times a scale ``t`` in ``(0, 1]``; with ``t = 1`` it is the bare
-   step, bitwise. The direction is computed once: a trial costs one evaluation of the closure.
+1. The trial is the Sven step whose direction is ``t`` times this one's, ``t`` a power of two in
+   ``(0, 1]``; with ``t = 1`` it is the bare step, bitwise. A shorter trial contracts ``t c``
+   again (exactly ``t`` times the direction; no new solve): a trial costs one evaluation of the
+   closure, and a shorter one also a contraction.
 2. The batch loss after the trial is compared with the decrease the linearised model predicts
    for it (from the same ``U_k``, ``s`` and ``r``), ``rho = (f - f_trial) / (m(0) - m(t))``.
 3. The trial is accepted when ``rho >= ETA``: the loss fell by at least :data:`ETA` of the
@@ -20,15 +22,18 @@ loss by orders of magnitude. The safeguard checks each step on the batch before 
 Before any trial, a direction along which the model predicts no decrease at all (possible for
 rows that are losses, whose linearisation is not a sum of squares) is not searched: the step
 moves nothing, at no cost. Where the model's prediction is not available (a backend without
-``U_k``, ``functional``; param groups with different ``lr``) a trial is accepted when the batch
-loss falls.
+``U_k``, ``functional``; param groups with different ``lr``; ``momentum`` and ``rmsprop``, which
+move along other directions) a trial is accepted when the batch loss falls. With ``variable_k``
+the safeguard does not run: that option applies components only while the batch loss falls.
 
-Cost: one closure evaluation per step, plus one per rejected trial (the trial values are the
-parameters minus a scaled copy of the direction; no backward pass, no new solve).
+Cost: one closure evaluation per step, plus one evaluation and one contraction per rejected trial.
+A trial's values replace the parameters' storage for its evaluation (no copy of the model), and
+the storage is put back after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,23 +45,24 @@ MAX_TRIALS = 30  # scales down to 2^-29 of the starting one before the step move
 SMALLEST_SCALE = 2.0 ** -60  # where the carried scale stops shrinking
 
 
-def check_safeguard(safeguard, momentum: float, rmsprop, variable_k: bool) -> None:
-    """Raises ``ValueError`` for an unknown safeguard or one combined with settings it does not check.
-
-    The safeguard compares the loss with the linearised model of the bare Sven step; momentum and
-    RMSProp move along other directions, and ``variable_k`` chooses the rank by the loss itself.
-    """
+def check_safeguard(safeguard) -> None:
+    """Raises ``ValueError`` for an unknown safeguard."""
     if safeguard not in SAFEGUARDS:
         raise ValueError(f"safeguard must be one of {SAFEGUARDS}, got {safeguard!r}")
-    if safeguard is None:
-        return
-    others = [name for name, on in (("momentum", bool(momentum)), ("rmsprop", rmsprop is not None),
-                                     ("variable_k", variable_k)) if on]
-    if others:
-        raise ValueError(
-            f"safeguard={safeguard!r} checks the bare Sven step against its linearised model; it does not "
-            f"combine with {' or '.join(others)}: pass safeguard=None with them"
-        )
+
+
+@contextlib.contextmanager
+def trial_values(params: list[torch.Tensor], values: list[torch.Tensor]):
+    """The parameters hold ``values`` (their storage swapped in, nothing copied) inside the block, and
+    their own storage again after it, however it ends."""
+    saved = [p.data for p in params]
+    try:
+        for p, value in zip(params, values):
+            p.data = value
+        yield
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
 
 
 def check_scale(scale) -> None:
@@ -130,63 +136,61 @@ class Decision:
     """The outcome of one step's search.
 
     Attributes:
-        values: the new value of every moved parameter (their current values when nothing was accepted).
+        candidate: ``(values, states)``: the new value and state entries of every moved parameter (their
+            current values and no state change when nothing was accepted).
         scale: the step scale the next step starts from.
         info: ``last_info["safeguard"]``: ``trials`` (closure evaluations), ``scale`` (of the applied step,
             0 when nothing moved), ``rho`` (``None`` without a model), ``loss`` (the batch loss after the
             step).
     """
 
-    values: list[torch.Tensor]
+    candidate: tuple[list[torch.Tensor], list[dict]]
     scale: float
     info: dict
 
 
 def search(params: list[torch.Tensor], before: float, model: Linearisation, scale: float,
-           values_for: Callable[[float], list[torch.Tensor]], batch_loss: Callable[[], float],
+           candidate_for: Callable[[float], tuple[list[torch.Tensor], list[dict]]], batch_loss: Callable[[], float],
            restore: Callable[[], None]) -> Decision:
     """Finds the first scale of the step, from ``scale`` down, that lowers the batch loss enough
     (module docstring).
 
-    The parameters take each trial's values for its evaluation and are always put back, as are the
-    buffers (``restore``); nothing else changes.
+    The parameters hold each trial's values for its evaluation (:func:`trial_values`) and their own
+    afterwards, and the buffers are put back (``restore``); nothing else changes.
 
     Args:
         params: the moved parameters.
         before: the batch loss before the step.
         model: the step's :class:`Linearisation`.
         scale: the step scale carried over from the previous step, in ``(0, 1]``.
-        values_for: ``scale -> values``: the parameters' new values for the step times ``scale``;
-            raises ``FloatingPointError`` if one is not finite.
+        candidate_for: ``scale -> (values, states)``: the parameters' new values and state entries for
+            the step scaled by ``scale``; raises ``FloatingPointError`` if one is not finite.
         batch_loss: runs the closure at the current parameters and returns its batch loss (the sum
             over every rank of a process group, so that every rank decides alike).
         restore: puts the model's buffers back as they were before the first trial.
     """
-    start, initial = [p.detach().clone() for p in params], scale
+    initial = scale
+    unchanged = ([p.detach() for p in params], [{} for _ in params])
     info = {"trials": 0, "scale": 0.0, "rho": None, "loss": before}
     slope = model.slope()
     if slope is not None and not slope < 0:
-        return Decision(start, scale, info)  # the model expects no decrease at any scale
-    try:
-        for trial in range(1, MAX_TRIALS + 1):
-            values = values_for(scale)
-            for p, value in zip(params, values):
-                p.copy_(value)
-            loss = batch_loss()
+        return Decision(unchanged, scale, info)  # the model expects no decrease at any scale
+    for trial in range(1, MAX_TRIALS + 1):
+        candidate = candidate_for(scale)
+        try:
+            with trial_values(params, candidate[0]):
+                loss = batch_loss()
+        finally:
             restore()
-            for p, saved in zip(params, start):  # every trial starts from the same parameters
-                p.copy_(saved)
-            predicted = model.decrease(scale)
-            # A decrease lost to rounding (a tiny scale) leaves the plain test of the loss.
-            rho = (before - loss) / predicted if predicted is not None and predicted > 0 else None
-            if (loss < before) if rho is None else rho >= ETA:  # NaN is never accepted
-                info.update(trials=trial, scale=scale, rho=rho, loss=loss)
-                return Decision(values, min(1.0, 2 * scale), info)
-            info["trials"] = trial
-            scale = max(scale / 2, SMALLEST_SCALE)
-    finally:
-        for p, saved in zip(params, start):
-            p.copy_(saved)
+        predicted = model.decrease(scale)
+        # A decrease lost to rounding (a tiny scale) leaves the plain test of the loss.
+        rho = (before - loss) / predicted if predicted is not None and predicted > 0 else None
+        if (loss < before) if rho is None else rho >= ETA:  # NaN is never accepted
+            info.update(trials=trial, scale=scale, rho=rho, loss=loss)
+            return Decision(candidate, min(1.0, 2 * scale), info)
+        candidate = None  # freed before the next trial's values are formed
+        info["trials"] = trial
+        scale = max(scale / 2, SMALLEST_SCALE)
     # No scale lowered the loss (rounding at a minimum, or a direction the model misjudges): the next step,
     # on other rows or from a solve that is not this one, starts where this one did.
-    return Decision(start, initial, info)
+    return Decision(unchanged, initial, info)

@@ -76,8 +76,9 @@ class Settings:
     safeguard: str | None = _setting("backtracking", "`\"backtracking\"`: each step is checked on the batch loss "
                                                     "before it is applied and halved while the loss falls by less than "
                                                     "1% of what the linearised model predicts (one extra forward pass "
-                                                    "per step, one per halving); `None`: the bare step (needed with "
-                                                    "`momentum`, `rmsprop` or `variable_k`)")
+                                                    "per step, one per halving; with `momentum` or `rmsprop` the loss "
+                                                    "must only fall; not with `variable_k`, which applies components "
+                                                    "only while the loss falls); `None`: the bare step")
 
     def __post_init__(self) -> None:
         _check_non_negative("lr", self.lr)
@@ -121,7 +122,7 @@ class Settings:
         if self.variable_k and (self.rmsprop is not None or self.momentum):
             raise ValueError("variable_k chooses how many components of the Sven step to apply; it does not "
                              "combine with rmsprop or momentum")
-        check_safeguard(self.safeguard, self.momentum, self.rmsprop, self.variable_k)
+        check_safeguard(self.safeguard)
         check_backend_name(self.backend)
 
     @classmethod

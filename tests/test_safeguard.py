@@ -167,11 +167,33 @@ def test_a_trial_that_is_not_finite_is_rejected():
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-@pytest.mark.parametrize("setting", [dict(momentum=0.5), dict(rmsprop="after"), dict(variable_k=True)])
-def test_settings_that_change_the_step_refuse_the_safeguard(setting):
-    with pytest.raises(ValueError, match="does not combine with .*pass safeguard=None"):
-        sven_ext.Sven(mlp((3, 4, 1)), **setting)
-    sven_ext.Sven(mlp((3, 4, 1)), safeguard=None, **setting)
+@pytest.mark.parametrize("setting", [dict(momentum=0.5), dict(rmsprop="after")])
+def test_with_momentum_or_rmsprop_a_step_that_raises_the_loss_is_shortened(setting):
+    model = mlp((3, 8, 2), seed=1)
+    x, y = data()
+    before = batch_loss(model, x, y)
+    bare, _ = step(model, 8.0, safeguard=None, **setting)
+    assert batch_loss(bare, x, y) > before
+    guarded, opt = step(model, 8.0, **setting)
+    info = opt.last_info["safeguard"]
+    assert info["rho"] is None and info["trials"] >= 2  # no linear model of these steps: the loss decides
+    assert batch_loss(guarded, x, y) == info["loss"] < before
+    # The state is that of the applied direction, ``scale`` times the bare one (a power of two: exact).
+    t = info["scale"]
+    shorter, shorter_opt = step(model, 8.0 * t, safeguard=None, **setting)
+    key, power = ("momentum_buffer", 1) if "momentum" in setting else ("square_avg", 2)
+    for p, q in zip(guarded.parameters(), shorter.parameters()):
+        assert torch.equal(opt.state[p][key], shorter_opt.state[q][key] * t ** power)
+    if "momentum" in setting:  # the first step's buffer is the direction: the bare step at lr * scale
+        assert same(guarded, shorter)
+
+
+def test_variable_k_runs_without_the_safeguard():
+    _, opt = step(mlp((3, 8, 2), seed=1), 8.0, variable_k=True)
+    assert "safeguard" not in opt.last_info and "variable_k_rank" in opt.last_info
+
+
+def test_an_unknown_safeguard_is_named():
     with pytest.raises(ValueError, match="safeguard must be one of"):
         sven_ext.Sven(mlp((3, 4, 1)), safeguard="levenberg")
 
@@ -198,7 +220,7 @@ def test_a_direction_the_model_says_cannot_descend_moves_nothing_at_no_cost():
     decision = safeguard.search(params, 3.0, linear, 0.5, lambda s: [torch.ones(3) * s],
                                 lambda: calls.append(1) or 0.0, lambda: None)
     assert calls == [] and decision.info["trials"] == 0 and decision.info["scale"] == 0.0
-    assert decision.scale == 0.5 and torch.equal(decision.values[0], params[0])
+    assert decision.scale == 0.5 and torch.equal(decision.candidate[0][0], params[0])
 
 
 def test_track_svd_info_predicts_the_step_the_safeguard_applied():
