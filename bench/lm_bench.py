@@ -51,7 +51,7 @@ from sven_ext import testing
 from sven_ext.harness.environment import MALLOC_ENV
 
 VOCAB, WIDTH, HEADS, BATCH = 32000, 768, 12, 8
-OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon", "sven_gram", "sven_auto", "sven_sketch")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "muon", "sven_gram", "sven_auto", "sven_sketch", "sven_default")
 
 
 def status_mib(field: str) -> float:
@@ -106,9 +106,11 @@ def make_step(name: str, model: torch.nn.Module, loss, lr: float | None = None):
     ``None``: each one's usual value.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sven_default":  # every setting at its default: backend auto, the backtracking safeguard
+        opt = sven_ext.Sven(model, lr=1e-3 if lr is None else lr)
+        return opt, lambda: opt.step(loss)
     if name.startswith("sven_"):
-        # The bare step (the results were measured before the backtracking safeguard, now the default,
-        # which adds a forward pass per step and keeps the directions for its trials).
+        # The bare step of one backend (safeguard=None: no trial forward pass).
         opt = sven_ext.Sven(model, lr=1e-3 if lr is None else lr, backend=name[len("sven_"):], safeguard=None)
         return opt, lambda: opt.step(loss)
     if name == "muon":

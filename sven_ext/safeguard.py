@@ -54,15 +54,19 @@ def check_safeguard(safeguard) -> None:
 @contextlib.contextmanager
 def trial_values(params: list[torch.Tensor], values: list[torch.Tensor]):
     """The parameters hold ``values`` (their storage swapped in, nothing copied) inside the block, and
-    their own storage again after it, however it ends."""
-    saved = [p.data for p in params]
+    their own storage again after it, however it ends. Inside, they do not require grad: a trial's
+    forward pass keeps no activations for a backward pass that does not come (rows that take
+    derivatives with respect to the inputs still can)."""
+    saved = [(p.data, p.requires_grad) for p in params]
     try:
         for p, value in zip(params, values):
             p.data = value
+            p.requires_grad_(False)
         yield
     finally:
-        for p, data in zip(params, saved):
+        for p, (data, requires_grad) in zip(params, saved):
             p.data = data
+            p.requires_grad_(requires_grad)
 
 
 def check_scale(scale) -> None:

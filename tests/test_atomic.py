@@ -16,7 +16,7 @@ from torch import nn
 
 import sven_ext
 from sven_ext import linalg
-from sven_ext.backends import gram as gram_module
+from sven_ext.backends.factored import FactoredBackend
 from sven_ext.testing import Counter, mlp, relative_difference, sven_update
 
 BACKENDS = ["dense", "gram", "sketch", "auto"]
@@ -61,7 +61,7 @@ class Snapshot:
 def _injected_directions(value):
     """A replacement of GramBackend._directions whose step direction is ``value`` everywhere (the factor
     check, in float64, still sees the real one)."""
-    real = gram_module.GramBackend._directions
+    real = FactoredBackend._directions
 
     def directions(self, uses, c, in_param_dtype=True):
         if not in_param_dtype:
@@ -257,7 +257,7 @@ def test_a_value_that_is_not_finite_in_the_parameter_dtype_names_its_stage(monke
     model = _model(dtype, big)
     x, y = data()
     opt = sven_ext.Sven(model, backend="gram", k=3, **settings)
-    monkeypatch.setattr(gram_module.GramBackend, "_directions", _injected_directions(direction))
+    monkeypatch.setattr(FactoredBackend, "_directions", _injected_directions(direction))
     for _ in range(steps):
         opt.step(lambda: squared_errors(model, x, y))
         assert all(torch.isfinite(p).all() for p in model.parameters())

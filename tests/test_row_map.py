@@ -13,7 +13,7 @@ import torch
 
 import sven_ext
 from sven_ext.backends import SketchSettings, StepSettings, make_backend
-from sven_ext.backends import gram as gram_module
+from sven_ext.backends import factored as factored_module
 from sven_ext.backends import sketch as sketch_module
 from sven_ext.backends.base import ElementSubset
 from sven_ext.linalg import Truncation
@@ -292,7 +292,7 @@ def test_element_subset_directions_do_not_depend_on_the_chunks(monkeypatch):
     model, losses = case("cnn")
     subsets = _subsets(model, 0.3, seed=4)
     whole, _ = step("gram", model, losses, 6, subsets=subsets)
-    monkeypatch.setattr(gram_module, "SUBSET_CHUNK_ELEMENTS", 1)  # one unit at a time
+    monkeypatch.setattr(factored_module, "SUBSET_CHUNK_ELEMENTS", 1)  # one unit at a time
     chunked, _ = step("gram", model, losses, 6, subsets=subsets)
     assert relative(chunked, whole) < 1e-13
 

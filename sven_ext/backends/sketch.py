@@ -51,7 +51,7 @@ from ..linalg import orthonormal_basis, solve_projected
 from ..residuals import Rows
 from .base import StepDirection, StepSettings, effective_column_scale
 from ..routes import components
-from .gram import GramBackend, _gemm_dtype, _restrict
+from .factored import FactoredBackend, gemm_dtype, restrict
 
 TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
 # Power iterations by default (bench/results/sketch_accuracy.json, decaying-spectrum MLP regression,
@@ -164,10 +164,10 @@ def _summed(shard, compute) -> torch.Tensor:
     return compute() if shard is None else shard.reduce(lambda: [compute()], "sketch")[0]
 
 
-class SketchBackend(GramBackend):
+class SketchBackend(FactoredBackend):
     """Randomized range finder and Rayleigh-Ritz core over the factors; ``c`` and ``J^T c`` as in gram.
 
-    Shares the gram backend's capture and its first-step check of the factors.
+    Shares the gram backend's capture, factor check and contraction (:class:`FactoredBackend`).
 
     Attributes:
         transient_budget_bytes: bytes of one transient (a ``Z`` tile, a chunk of products);
@@ -199,7 +199,7 @@ class SketchBackend(GramBackend):
         by parameter: each rank forms ``Y`` and ``M``'s terms for its share of the components,
         and an all-reduce sums them (``R x s`` and ``s x s`` numbers, where all-reducing
         ``Z_p`` would move ``P x s``); the final contraction is split by row
-        (:meth:`GramBackend._contraction`). ``sketch_residual`` is then not computed.
+        (:meth:`FactoredBackend._contraction`). ``sketch_residual`` is then not computed.
         """
         scale = effective_column_scale(settings, self.params)
         sk = settings.sketch
@@ -233,7 +233,7 @@ class SketchBackend(GramBackend):
         solution = solve_projected(q, core, residual, truncation)
         # J^T c on the subsets' smaller factors, where the gram backend would restrict them.
         restricted, scales = self._subsets_and_scales(uses, settings)
-        contract = self._contraction(_restrict(uses, restricted), rows, scales, shard, restricted)
+        contract = self._contraction(restrict(uses, restricted), rows, scales, shard, restricted)
         directions = contract(solution.coefficients)
         captured = float(core.diagonal().sum())
         info = {
@@ -271,7 +271,7 @@ class SketchBackend(GramBackend):
                     f"the R x s blocks (R={count}, s={columns}) already need {costs.mib(fixed)}, plus at least "
                     f"{costs.mib(costs.TRANSIENTS * costs.MIN_TRANSIENT_BYTES)} of transients"
                 )
-        work = _gemm_dtype(uses[0].params[0].dtype) if uses else settings.solve_dtype
+        work = gemm_dtype(uses[0].params[0].dtype) if uses else settings.solve_dtype
         fused = self.fused if self.fused is not None else device.type == "cuda"
         scales = None
         if scale is not None:
