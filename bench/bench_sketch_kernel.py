@@ -11,7 +11,7 @@ For each shape (R, T, d_in, d_out, cols) and dtype:
   - the random generation's time share: ``linear_sketch`` on one row of the factors (its
     GEMV is 1/R of the full GEMM work, so it times Omega's generation and little else), over
     the full call. ``t_sketch - t_project`` estimates the same cost another way.
-The issue's target: fused projection at >= 40% of torch.mm's GFLOP/s on this CPU.
+The target: fused projection at >= 40% of torch.mm's GFLOP/s on this CPU.
 
     python bench/bench_sketch_kernel.py                      # default shapes, float32
     python bench/bench_sketch_kernel.py --dtypes float32 float64 --repeats 5
