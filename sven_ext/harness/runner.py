@@ -130,6 +130,37 @@ def _spectrum(problem: Problem) -> list[float]:
     return [float(f"{s:.4g}") for s in eigenvalues.clamp_min(0).sqrt().flip(0).tolist()]
 
 
+class _Curves:
+    """What one run records as it goes: validation curves, per-epoch losses, spectra, ranks."""
+
+    def __init__(self, task: Task, problem, steps_per_epoch: int, spectra: bool):
+        self.task, self.problem, self.steps_per_epoch, self.spectra = task, problem, steps_per_epoch, spectra
+        self.curve: dict[str, list] = {"step": [], "epoch": [], "seconds": []}
+        self.per_epoch: dict[str, list] = {"epoch": [], "seconds": [], "train_loss": []}
+        self.record = {"spectra": {"epoch": [], "singular_values": []}} if spectra else {}
+        self.ranks: list[int] = []
+
+    def evaluate(self, step: int, seconds: float) -> float:
+        """Validation metrics after ``step`` steps; returns the task's metric."""
+        metrics = self.problem.evaluate("val")
+        self.curve["step"].append(step)
+        self.curve["epoch"].append(step / self.steps_per_epoch)
+        self.curve["seconds"].append(seconds)
+        for name, number in metrics.items():
+            self.curve.setdefault(f"val_{name}", []).append(number)
+        return metrics[self.task.metric]
+
+    def snapshot(self, epoch: int) -> None:
+        if self.spectra:
+            self.record["spectra"]["epoch"].append(epoch)
+            self.record["spectra"]["singular_values"].append(_spectrum(self.problem))
+
+    def end_epoch(self, epoch: int, seconds: float, train_loss: float) -> None:
+        self.per_epoch["epoch"].append(epoch)
+        self.per_epoch["seconds"].append(seconds)
+        self.per_epoch["train_loss"].append(train_loss)
+
+
 def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per_epoch: int = EVALS_PER_EPOCH,
           spectra: bool = False, progress: bool = True) -> dict:
     """Trains one run and returns its record (without the ``kind`` field).
@@ -144,7 +175,6 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
         progress: show a progress bar of the steps.
     """
     problem = task.build(seed)
-    spectra = spectra and problem.probe() is not None and not spec.full_batch
     stepper = spec.build(problem, value, task)
     generator = torch.Generator().manual_seed(seed)
     if spec.full_batch:
@@ -154,38 +184,50 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
     else:
         epochs, budget, steps_per_epoch = task.epochs, task.budget_seconds, problem.steps_per_epoch()
         batches = lambda: problem.batches(generator)  # noqa: E731
-    total = epochs * steps_per_epoch
     schedule = None
     if task.schedule and spec.scheduled:
         warmup = steps_per_epoch if spec.warmup else 0
-        schedule = torch.optim.lr_scheduler.LambdaLR(stepper.optimizer, warmup_then_decay(warmup, total))
-    eval_every = max(1, steps_per_epoch // evals_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(stepper.optimizer,
+                                                     warmup_then_decay(warmup, epochs * steps_per_epoch))
+    curves = _Curves(task, problem, steps_per_epoch,
+                     spectra and problem.probe() is not None and not spec.full_batch)
+    bar = tqdm(total=None if budget else epochs * steps_per_epoch, desc=f"  {spec.name} {value:g} seed {seed}",
+               leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        status, reason, step, seconds, evaluations = _epochs(
+            curves, stepper, schedule, batches, epochs, budget, max(1, steps_per_epoch // evals_per_epoch), bar)
+    finally:
+        bar.close()
+    final = {name: values[-1] for name, values in curves.curve.items() if name.startswith("val_")}
+    if status == "ok":
+        for split in problem.splits[1:]:
+            final.update({f"{split}_{name}": number for name, number in problem.evaluate(split).items()})
+        final["train_loss"] = curves.per_epoch["train_loss"][-1]
+    record = curves.record
+    record.update({
+        "task": task.name, "task_config": task.config(), "optimizer": spec.name, "hyper": spec.hyper,
+        "value": value, "seed": seed, "status": status, "reason": reason,
+        "parameters": parameter_count(problem.model), "steps": step, "seconds": seconds,
+        "final": final, "epochs": curves.per_epoch, "curve": curves.curve,
+    })
+    if curves.ranks:
+        record["ranks"] = curves.ranks
+    if evaluations:
+        record["safeguard_evaluations"] = evaluations  # closure evaluations of the safeguard, all steps
+    return record
 
-    curve: dict[str, list] = {"step": [], "epoch": [], "seconds": []}
-    per_epoch: dict[str, list] = {"epoch": [], "seconds": [], "train_loss": []}
-    record = {"spectra": {"epoch": [], "singular_values": []}} if spectra else {}
-    ranks: list[int] = []
 
-    def evaluate(step: int, seconds: float) -> float:
-        metrics = problem.evaluate("val")
-        curve["step"].append(step)
-        curve["epoch"].append(step / steps_per_epoch)
-        curve["seconds"].append(seconds)
-        for name, number in metrics.items():
-            curve.setdefault(f"val_{name}", []).append(number)
-        return metrics[task.metric]
-
-    def snapshot(epoch: int) -> None:
-        if spectra:
-            record["spectra"]["epoch"].append(epoch)
-            record["spectra"]["singular_values"].append(_spectrum(problem))
-
-    initial = evaluate(0, 0.0)
-    snapshot(0)
+def _epochs(curves: _Curves, stepper, schedule, batches, epochs: int, budget: float | None, eval_every: int,
+            bar) -> tuple[str, str | None, int, float, int]:
+    """The training loop of :func:`train`: ``(status, reason, steps, seconds, safeguard evaluations)``.
+    A non-finite batch loss, a validation metric beyond ``DIVERGENCE_FACTOR`` times the initial one or
+    an error from the step ends the run as diverged."""
+    metric = curves.task.metric
+    initial = curves.evaluate(0, 0.0)
+    curves.snapshot(0)
     status, reason = "ok", None
     seconds, step, evaluations = 0.0, 0, 0
-    bar = tqdm(total=None if budget else total, desc=f"  {spec.name} {value:g} seed {seed}",
-               leave=False, disable=not progress, dynamic_ncols=True)
+    info = lambda: getattr(stepper.optimizer, "last_info", {})  # noqa: E731
     try:
         for epoch in range(1, epochs + 1):
             weighted, examples = 0.0, 0
@@ -195,9 +237,7 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
                 if schedule is not None:
                     schedule.step()
                 seconds += time.perf_counter() - start
-                guard = getattr(stepper.optimizer, "last_info", {}).get("safeguard")
-                if guard is not None:
-                    evaluations += guard["trials"]
+                evaluations += info().get("safeguard", {}).get("trials", 0)
                 step += 1
                 weighted += loss * size
                 examples += size
@@ -206,46 +246,26 @@ def train(task: Task, spec: OptimizerSpec, value: float, seed: int, *, evals_per
                     status, reason = "diverged", f"non-finite batch loss at step {step}"
                     break
                 if step % eval_every == 0:
-                    latest = evaluate(step, seconds)
+                    latest = curves.evaluate(step, seconds)
                     if not math.isfinite(latest) or latest > DIVERGENCE_FACTOR * initial:
-                        status, reason = "diverged", f"validation {task.metric} {latest:.3g} at step {step}"
+                        status, reason = "diverged", f"validation {metric} {latest:.3g} at step {step}"
                         break
-                    bar.set_postfix({f"val_{task.metric}": f"{latest:.3e}"}, refresh=False)
+                    bar.set_postfix({f"val_{metric}": f"{latest:.3e}"}, refresh=False)
                 if budget is not None and seconds >= budget:
                     break
-            per_epoch["epoch"].append(epoch)
-            per_epoch["seconds"].append(seconds)
-            per_epoch["train_loss"].append(weighted / max(examples, 1))
+            curves.end_epoch(epoch, seconds, weighted / max(examples, 1))
             if status != "ok":
                 break
-            if curve["step"][-1] != step:
-                evaluate(step, seconds)
-            snapshot(epoch)
-            if hasattr(stepper.optimizer, "last_info") and "rank" in stepper.optimizer.last_info:
-                ranks.append(stepper.optimizer.last_info["rank"])
+            if curves.curve["step"][-1] != step:
+                curves.evaluate(step, seconds)
+            curves.snapshot(epoch)
+            if "rank" in info():
+                curves.ranks.append(info()["rank"])
             if budget is not None and seconds >= budget:
                 break
     except (RuntimeError, ValueError, FloatingPointError, torch.linalg.LinAlgError) as error:
         status, reason = "diverged", f"{type(error).__name__} at step {step}: {str(error).splitlines()[0][:200]}"
-    finally:
-        bar.close()
-
-    final = {name: values[-1] for name, values in curve.items() if name.startswith("val_")}
-    if status == "ok":
-        for split in problem.splits[1:]:
-            final.update({f"{split}_{name}": number for name, number in problem.evaluate(split).items()})
-        final["train_loss"] = per_epoch["train_loss"][-1]
-    record.update({
-        "task": task.name, "task_config": task.config(), "optimizer": spec.name, "hyper": spec.hyper,
-        "value": value, "seed": seed, "status": status, "reason": reason,
-        "parameters": parameter_count(problem.model), "steps": step, "seconds": seconds,
-        "final": final, "epochs": per_epoch, "curve": curve,
-    })
-    if ranks:
-        record["ranks"] = ranks
-    if evaluations:
-        record["safeguard_evaluations"] = evaluations  # closure evaluations of the safeguard, all steps
-    return record
+    return status, reason, step, seconds, evaluations
 
 
 def run(tasks: list[Task], optimizers: list[OptimizerSpec], path: Path, *, command: str, threads: int = 1,
