@@ -245,8 +245,8 @@ def _plot(runs: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    """Command line entry point; returns the summary it writes to ``<out>/poisson.json``."""
+def _arguments(argv) -> argparse.Namespace:
+    """The command line, with ``--quick``'s defaults where it is given."""
     parser = argparse.ArgumentParser(prog="python -m sven_ext.examples.poisson", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1000,
                         help="most Sven steps (it stops earlier when no step scale lowers the loss)")
@@ -272,11 +272,35 @@ def main(argv=None) -> dict:
     if parser.parse_known_args(argv)[0].quick:
         # Explicit flags still win over these.
         parser.set_defaults(steps=30, interior=48, boundary=16, width=8, rtol=1e-3, grid=21, adam_lrs=[1e-3, 1e-2])
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _summary(args: argparse.Namespace, params: int, sven, runs: dict, best: str, reached) -> dict:
+    """What ``poisson.json`` records: the problem, Sven's and each Adam run's result, the histories."""
+    budget = sven.seconds[-1]
+    return {
+        "problem": {"interior": args.interior, "boundary": args.boundary, "boundary_weight": args.boundary_weight,
+                    "grid": args.grid, "width": args.width, "depth": args.depth, "parameters": params,
+                    "dtype": "float64", "seed": args.seed},
+        "sven": {"max_steps": args.steps, "steps": sven.steps[-1], "lr": args.lr, "k": args.k, "rtol": args.rtol,
+                 "mode": args.mode, "safeguard": "backtracking",
+                 "final_error": sven.errors[-1], "seconds": budget, f"first_step_at_{TARGET:g}": reached},
+        "adam": {name: {"final_error": h.errors[-1], "best_error": min(h.errors), "steps": h.steps[-1],
+                        "seconds": h.seconds[-1]} for name, h in runs.items() if name != "sven"},
+        "best_adam": best,
+        "histories": {name: asdict(h) for name, h in runs.items()},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "processor": platform.processor(),
+                        "threads": torch.get_num_threads()},
+    }
+
+
+def main(argv=None) -> dict:
+    """Command line entry point; returns the summary it writes to ``<out>/poisson.json``."""
+    args = _arguments(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
-
     problem = PoissonProblem(args.interior, args.boundary, args.boundary_weight, args.grid, seed=args.seed)
     sven_model = problem.model(args.width, args.depth, seed=args.seed)
     params = sum(p.numel() for p in sven_model.parameters())
@@ -301,21 +325,7 @@ def main(argv=None) -> dict:
     print(f"best Adam: {best}, relative L2 {runs[best].errors[-1]:.3e}; Sven {sven.errors[-1]:.3e}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "problem": {"interior": args.interior, "boundary": args.boundary, "boundary_weight": args.boundary_weight,
-                    "grid": args.grid, "width": args.width, "depth": args.depth, "parameters": params,
-                    "dtype": "float64", "seed": args.seed},
-        "sven": {"max_steps": args.steps, "steps": sven.steps[-1], "lr": args.lr, "k": args.k, "rtol": args.rtol,
-                 "mode": args.mode, "safeguard": "backtracking",
-                 "final_error": sven.errors[-1], "seconds": budget, f"first_step_at_{TARGET:g}": reached},
-        "adam": {name: {"final_error": h.errors[-1], "best_error": min(h.errors), "steps": h.steps[-1],
-                        "seconds": h.seconds[-1]} for name, h in runs.items() if name != "sven"},
-        "best_adam": best,
-        "histories": {name: asdict(h) for name, h in runs.items()},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "processor": platform.processor(),
-                        "threads": torch.get_num_threads()},
-    }
+    summary = _summary(args, params, sven, runs, best, reached)
     (args.out / "poisson.json").write_text(json.dumps(summary, indent=1))
     _plot(runs, args.out / "poisson.png",
           f"2-D Poisson, {params} parameters, {problem.rows} rows\nSven vs Adam over a learning-rate grid, same wall time")
