@@ -108,20 +108,12 @@ def _projection(owned: dict, weight: str, bias: str | None, a: torch.Tensor, d: 
     return []
 
 
-def attention_rule(call, samples: int) -> list:
-    """``nn.MultiheadAttention``: packed or separate input projections and ``out_proj``, from one rerun."""
-    if all(d is None for d in call.d):
-        return []
-    arguments = _arguments(call)
-    if not _covered(call, arguments):
-        return module_rule(call, samples)
-    module = call.module
-    owned = dict(call.params)
-    query, key, value = (arguments[n] for n in ("query", "key", "value"))
-    if call.batch_first:
-        query, key, value = (x.transpose(0, 1) for x in (query, key, value))  # (L, B, E) like the functional form
-    embed = module.embed_dim
-    dtype = module.out_proj.weight.dtype
+def _rerun(module, arguments: dict, qkv: tuple, d_out, d_weights, samples: int) -> tuple:
+    """``(pre, grads, m)``: the attention before ``out_proj`` and the gradients of the rows with respect
+    to the projected ``q``, ``k``, ``v`` (``(m, L, B, E)`` each, ``None`` where unused), from one rerun
+    of torch's own attention with identity projections; ``m`` rows per sample."""
+    query, key, value = qkv
+    embed, dtype = module.embed_dim, module.out_proj.weight.dtype
     if module._qkv_same_embed_dim:
         weights = module.in_proj_weight.detach().chunk(3)
     else:
@@ -129,8 +121,6 @@ def attention_rule(call, samples: int) -> list:
     biases = module.in_proj_bias.detach().chunk(3) if module.in_proj_bias is not None else [None] * 3
     eye = torch.eye(embed, dtype=dtype, device=query.device)
     identity = eye.as_subclass(_Identity)
-    by_output = dict(zip(call.outputs, call.d))  # outputs: the attention, its weights
-    d_out, d_weights = by_output.get(0), by_output.get(1)
     with torch.enable_grad():
         q, k, v = (F.linear(x, w, b).detach().requires_grad_() for x, w, b in zip((query, key, value), weights, biases))
         pre, attn = F.multi_head_attention_forward(
@@ -153,9 +143,28 @@ def attention_rule(call, samples: int) -> list:
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
             grads = torch.autograd.grad(outputs, (q, k, v), cotangents, allow_unused=True, is_grads_batched=True)
+    return pre, grads, m
+
+
+def attention_rule(call, samples: int) -> list:
+    """``nn.MultiheadAttention``: packed or separate input projections and ``out_proj``, from one rerun."""
+    if all(d is None for d in call.d):
+        return []
+    arguments = _arguments(call)
+    if not _covered(call, arguments):
+        return module_rule(call, samples)
+    module = call.module
+    owned = dict(call.params)
+    query, key, value = (arguments[n] for n in ("query", "key", "value"))
+    if call.batch_first:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))  # (L, B, E) like the functional form
+    embed, dtype = module.embed_dim, module.out_proj.weight.dtype
+    by_output = dict(zip(call.outputs, call.d))  # outputs: the attention, its weights
+    d_out = by_output.get(0)
+    pre, grads, m = _rerun(module, arguments, (query, key, value), d_out, by_output.get(1), samples)
     rows = m * samples
     dq, dk, dv = (torch.zeros(rows, x.shape[0], embed, dtype=dtype, device=x.device) if g is None
-                  else _batch_to_rows(g, 1) for g, x in zip(grads, (q, k, v)))
+                  else _batch_to_rows(g, 1) for g, x in zip(grads, (query, key, value)))
     inputs = [x.transpose(0, 1) for x in (query, key, value)]  # (B, T, features) per sample
     uses = []
     if d_out is not None:

@@ -149,6 +149,33 @@ class _Cells:
         return d_gi, d_gi
 
 
+def _forward(module, seq: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None) -> list:
+    """The recurrence rerun layer by layer from ``seq`` ``(T, B, features)`` and the initial states: per
+    layer, per direction, ``(parameter name suffix, the layer's input, w_ih, its _Cells)``."""
+    mode = module.mode
+    dirs = 2 if module.bidirectional else 1
+    steps, batch = seq.shape[0], seq.shape[1]
+    layers = []
+    layer_input = seq
+    for layer in range(module.num_layers):
+        runs = []
+        for direction in range(dirs):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh = (getattr(module, f"weight_{n}{suffix}").detach() for n in ("ih", "hh"))
+            b_ih = getattr(module, f"bias_ih{suffix}").detach() if module.bias else None
+            b_hh = getattr(module, f"bias_hh{suffix}").detach() if module.bias else None
+            bias = b_ih if mode == "GRU" or b_hh is None else b_ih + b_hh  # GRU's b_hn sits inside r * gh_n
+            flat = layer_input.reshape(-1, layer_input.shape[-1])
+            gi = (flat @ w_ih.T if bias is None else torch.addmm(bias, flat, w_ih.T)).view(steps, batch, -1)
+            k = layer * dirs + direction
+            cells = _Cells(mode, gi, h0[k], c0[k] if c0 is not None else None, w_hh,
+                           b_hh if mode == "GRU" else None, reverse=direction == 1)
+            runs.append((suffix, layer_input, w_ih, cells))
+        layers.append(runs)
+        layer_input = runs[0][3].out if dirs == 1 else torch.cat([run[3].out for run in runs], dim=2)
+    return layers
+
+
 def recurrent_rule(call, samples: int) -> list:
     """``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: per-step input and hidden maps, from one rerun step by step."""
     if all(d is None for d in call.d):
@@ -177,24 +204,7 @@ def recurrent_rule(call, samples: int) -> list:
 
     by_output = dict(zip(call.outputs, call.d))  # outputs: the sequence, h_n, c_n
     d_seq, d_h, d_c = (cotangent(by_output.get(k)) for k in range(3))
-    layers = []  # per layer, per direction: (parameter name suffix, input, w_ih, cells)
-    layer_input = seq
-    for layer in range(module.num_layers):
-        runs = []
-        for direction in range(dirs):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            w_ih, w_hh = (getattr(module, f"weight_{n}{suffix}").detach() for n in ("ih", "hh"))
-            b_ih = getattr(module, f"bias_ih{suffix}").detach() if module.bias else None
-            b_hh = getattr(module, f"bias_hh{suffix}").detach() if module.bias else None
-            bias = b_ih if mode == "GRU" or b_hh is None else b_ih + b_hh  # GRU's b_hn sits inside r * gh_n
-            flat = layer_input.reshape(-1, layer_input.shape[-1])
-            gi = (flat @ w_ih.T if bias is None else torch.addmm(bias, flat, w_ih.T)).view(steps, batch, -1)
-            k = layer * dirs + direction
-            cells = _Cells(mode, gi, h0[k], c0[k] if c0 is not None else None, w_hh,
-                           b_hh if mode == "GRU" else None, reverse=direction == 1)
-            runs.append((suffix, layer_input, w_ih, cells))
-        layers.append(runs)
-        layer_input = runs[0][3].out if dirs == 1 else torch.cat([run[3].out for run in runs], dim=2)
+    layers = _forward(module, seq, h0, c0)
     uses = []
     d_above = d_seq if d_seq is not None else seq.new_zeros(m, steps, batch, dirs * hidden)
     for layer in range(module.num_layers - 1, -1, -1):
