@@ -163,6 +163,28 @@ def sven_update(model: nn.Module, loss, *, dtype=None, params=None, **sven_kwarg
     return {name: p.detach() - before[name] for name, p in model.named_parameters()}, optimizer.last_info
 
 
+class UsesSeen:
+    """Records the kinds of use (``LinearUse``, ``DirectUse``, ...) every captured parameter of ``model``
+    took, by name, from now on: it wraps ``Capture.uses`` through ``monkeypatch`` (pytest's fixture, which
+    undoes it)."""
+
+    def __init__(self, monkeypatch, model: nn.Module):
+        from . import capture
+
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.kinds: dict[str, set] = {}
+        uses = capture.Capture.uses
+
+        def recording(cap, *args, **kwargs):
+            found = uses(cap, *args, **kwargs)
+            for use in found:
+                for p in use.params:
+                    self.kinds.setdefault(self.names[id(p)], set()).add(type(use).__name__)
+            return found
+
+        monkeypatch.setattr(capture.Capture, "uses", recording)
+
+
 def relative_difference(update: dict, reference: dict) -> float:
     """``||update - reference|| / ||reference||`` over all parameters, in float64."""
     num = sum(float((update[n].double() - r.double()).square().sum()) for n, r in reference.items())

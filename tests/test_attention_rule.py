@@ -8,7 +8,6 @@ shape), and takes no parameter through the per-sample fallback.
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -16,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import sven_ext
-from sven_ext import capture as capture_module
 from sven_ext import factor_check
 from sven_ext.layers import DirectUse, LinearUse
-from sven_ext.testing import relative_difference
+from sven_ext.testing import UsesSeen, relative_difference, sven_update
 
 # Float64 steps through different factorisations: a few hundred rounded products, amplified by the
 # kept spectrum's condition number (rtol 1e-3 caps it at 1e3).
@@ -105,31 +103,6 @@ CASES = {
 }
 
 
-class UsesSeen:
-    """Records the kinds of use every captured parameter took, by name, while active."""
-
-    def __init__(self, monkeypatch, model):
-        self.names = {id(p): n for n, p in model.named_parameters()}
-        self.kinds: dict[str, set] = {}
-        uses = capture_module.Capture.uses
-
-        def recording(cap, *args, **kwargs):
-            found = uses(cap, *args, **kwargs)
-            for use in found:
-                for p in use.params:
-                    self.kinds.setdefault(self.names[id(p)], set()).add(type(use).__name__)
-            return found
-
-        monkeypatch.setattr(capture_module.Capture, "uses", recording)
-
-
-def _dense(model, loss):
-    copied = copy.deepcopy(model)
-    before = {n: p.detach().clone() for n, p in copied.named_parameters()}
-    sven_ext.Sven(copied, backend="dense", **SETTINGS).step(lambda: loss(copied))
-    return {n: p.detach() - before[n] for n, p in copied.named_parameters()}
-
-
 def run_against_dense(model, backend, monkeypatch, shapes=SHAPES):
     """Steps on ``shapes`` against fresh dense steps; returns the relative differences and the checks run."""
     seen = UsesSeen(monkeypatch, model)
@@ -140,7 +113,7 @@ def run_against_dense(model, backend, monkeypatch, shapes=SHAPES):
     differences = []
     for seed, (batch, steps, source) in enumerate(shapes):
         loss = _loss(*_batch(batch, steps, source, seed))
-        expected = _dense(model, loss)
+        expected = sven_update(model, loss, backend="dense", safeguard="backtracking", **SETTINGS)[0]
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.step(lambda: loss(model))
         differences.append(relative_difference({n: p.detach() - before[n] for n, p in model.named_parameters()},

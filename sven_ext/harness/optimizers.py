@@ -81,17 +81,7 @@ def _closure_optimizer(optimizer_class, **fixed):
     def build(problem: Problem, value: float, task: Task) -> Stepper:
         del task
         optimizer = optimizer_class(problem.model.parameters(), lr=value, **fixed)
-
-        def step(batch):
-            def closure():
-                optimizer.zero_grad()
-                loss = problem.loss(batch)
-                loss.backward()
-                return loss
-
-            return float(optimizer.step(closure).detach())
-
-        return Stepper(optimizer, step)
+        return _gradient_stepper(optimizer, problem)
 
     return build
 
@@ -101,6 +91,11 @@ def _full_batch_lbfgs(problem: Problem, value: float, task: Task) -> Stepper:
     del task
     optimizer = torch.optim.LBFGS(problem.model.parameters(), lr=1.0, max_iter=LBFGS_FULL_ITERATIONS,
                                   history_size=int(value), line_search_fn="strong_wolfe", **LBFGS_FULL_TOLERANCES)
+    return _gradient_stepper(optimizer, problem)
+
+
+def _gradient_stepper(optimizer: torch.optim.Optimizer, problem: Problem) -> Stepper:
+    """A torch.optim optimizer's step on a batch, with the closure that optimizers like L-BFGS call again."""
 
     def step(batch):
         def closure():
