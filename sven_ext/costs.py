@@ -49,6 +49,11 @@ MIN_TRANSIENT_BYTES = 1 << 20
 TRANSIENT_BUDGET_BYTES = 1 << 27
 
 
+# Bytes of one float64 number: K, the sketch's R x s blocks and the cost model's worst-case transients are
+# float64 (the solve dtype by default).
+F64 = 8
+
+
 def _rates(uses: list) -> DeviceRates:
     """The cost rates of the device the factors are on (the CPU's when there are none)."""
     return rates_for(uses[0].params[0].device if uses else torch.device("cpu"))
@@ -109,10 +114,10 @@ def sketch_fixed_bytes(rows: int, columns: int, components=()) -> int:
     ``Y``, ``Q``, the next ``Y`` and QR's workspace (``~5 R s`` float64), the core, and for
     fallback modules their whole ``Z`` and ``Omega`` blocks.
     """
-    fixed = 5 * rows * columns * 8 + 2 * columns * columns * 8
+    fixed = 5 * rows * columns * F64 + 2 * columns * columns * F64
     for comp in components:
         if getattr(comp, "rows", False):
-            fixed += 2 * comp.width * columns * 8
+            fixed += 2 * comp.width * columns * F64
     return fixed
 
 
@@ -166,7 +171,7 @@ def estimate_gram(uses: list, rows: int, solve_rows: int | None = None, scaled: 
                 flops += 2.0 * rows**2 * use.d.shape[1] ** 2 * use.d.shape[2]
             else:
                 flops += 2.0 * rows**2 * use.g.shape[1]
-    k_bytes = rows * rows * 8
+    k_bytes = rows * rows * F64
     # K, eigh's eigenvectors and workspace, one more R x R product in the T = 1 route; the update.
     return Estimate("gram", 4 * k_bytes + transient + update_bytes(uses), flops, f"K needs {mib(k_bytes)}")
 
@@ -194,7 +199,7 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
             m = max(1, rows // max(samples, 1))
             chunked = samples * steps * (dout * columns + m * dout + din) if through_factors <= through_gradients \
                 else rows * (dout * din + steps * (din + dout))
-            biggest_tile = max(biggest_tile, 8 * chunked)
+            biggest_tile = max(biggest_tile, F64 * chunked)
             if use.bias is not None:
                 per_pass += 2.0 * rows * groups * dout * columns
             dense = test_matrix != "khatri_rao"
@@ -202,17 +207,17 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
         elif isinstance(use, EmbeddingUse):
             per_pass = 2.0 * rows * use.d.shape[1] * use.d.shape[2] * columns
             generated += min(rows * use.d.shape[1], use.param.shape[0]) * use.d.shape[2] * columns
-            biggest_tile = max(biggest_tile, 2 * rows * use.d.shape[1] * use.d.shape[2] * columns * 8)
+            biggest_tile = max(biggest_tile, 2 * rows * use.d.shape[1] * use.d.shape[2] * columns * F64)
         elif isinstance(use, DirectUse):
             per_pass = 2.0 * rows * use.g.shape[1] * columns
             generated += size * columns
         else:
             per_pass = 2.0 * rows * size * columns + MODULE_ROW_FLOPS * rows * size
             generated += size * columns
-            module_bytes += 2 * size * columns * 8
+            module_bytes += 2 * size * columns * F64
         flops += passes * per_pass + 2.0 * (passes // 2) * size * columns**2
         for p in use.params:
-            biggest_tile = max(biggest_tile, 3 * p.numel() * columns * 8)
+            biggest_tile = max(biggest_tile, 3 * p.numel() * columns * F64)
     if not exact:
         flops += rates.rng_flops[test_matrix] * generated + (power_iterations + 1) * 4.0 * rows * columns**2
     flops += rates.eigh_flops_per_n3 * columns**3 \
@@ -283,7 +288,7 @@ def estimate_check(uses: list, params: list, backend: str) -> Estimate:
         else:
             blocked = [isinstance(use, LinearUse) and use.a.shape[2] == 1 and not use.transposed for use in group]
             # About four float64 blocks live at once (J^T w, autograd's, |J|^T |w|, a pull's products).
-            blocks = min(TRANSIENT_BUDGET_BYTES, 4 * 8 * max(p.numel() for p in members))
+            blocks = min(TRANSIENT_BUDGET_BYTES, 4 * F64 * max(p.numel() for p in members))
             share = blocks + sum(factor_bytes_of(use) for use, b in zip(group, blocked) if not b)
         worst = max(worst, share)
     need = autograd + worst
@@ -297,9 +302,9 @@ def factor_bytes_of(use) -> int:
 
 
 def estimate_dense(rows: int, params: int) -> Estimate:
-    j_bytes = rows * params * 8
+    j_bytes = rows * params * F64
     # J, the SVD's copy and V^T, R backward passes and the SVD; the update (directions and new values).
-    return Estimate("dense", 3 * j_bytes + rows * rows * 8 + 2 * params * 8,
+    return Estimate("dense", 3 * j_bytes + rows * rows * F64 + 2 * params * F64,
                     6.0 * rows * params + 4.0 * rows**2 * params, f"J needs {mib(j_bytes)}")
 
 

@@ -61,6 +61,9 @@ TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
 DEFAULT_POWER_ITERATIONS = 1
 _STRUCTURED = (LinearUse, EmbeddingUse, DirectUse)
 _MASK64 = (1 << 64) - 1
+# Each parameter's test matrix draws from its own streams: the i.i.d. block, or the Khatri-Rao U and V.
+DENSE_STREAM, KR_U_STREAM, KR_V_STREAM = 0, 1, 2
+STREAMS_PER_PARAMETER = 3
 
 
 def _splitmix64(x: int) -> int:
@@ -98,8 +101,10 @@ class Omega:
         """Whether ``p``'s block is i.i.d. (Khatri-Rao applies to parameters of 2 or more axes)."""
         return self.kind != "khatri_rao" or p.dim() < 2
 
-    def stream(self, p: torch.Tensor, part: int = 0) -> int:
-        return 3 * self._index[id(p)] + part
+    def stream(self, p: torch.Tensor, part: int = DENSE_STREAM) -> int:
+        """The generator stream of one part (:data:`DENSE_STREAM`, :data:`KR_U_STREAM`, :data:`KR_V_STREAM`)
+        of parameter ``p``'s block: parameters are numbered by their position in the optimizer."""
+        return STREAMS_PER_PARAMETER * self._index[id(p)] + part
 
     def _block(self, rows: int, row_offset: int, stream: int, dtype, distribution: str) -> torch.Tensor:
         return ops.random_block(rows, self.columns, seed=self.seed, stream=stream, row_offset=row_offset,
@@ -111,15 +116,15 @@ class Omega:
         if self.dense(p):
             block = self._block((hi - lo) * rest, lo * rest, self.stream(p), dtype, self.distribution)
             return block.view(hi - lo, rest, self.columns)
-        u = self._block(hi - lo, lo, self.stream(p, 1), dtype, "gaussian")
-        v = self._block(rest, 0, self.stream(p, 2), dtype, "gaussian")
+        u = self._block(hi - lo, lo, self.stream(p, KR_U_STREAM), dtype, "gaussian")
+        v = self._block(rest, 0, self.stream(p, KR_V_STREAM), dtype, "gaussian")
         return u[:, None, :] * v[None, :, :]
 
     def factors(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Khatri-Rao factors of ``p``'s block: ``U (rows, s)``, ``V (rest, s)``."""
         rows, rest = first_axis(p)
-        return (self._block(rows, 0, self.stream(p, 1), dtype, "gaussian"),
-                self._block(rest, 0, self.stream(p, 2), dtype, "gaussian"))
+        return (self._block(rows, 0, self.stream(p, KR_U_STREAM), dtype, "gaussian"),
+                self._block(rest, 0, self.stream(p, KR_V_STREAM), dtype, "gaussian"))
 
 
 @dataclass
