@@ -38,6 +38,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import distributed
 from .factor_check import Broadcasts, graph_fingerprint, hooks_fingerprint
 from .layers import DirectUse, Use, rule_for
 from .layers.embedding import embedding_rule
@@ -199,12 +200,8 @@ class Capture:
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True, prepend=True))
             if taps:
                 self._tap(name, module, taps)
-        if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            # Sven differentiates with torch.autograd.grad, which runs no AccumulateGrad hooks, so DDP's
-            # gradient all-reduce never fires; no_sync also keeps DDP's forward from preparing its reducer
-            # for a backward pass that does not come. Sven reduces the step itself.
-            self._no_sync = self.model.no_sync()
-            self._no_sync.__enter__()
+        self._no_sync = distributed.without_gradient_sync(self.model)
+        self._no_sync.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -215,8 +212,8 @@ class Capture:
             for n, p in taps:  # a forward that raised may have left its expanded views in place
                 module._parameters[n] = p
         if self._no_sync is not None:
-            self._no_sync.__exit__(*exc)
-            self._no_sync = None
+            no_sync, self._no_sync = self._no_sync, None
+            no_sync.__exit__(*exc)
 
     def _tap(self, name: str, module: nn.Module, taps: list[tuple[str, torch.Tensor]]) -> None:
         """Expands parameters ``module`` uses directly in an expression to the batch while it runs.

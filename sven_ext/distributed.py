@@ -49,6 +49,7 @@ gradient, the communication of a data-parallel first-order step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pickle
@@ -110,6 +111,16 @@ def sum_over_ranks(group, value: float) -> float:
     total = torch.tensor([value], dtype=torch.float64, device=_device(group))
     dist.all_reduce(total, group=group)
     return float(total)
+
+
+def without_gradient_sync(model: torch.nn.Module):
+    """The context a step's capture runs in: ``model.no_sync()`` for a ``DistributedDataParallel`` model,
+    else nothing. Sven differentiates with ``torch.autograd.grad``, which runs no ``AccumulateGrad`` hooks,
+    so DDP's gradient all-reduce never fires; ``no_sync`` also keeps DDP's forward from preparing its
+    reducer for a backward pass that does not come. Sven reduces the step itself."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def _device(group) -> torch.device:
