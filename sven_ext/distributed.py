@@ -227,6 +227,45 @@ def gather_factors(group, factors, names: dict) -> tuple[Shard, bool]:
     return Shard(group, rows, uses, parts, names, traffic), checked
 
 
+class SingleProcess:
+    """The reducer of a step in one process: the batch is this process's, and every reduction is the
+    local value itself. It has :class:`Shard`'s interface, so the backends run one code path."""
+
+    data_parallel = False
+
+    def __init__(self, rows: Rows, uses: list):
+        self.rows, self.uses = rows, uses
+        self.local_rows, self.local_uses = rows, uses
+
+    def local(self, c: torch.Tensor) -> torch.Tensor:
+        return c
+
+    def reduce(self, compute, purpose: str = "directions") -> list[torch.Tensor]:
+        return compute()
+
+    def share(self, items: list, costs: list[float]) -> list:
+        return items
+
+    def minimum(self, value: int) -> int:
+        return value
+
+    def info(self, params: list[torch.Tensor]) -> dict:
+        return {}
+
+
+def batch_of(group, factors, names: dict) -> tuple[SingleProcess | Shard, bool]:
+    """The step's batch and its reducer: ``factors()`` (``() -> (rows, uses, checked)``, this process's
+    capture) as it is for ``group=None``, else gathered from every rank (:func:`gather_factors`).
+
+    Returns:
+        ``(reducer, checked)``.
+    """
+    if group is None:
+        rows, uses, checked = factors()
+        return SingleProcess(rows, uses), checked
+    return gather_factors(group, factors, names)
+
+
 class Shard:
     """This rank's part of a data-parallel step and the whole batch gathered from every rank.
 
@@ -240,6 +279,8 @@ class Shard:
         offset: where this rank's step rows start in ``rows``.
         traffic: bytes sent so far in this step.
     """
+
+    data_parallel = True
 
     def __init__(self, group, rows: Rows, uses: list, parts: list, names: dict, traffic: Traffic):
         self.group, self.traffic = group, traffic

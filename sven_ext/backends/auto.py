@@ -43,8 +43,8 @@ class AutoBackend(Backend):
                 )
             return self._dense(closure, settings, budget, budget_given)
         rows, uses, checked, shard = self.gram.batch_factors(closure, settings)
-        if shard is not None and not budget_given:
-            budget = shard.minimum(budget)  # every rank must make the same choice
+        if not budget_given:
+            budget = shard.minimum(budget)  # data-parallel: every rank must make the same choice
         count, captured = rows.residual.numel(), rows.captured.numel()
         sk = settings.sketch
         columns = min(settings.truncation.cap(count) + sk.oversampling, count)

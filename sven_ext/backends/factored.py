@@ -96,14 +96,13 @@ class FactoredBackend(Backend):
     def batch_factors(self, closure, settings: StepSettings):
         """:meth:`factors` of the step's whole batch: ``(rows, uses, checked, shard)``.
 
-        With ``settings.process_group`` the rows and uses are every rank's, concatenated in rank
-        order, and ``shard`` (:class:`sven_ext.distributed.Shard`) holds this rank's own; else
-        they are this process's and ``shard`` is ``None``.
+        ``shard`` is the step's reducer (:func:`sven_ext.distributed.batch_of`): with
+        ``settings.process_group`` the rows and uses are every rank's, concatenated in rank order,
+        and the shard holds this rank's own and sums over the ranks; else the batch is this
+        process's and every reduction is the local value.
         """
-        if settings.process_group is None:
-            return (*self.factors(closure, settings), None)
-        shard, checked = distributed.gather_factors(settings.process_group,
-                                                    lambda: self.factors(closure, settings), self._names)
+        shard, checked = distributed.batch_of(settings.process_group, lambda: self.factors(closure, settings),
+                                              self._names)
         return shard.rows, shard.uses, checked, shard
 
     def factors(self, closure, settings: StepSettings):
@@ -272,12 +271,11 @@ class FactoredBackend(Backend):
     def _contraction(self, uses: list, rows: Rows, scales: dict, shard, restricted: dict):
         """``c -> S^2 J^T T^T c`` for coefficients ``c`` ``(R,)`` over the step's rows.
 
-        With a shard, each rank contracts its own rows and one all-reduce sums the ranks' parts
-        (the communication of a gradient all-reduce), so the per-row work is split.
+        Data-parallel, each rank contracts its own rows and one all-reduce sums the ranks' parts
+        (the communication of a gradient all-reduce), so the per-row work is split. ``uses`` are
+        the (restricted) uses of the whole batch, this process's in one process.
         """
-        if shard is None:
-            return lambda c: self._step_directions(uses, rows, c, scales)
-        local = restrict(shard.local_uses, restricted)
+        local = restrict(shard.local_uses, restricted) if shard.data_parallel else uses
         return lambda c: shard.reduce(
             lambda: self._step_directions(local, shard.local_rows, shard.local(c), scales))
 

@@ -77,7 +77,7 @@ class GramBackend(FactoredBackend):
         return self.solve(rows, uses, checked, settings, shard)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings,
-              shard: distributed.Shard | None = None) -> StepDirection:
+              shard: distributed.SingleProcess | distributed.Shard) -> StepDirection:
         """The step from captured factors (what :meth:`batch_factors` returned)."""
         restricted, scales = self._subsets_and_scales(uses, settings)
         uses = restrict(uses, restricted)
@@ -95,7 +95,7 @@ class GramBackend(FactoredBackend):
             "paths": {self._names.get(id(p), "?"): paths.get(id(p), "unused") for p in self.params},
             "checked": checked,
             "recorded_whole": self.recorded_whole,
-            **({} if shard is None else shard.info(self.params)),
+            **shard.info(self.params),
         }
         return StepDirection(directions, rows, solution, info, contract=contract)
 

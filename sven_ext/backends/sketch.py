@@ -165,8 +165,8 @@ class _Plan:
 
 
 def _summed(shard, compute) -> torch.Tensor:
-    """``compute()``, summed over the ranks of a data-parallel step (``shard=None``: as it is)."""
-    return compute() if shard is None else shard.reduce(lambda: [compute()], "sketch")[0]
+    """``compute()``, summed over the ranks of a data-parallel step (in one process: as it is)."""
+    return shard.reduce(lambda: [compute()], "sketch")[0]
 
 
 class SketchBackend(FactoredBackend):
@@ -196,11 +196,11 @@ class SketchBackend(FactoredBackend):
         return self.solve(rows, uses, checked, settings, shard)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings,
-              shard: distributed.Shard | None = None) -> StepDirection:
+              shard: distributed.SingleProcess | distributed.Shard) -> StepDirection:
         """The step from captured factors (the closure has run).
 
-        With a shard (data-parallel), ``rows`` and ``uses`` are the whole batch's and every rank
-        draws the same test matrices from the shared seed. The passes over the factors are split
+        Data-parallel (``shard`` a :class:`sven_ext.distributed.Shard`), ``rows`` and ``uses`` are the
+        whole batch's and every rank draws the same test matrices from the shared seed. The passes over the factors are split
         by parameter: each rank forms ``Y`` and ``M``'s terms for its share of the components,
         and an all-reduce sums them (``R x s`` and ``s x s`` numbers, where all-reducing
         ``Z_p`` would move ``P x s``); the final contraction is split by row
@@ -216,8 +216,7 @@ class SketchBackend(FactoredBackend):
         basis = sk.basis if sk.basis is not None and sk.basis.shape[0] == count else None
         width = columns + (0 if basis is None else basis.shape[1])
         plan = self._plan(uses, rows.captured.numel(), width, settings, residual.device, scale)
-        if shard is not None:
-            plan.components = shard.share(plan.components, [c.width for c in plan.components])
+        plan.components = shard.share(plan.components, [c.width for c in plan.components])
         exact = width >= count
         if exact:
             q = torch.eye(count, dtype=dtype, device=residual.device)
@@ -231,10 +230,9 @@ class SketchBackend(FactoredBackend):
                 y = rows.to_rows(_summed(shard, lambda: self._power_step(plan, basis_rows)))
             q = orthonormal_basis(y)
         # ||J||_F from the factors is that of the captured, unscaled Jacobian: only then comparable.
-        norms = rows.row_map is None and scale is None and shard is None
+        norms = rows.row_map is None and scale is None and not shard.data_parallel
         core, norm_sq = self._core(plan, rows.to_captured(q), norms)
-        if shard is not None:
-            core = _summed(shard, lambda: core)
+        core = _summed(shard, lambda: core)
         solution = solve_projected(q, core, residual, truncation)
         # J^T c on the subsets' smaller factors, where the gram backend would restrict them.
         restricted, scales = self._subsets_and_scales(uses, settings)
@@ -254,7 +252,7 @@ class SketchBackend(FactoredBackend):
             "fused": plan.fused,
             "checked": checked,
             "recorded_whole": self.recorded_whole,
-            **({} if shard is None else shard.info(self.params)),
+            **shard.info(self.params),
         }
         return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors}, contract=contract)
 
