@@ -55,7 +55,8 @@ def _worker(rank: int, args, directory: str, queue) -> None:
     rows = {}
     for backend in args.backends:
         net = copy.deepcopy(model)
-        optimizer = sven_ext.Sven(net, lr=0.1, backend=backend, seed=0, process_group=dist.group.WORLD)
+        optimizer = sven_ext.Sven(net, lr=0.1, backend=backend, safeguard=None, seed=0,
+                                  process_group=dist.group.WORLD)
         seconds, _ = common.median_seconds(
             lambda: optimizer.step(lambda: F.cross_entropy(net(xs), ys, reduction="none")), repeats=args.repeats)
         info = optimizer.last_info

@@ -68,7 +68,7 @@ def main() -> int:
     settings += [(fraction, False) for fraction in args.fractions if fraction < 1]
     for fraction, by_block in settings:
         name = f"sven_gram_fraction_{fraction:g}" + ("" if by_block else "_elements")
-        opt = sven_ext.Sven(model, lr=1e-6, k=k, backend="gram", param_fraction=fraction,
+        opt = sven_ext.Sven(model, lr=1e-6, k=k, backend="gram", safeguard=None, param_fraction=fraction,
                             mask_by_block=by_block, seed=1)
         moved[name] = []
 

@@ -66,7 +66,7 @@ def large_rows(args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, 16, generator=g)
     y = torch.sin(x.sum(1, keepdim=True))
-    opt = sven_ext.Sven(model, lr=1e-3, k=args.k, backend="sketch", power_iterations=args.q)
+    opt = sven_ext.Sven(model, lr=1e-3, k=args.k, backend="sketch", safeguard=None, power_iterations=args.q)
 
     def closure():
         return sven_ext.Residuals(model(x) - y)
@@ -117,7 +117,7 @@ def transformer(args) -> dict:
     results = {}
     baseline = common.status_kib("VmRSS") * 1024
     for test_matrix in args.test_matrices:
-        opt = sven_ext.Sven(model, lr=1e-4, k=args.k, backend="sketch", test_matrix=test_matrix,
+        opt = sven_ext.Sven(model, lr=1e-4, k=args.k, backend="sketch", safeguard=None, test_matrix=test_matrix,
                             power_iterations=args.q)
         times, peaks = _timed_steps(opt, closure, args.steps, f"{test_matrix} step")
         results[test_matrix] = {"step_times_s": times, "median_s_after_first": statistics.median(times[1:] or times),
@@ -169,9 +169,9 @@ def scaling(args) -> dict:
 
         repeats = 3 if batch <= 2048 else 1
         entry = {"batch": batch, "adam": _timed(adam_step, repeats=repeats)}
-        sketch = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="sketch")
+        sketch = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="sketch", safeguard=None)
         entry["sketch"] = _timed(_step_timer(sketch, closure), repeats=repeats)
-        fused = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="sketch")
+        fused = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="sketch", safeguard=None)
 
         def fused_step():
             sketch_module.SketchBackend.fused = True  # the fused ops instead of the GEMM routes (CPU default)
@@ -182,7 +182,7 @@ def scaling(args) -> dict:
 
         entry["sketch_fused_ops"] = _timed(fused_step, repeats=repeats)
         if batch <= args.max_gram_rows:
-            gram = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="gram")
+            gram = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="gram", safeguard=None)
             entry["gram"] = _timed(_step_timer(gram, closure), repeats=repeats, warmup=1 if batch <= 2048 else 0)
         line = "  ".join(f"{name} {entry[name]['median_s'] * 1e3:9.1f} ms"
                          for name in ("adam", "sketch", "sketch_fused_ops", "gram") if name in entry)
@@ -255,7 +255,7 @@ def accuracy(args) -> dict:
             """One step's update (lr=1) from ``model``'s weights, and the median time of that step."""
             m = copy.deepcopy(model)
             before = [p.detach().clone() for p in m.parameters()]
-            opt = sven_ext.Sven(m, lr=1.0, k=args.k, backend=backend, **kwargs)
+            opt = sven_ext.Sven(m, lr=1.0, k=args.k, backend=backend, safeguard=None, **kwargs)
             opt.step(make_closure(m))  # the first step also checks the factors against autograd
             times = []
             for _ in range(args.repeats):  # the same step again: same weights, same draw

@@ -112,8 +112,8 @@ def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> d
         closure().mean().backward()
         adam.step()
 
-    sven_gram = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="gram")
-    sven_dense = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="dense")
+    sven_gram = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="gram", safeguard=None)
+    sven_dense = sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2, backend="dense", safeguard=None)
     sven_gram.step(closure)  # the first step checks the factors (one extra backward)
     rows = closure()
 
@@ -123,7 +123,7 @@ def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> d
     # The factors were checked above: time the Gram alone.
     steps = {"adam": adam_step, "sven_gram": lambda: sven_gram.step(closure),
              "sven_gram_checked": lambda: sven_ext.Sven(model, lr=1e-6, k=case["batch"] // 2,
-                                                        backend="gram").step(closure),
+                                                        backend="gram", safeguard=None).step(closure),
              "signature": signature,
              "gram_only": lambda: sven_ext.gram_matrix(model, closure, check=False)}
     if memory_pass:

@@ -191,9 +191,9 @@ def run(name: str, batch: int, repeats: int) -> dict:
         closure().mean().backward()
         adam.step()
 
-    gram = sven_ext.Sven(model, lr=1e-6, backend="gram")
-    sketch = sven_ext.Sven(model, lr=1e-6, backend="sketch")
-    auto = sven_ext.Sven(model, lr=1e-6, backend="auto")
+    gram = sven_ext.Sven(model, lr=1e-6, backend="gram", safeguard=None)
+    sketch = sven_ext.Sven(model, lr=1e-6, backend="sketch", safeguard=None)
+    auto = sven_ext.Sven(model, lr=1e-6, backend="auto", safeguard=None)
     steps = {"adam": adam_step, "sven_gram": lambda: gram.step(closure), "sven_sketch": lambda: sketch.step(closure),
              "sven_auto": lambda: auto.step(closure)}
     names = {id(p): n for n, p in model.named_parameters()}

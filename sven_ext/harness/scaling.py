@@ -53,7 +53,7 @@ def _step_function(method: str, model: torch.nn.Module, x: torch.Tensor, y: torc
             optimizer.step()
 
         return step
-    optimizer = Sven(model, lr=1e-6, k=K, backend=method.removeprefix("sven-"))
+    optimizer = Sven(model, lr=1e-6, k=K, backend=method.removeprefix("sven-"), safeguard=None)
     return lambda: optimizer.step(rows)
 
 
