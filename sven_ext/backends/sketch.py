@@ -200,9 +200,9 @@ class SketchBackend(FactoredBackend):
         """The step from captured factors (the closure has run).
 
         Data-parallel (``shard`` a :class:`sven_ext.distributed.Shard`), ``rows`` and ``uses`` are the
-        whole batch's and every rank draws the same test matrices from the shared seed. The passes over the factors are split
-        by parameter: each rank forms ``Y`` and ``M``'s terms for its share of the components,
-        and an all-reduce sums them (``R x s`` and ``s x s`` numbers, where all-reducing
+        whole batch's and every rank draws the same test matrices from the shared seed. The passes over
+        the factors are split by parameter: each rank forms ``Y`` and ``M``'s terms for its share of the
+        components, and an all-reduce sums them (``R x s`` and ``s x s`` numbers, where all-reducing
         ``Z_p`` would move ``P x s``); the final contraction is split by row
         (:meth:`FactoredBackend._contraction`). ``sketch_residual`` is then not computed.
         """
@@ -221,14 +221,7 @@ class SketchBackend(FactoredBackend):
         if exact:
             q = torch.eye(count, dtype=dtype, device=residual.device)
         else:
-            omega = Omega(sk.test_matrix, columns, sk.seed, sk.step, self.params, residual.device)
-            y = rows.to_rows(_summed(shard, lambda: self._sketch(plan, omega, dtype)))
-            if basis is not None:
-                y = torch.cat([y, basis.to(dtype)], dim=1)
-            for _ in range(sk.power_iterations):
-                basis_rows = rows.to_captured(orthonormal_basis(y))
-                y = rows.to_rows(_summed(shard, lambda: self._power_step(plan, basis_rows)))
-            q = orthonormal_basis(y)
+            q = self._range(plan, rows, sk, columns, basis, dtype, shard)
         # ||J||_F from the factors is that of the captured, unscaled Jacobian: only then comparable.
         norms = rows.row_map is None and scale is None and not shard.data_parallel
         core, norm_sq = self._core(plan, rows.to_captured(q), norms)
@@ -255,6 +248,18 @@ class SketchBackend(FactoredBackend):
             **shard.info(self.params),
         }
         return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors}, contract=contract)
+
+    def _range(self, plan: _Plan, rows: Rows, sk, columns: int, basis, dtype: torch.dtype, shard) -> torch.Tensor:
+        """``Q``: an orthonormal basis of ``J Omega`` (with the warm-start ``basis`` joined) after
+        ``sk.power_iterations`` products with ``J J^T``, over the step's rows."""
+        omega = Omega(sk.test_matrix, columns, sk.seed, sk.step, self.params, rows.residual.device)
+        y = rows.to_rows(_summed(shard, lambda: self._sketch(plan, omega, dtype)))
+        if basis is not None:
+            y = torch.cat([y, basis.to(dtype)], dim=1)
+        for _ in range(sk.power_iterations):
+            basis_rows = rows.to_captured(orthonormal_basis(y))
+            y = rows.to_rows(_summed(shard, lambda: self._power_step(plan, basis_rows)))
+        return orthonormal_basis(y)
 
     # ----------------------------------------------------------------- planning
 
