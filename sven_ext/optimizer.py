@@ -335,13 +335,15 @@ class Sven(torch.optim.Optimizer):
         # contraction or its directions do not come from one (dense's come from V_k; it holds J anyway).
         contracted = result.contract is not None and backend.name != "dense"
         kept_directions = list(result.directions) if guarded and not contracted else None
-        values, states = self._updates(params, result.directions, s, prepared.subsets)
+        # Held in a list only: the safeguard drops the whole step's values once it tries a shorter one.
+        full = [self._updates(params, result.directions, s, prepared.subsets)]
         kept, guard = None, None
         scale = self.state.get("sven", {}).get("scale", 1.0)
         if guarded:
-            guard = self._guard(closure, prepared, result, (values, states), kept_directions, scale,
-                                residual_rows[-1])
+            guard = self._guard(closure, prepared, result, full, kept_directions, scale, residual_rows[-1])
             values, states = guard.candidate
+        else:
+            values, states = full.pop()
         if s.variable_k:
             kept, values = self._variable_k(closure, params, result, s, prepared.subsets)
             require_finite(self._names_of(params), [[v] for v in values], [[("update", v)] for v in values])
@@ -522,24 +524,22 @@ class Sven(torch.optim.Optimizer):
                 p.copy_(saved)
         return kept, values(0) if chosen is None else chosen
 
-    def _guard(self, closure, prepared: _Prepared, result, full: tuple, kept_directions: list | None,
+    def _guard(self, closure, prepared: _Prepared, result, full: list, kept_directions: list | None,
                scale: float, residual_rows: bool) -> safeguard.Decision:
         """The safeguard's search along this step (:func:`sven_ext.safeguard.search`). A trial is the step
         whose Sven direction is ``scale`` times this one's; RMSProp and momentum then see that direction.
-        ``full``: the values and states of the whole step; ``kept_directions``: the directions where the
-        backend offers no contraction."""
+        ``full``: a list holding the values and states of the whole step, emptied once they are not
+        needed; ``kept_directions``: the directions where the backend offers no contraction."""
         s, params = prepared.settings, prepared.params
         # The linearised model predicts the bare step at one lr; otherwise the loss alone decides.
         predicts = len({group["lr"] for group in self.param_groups}) == 1 and s.rmsprop is None and not s.momentum
         model = safeguard.linearisation(result, lr=s.lr if predicts else None,
                                         kappa=None if residual_rows else s.kappa, group=s.microbatch_size or 1)
 
-        unscaled = [full]  # dropped once a shorter trial is formed: one model's worth of values at a time
-
         def candidate(trial_scale: float) -> tuple[list[torch.Tensor], list[dict]]:
-            if trial_scale == 1.0 and unscaled:
-                return unscaled.pop()
-            unscaled.clear()
+            if trial_scale == 1.0 and full:
+                return full.pop()
+            full.clear()  # one model's worth of values at a time
             if kept_directions is None:  # for a power of two t, J^T (t c) is exactly t J^T c
                 directions = result.contract(result.solution.coefficients * trial_scale)
             else:
