@@ -331,9 +331,9 @@ class Sven(torch.optim.Optimizer):
         result = backend.compute(recorded, prepared.backend_settings)
         guarded = s.safeguard is not None and not s.variable_k and result.solution.rank > 0
         # The update consumes the directions (one model's worth of memory, not two). The safeguard's
-        # shorter trials contract the scaled coefficients again, except where the backend has no
-        # contraction or its directions do not come from one (dense's come from V_k; it holds J anyway).
-        contracted = result.contract is not None and backend.name != "dense"
+        # shorter trials contract the scaled coefficients again where that reproduces the directions;
+        # otherwise (functional, dense) it keeps them.
+        contracted = result.contract is not None and result.contract_reproduces
         kept_directions = list(result.directions) if guarded and not contracted else None
         # Held in a list only: the safeguard drops the whole step's values once it tries a shorter one.
         full = [self._updates(params, result.directions, s, prepared.subsets)]
@@ -477,9 +477,8 @@ class Sven(torch.optim.Optimizer):
         values, states = [], []
         for i, p in enumerate(params):
             group = group_of[id(p)]
-            (value,), (state,) = sven_update([p], [directions[i]], [self.state.get(p, {})], lrs=[group["lr"]],
-                                             rates=[group["lr"] * group["weight_decay"]], decay_masks=[masks[i]],
-                                             rule=rule, names=[names[i]])
+            value, state = sven_update(p, directions[i], self.state.get(p, {}), group["lr"],
+                                       group["lr"] * group["weight_decay"], masks[i], rule, names[i])
             directions[i] = None
             values.append(value)
             states.append(state)

@@ -37,62 +37,54 @@ class UpdateRule:
     momentum: float
 
 
-def sven_update(params: list[torch.Tensor], directions: list[torch.Tensor], states: list[dict],
-                lrs: list[float], rates: list[float], decay_masks: list, rule: UpdateRule,
-                names: list[str]) -> tuple[list[torch.Tensor], list[dict]]:
-    """``(values, new_states)``: each parameter's new value and new state entries, as new tensors in the
-    parameters' dtype; nothing is written.
+def sven_update(p: torch.Tensor, direction: torch.Tensor, state: dict, lr: float, rate: float,
+                decay_mask: torch.Tensor | None, rule: UpdateRule, name: str) -> tuple[torch.Tensor, dict]:
+    """``(value, new_state)``: one parameter's new value and new state entries, as new tensors in its dtype,
+    checked finite; nothing is written.
 
     Args:
-        params: the parameters that move.
-        directions: one Sven direction per parameter (the update is ``-lr`` times it).
-        states: each parameter's current state (``momentum_buffer``, ``square_avg``); read only.
-        lrs: each parameter's group's ``lr``.
-        rates: each parameter's ``lr * weight_decay``.
-        decay_masks: ``None`` (decay every element) or a 0/1 tensor of the elements that decay.
+        p: the parameter.
+        direction: its Sven direction (the update is ``-lr`` times it).
+        state: its current state (``momentum_buffer``, ``square_avg``); read only.
+        lr: its group's ``lr``.
+        rate: ``lr * weight_decay``.
+        decay_mask: ``None`` (decay every element) or a 0/1 tensor of the elements that decay.
         rule: RMSProp and momentum settings.
-        names: the parameters' names, for messages.
+        name: the parameter's name, for messages.
 
     Raises:
         FloatingPointError: a value or state tensor is not finite, naming the parameter and the first
             stage (direction, RMSProp, momentum, lr, weight decay, update) where it is not.
     """
-    values, new_states, checked, stages = [], [], [], []
     beta, eps = rule.rmsprop_beta, rule.rmsprop_eps
-    for p, direction, old, lr, rate, mask, name in zip(params, directions, states, lrs, rates, decay_masks, names):
-        direction = direction.to(p.dtype)
-        new = {}
-        trail = [("direction", direction)]
-        if rule.rmsprop is not None:
-            square = old.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction,
-                                                                                 value=1 - beta)
-            new["square_avg"] = square
-            trail.append(("RMSProp", square))
-            if rule.rmsprop == "after":
-                direction = direction / square.sqrt().add_(eps)
-                trail.append(("RMSProp", direction))
-        if rule.momentum > 0:
-            buffer = old["momentum_buffer"].mul(rule.momentum).add_(direction) if "momentum_buffer" in old \
-                else direction
-            new["momentum_buffer"] = buffer
-            direction = buffer
-            trail.append(("momentum", buffer))
-        for stage, factor in (("lr", lr), ("weight decay", rate)):
-            if factor > torch.finfo(p.dtype).max:  # torch refuses such a factor in p's dtype
-                raise FloatingPointError(
-                    f"the Sven step is not finite (NaN or Inf) at the {stage} stage for parameter {name!r} "
-                    f"({p.dtype}): {factor:g} is beyond the dtype's largest value; the parameters were not changed"
-                )
-        value = new_value(p, direction, lr, rate, mask)
-        trail += [("lr", lambda d=direction, lr=lr: d * lr),
-                  ("weight decay", lambda p=p, rate=rate, mask=mask: decayed(p, rate, mask)),
-                  ("update", value)]
-        values.append(value)
-        new_states.append(new)
-        checked.append([value, *new.values()])
-        stages.append(trail)
-    require_finite(names, checked, stages)
-    return values, new_states
+    direction = direction.to(p.dtype)
+    new = {}
+    trail = [("direction", direction)]
+    if rule.rmsprop is not None:
+        square = state.get("square_avg", torch.zeros_like(p)).mul(beta).addcmul_(direction, direction,
+                                                                               value=1 - beta)
+        new["square_avg"] = square
+        trail.append(("RMSProp", square))
+        if rule.rmsprop == "after":
+            direction = direction / square.sqrt().add_(eps)
+            trail.append(("RMSProp", direction))
+    if rule.momentum > 0:
+        buffer = state["momentum_buffer"].mul(rule.momentum).add_(direction) if "momentum_buffer" in state \
+            else direction
+        new["momentum_buffer"] = buffer
+        direction = buffer
+        trail.append(("momentum", buffer))
+    for stage, factor in (("lr", lr), ("weight decay", rate)):
+        if factor > torch.finfo(p.dtype).max:  # torch refuses such a factor in p's dtype
+            raise FloatingPointError(
+                f"the Sven step is not finite (NaN or Inf) at the {stage} stage for parameter {name!r} "
+                f"({p.dtype}): {factor:g} is beyond the dtype's largest value; the parameters were not changed"
+            )
+    value = new_value(p, direction, lr, rate, decay_mask)
+    trail += [("lr", lambda: direction * lr), ("weight decay", lambda: decayed(p, rate, decay_mask)),
+              ("update", value)]
+    require_finite([name], [[value, *new.values()]], [trail])
+    return value, new
 
 
 def require_finite(names: list[str], checked: list[list], stages: list[list]) -> None:

@@ -119,6 +119,9 @@ class StepDirection:
         contract: ``c -> directions`` for other coefficient vectors ``c`` (``(R,)``, in the
             space of ``solution.coefficients``) while this step's factors are alive, so that
             ``directions == contract(solution.coefficients)``; ``None`` where not offered.
+        contract_reproduces: whether ``contract(solution.coefficients)`` gives ``directions`` bitwise
+            (so ``contract(t c)`` is exactly ``t`` times them for a power of two ``t``); the dense
+            backend's directions come from ``V_k`` instead.
     """
 
     directions: list[torch.Tensor]
@@ -127,6 +130,7 @@ class StepDirection:
     info: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     contract: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+    contract_reproduces: bool = True
 
 
 class Backend(abc.ABC):

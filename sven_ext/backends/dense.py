@@ -94,4 +94,4 @@ class DenseBackend(Backend):
         if scale is not None:
             direction.mul_(columns)
         return StepDirection(split_like(direction, self.params), rows, solution, {"jacobian_bytes": jac.nbytes},
-                             contract=contract)
+                             contract=contract, contract_reproduces=False)
