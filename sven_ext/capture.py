@@ -301,7 +301,8 @@ class Capture:
                 return how, output.expand(shape[0], *rest)
         return None
 
-    def uses(self, residual_rows: torch.Tensor, chunk_rows: int, shared: set | frozenset = frozenset()) -> list[Use]:
+    def uses(self, residual_rows: torch.Tensor, chunk_rows: int, shared: set | frozenset = frozenset(),
+             keep_graph: bool = True) -> list[Use]:
         """The uses of every moving parameter, after the closure ran (it may be called again).
 
         Args:
@@ -309,6 +310,8 @@ class Capture:
             chunk_rows: rows per batched backward pass for whole-recorded calls.
             shared: ids of modules to record whole even where their output's first axis has the
                 batch's size (e.g. ``pos(arange(T))`` with ``T == B``).
+            keep_graph: keep the rows' autograd graph; else the backward pass frees the forward
+                pass's saved activations as it goes, as an ordinary backward pass does.
 
         Returns:
             A list of uses (each names the parameters it covers).
@@ -324,9 +327,8 @@ class Capture:
                     )
         for call in self.calls:
             call.batch_axes = None if id(call.module) in shared else _batch_axes(call, batch)
-        _output_gradients(
-            residual_rows, [c for c in self.calls if not c.whole], [c for c in self.calls if c.whole], chunk_rows
-        )
+        _output_gradients(residual_rows, [c for c in self.calls if not c.whole], [c for c in self.calls if c.whole],
+                          chunk_rows, keep_graph)
         uses = []
         for call in self.calls:
             uses.extend(call.rule(call, 1 if call.whole else batch))
@@ -503,18 +505,21 @@ def _plan(model: nn.Module, params: list[torch.Tensor], tapped: set = frozenset(
     return plan
 
 
-def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], chunk_rows: int) -> None:
+def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], chunk_rows: int,
+                      keep_graph: bool) -> None:
     """Fills ``call.d``: ``(R, *rest)`` for per-sample calls (``rest``: the output's shape without
-    its batch axis), ``(R, *out.shape)`` for whole ones."""
+    its batch axis), ``(R, *out.shape)`` for whole ones. Without ``keep_graph`` the last backward
+    pass frees the graph."""
     batch, m = residual_rows.shape
     rows = batch * m
     edges = [e for c in per_sample for e in c.edges]
+    retain = keep_graph or any(e for c in whole for e in c.edges)
     if edges:
         axes = [axis for c in per_sample for axis in c.batch_axes]
         if m == 1:
             grads = torch.autograd.grad(
                 residual_rows[:, 0], edges, grad_outputs=torch.ones_like(residual_rows[:, 0]),
-                retain_graph=True, allow_unused=True,
+                retain_graph=retain, allow_unused=True,
             )
             grads = [None if g is None else g.movedim(axis, 0) for g, axis in zip(grads, axes)]
         else:
@@ -522,7 +527,7 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
             eye = torch.eye(m, dtype=residual_rows.dtype, device=residual_rows.device)
             grads = torch.autograd.grad(
                 residual_rows, edges, grad_outputs=eye.unsqueeze(1).expand(m, batch, m).contiguous(),
-                is_grads_batched=True, retain_graph=True, allow_unused=True,
+                is_grads_batched=True, retain_graph=retain, allow_unused=True,
             )
             grads = [None if g is None else _rows_first(g.movedim(axis + 1, 0), rows)
                      for g, axis in zip(grads, axes)]
@@ -538,7 +543,7 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
             stop = min(start + chunk_rows, rows)
             parts.append(torch.autograd.grad(
                 flat, edges, grad_outputs=eye[start:stop], is_grads_batched=True,
-                retain_graph=True, allow_unused=True,
+                retain_graph=keep_graph or stop < rows, allow_unused=True,
             ))
         grads = [None if part[0] is None else torch.cat(part) for part in zip(*parts)]
         it = iter(grads)

@@ -30,6 +30,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .linalg import check_finite
+
 # The check's tolerance relative to |J|^T |w|: sqrt(float32 eps). Float32 steps sit in the graphs
 # of float64 models too (norms that upcast, rotary tables), so float64 models get the float32 bar;
 # a wrong factorisation is off by O(1) of the terms it misplaces.
@@ -38,8 +40,12 @@ FULL_PRECISION_TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)
 HALF_PRECISION_ROUNDOFFS = 4
 # Signatures remembered per optimizer (variable sequence lengths give one each).
 REMEMBERED_SIGNATURES = 256
-# Seed of the check's random row weights: the check itself must be reproducible.
+# Seed of the check's random row weights and sketches: the check itself must be reproducible.
 CHECK_SEED = 0x5EED
+# Columns of the random sketch through which a parameter's gradient is compared: its float64
+# ``(first axis, columns)`` image is all the check keeps of autograd's gradient, so the check's
+# backward pass can run before the capture's and hold no gradient of the model's size.
+SKETCH_COLUMNS = 8
 
 
 class FactorMismatch(RuntimeError):
@@ -194,6 +200,63 @@ def probe(residual: torch.Tensor, params: list[torch.Tensor], weights: torch.Ten
     for p in params:
         if id(p) not in reached:
             each(p, None)
+
+
+class GradientSketches:
+    """Autograd's ``J^T w`` per parameter, kept as its sketch ``G V_p`` (DESIGN.md section 3.5).
+
+    ``G`` is the gradient seen as a matrix over its first axis, ``(first, rest)``, and ``V_p`` a
+    fixed Gaussian ``(rest, SKETCH_COLUMNS)`` matrix (none where ``rest`` is at most that: ``G``
+    is kept whole). Norms through a Gaussian sketch are those of the matrix times
+    ``sqrt(columns)`` up to a spread of a few tens of percent, far inside the check's margins: a
+    correct factorisation's error is rounding (``1e-7`` of the terms), a wrong one's ``O(1)``.
+
+    Args:
+        params: the moving parameters, in a fixed order (it seeds each ``V_p``).
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._sketches: dict = {}
+
+    def matrix(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``V_p``, float64 on ``p``'s device (``None``: compared whole)."""
+        rest = p.numel() // max(p.shape[0] if p.dim() else 1, 1)
+        if rest <= SKETCH_COLUMNS:
+            return None
+        generator = torch.Generator(device=p.device).manual_seed(CHECK_SEED + 1 + self._index[id(p)])
+        return torch.randn(rest, SKETCH_COLUMNS, generator=generator, dtype=torch.float64, device=p.device)
+
+    def sketch(self, p: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """``matrix`` (a ``(first, rest)`` float64 view of a tensor like ``p``'s gradient) through ``V_p``."""
+        v = self.matrix(p)
+        return matrix if v is None else matrix @ v
+
+    def take(self, p: torch.Tensor, gradient: torch.Tensor | None) -> None:
+        """Keeps the sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it)."""
+        if gradient is None:
+            self._sketches[id(p)] = None
+            return
+        first = p.shape[0] if p.dim() else 1
+        self._sketches[id(p)] = self.sketch(p, gradient.reshape(first, -1).to(torch.float64))
+
+    def of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it)."""
+        return self._sketches[id(p)]
+
+
+def sketch_gradients(residual: torch.Tensor, params: list[torch.Tensor], weights: torch.Tensor,
+                     names: dict) -> GradientSketches:
+    """:class:`GradientSketches` of autograd's ``J^T w`` by one backward pass (:func:`probe`, the graph is kept)."""
+    sketches = GradientSketches(params)
+
+    def take(p, gradient):
+        if gradient is not None:
+            check_finite(gradient, f"the gradient of parameter {names.get(id(p), '?')!r}")
+        sketches.take(p, gradient)
+
+    probe(residual, params, weights, take)
+    return sketches
 
 
 def tolerance(dtypes) -> float:

@@ -330,13 +330,19 @@ class Sven(torch.optim.Optimizer):
         backend = self._backend(s.backend, params)
         result = backend.compute(recorded, prepared.backend_settings)
         guarded = s.safeguard is not None and not s.variable_k and result.solution.rank > 0
-        # The update consumes the directions (one model's worth of memory, not two). The safeguard's
-        # shorter trials contract the scaled coefficients again where that reproduces the directions;
-        # otherwise (functional, dense) it keeps them.
-        contracted = result.contract is not None and result.contract_reproduces
-        kept_directions = list(result.directions) if guarded and not contracted else None
+        # The update consumes the directions as they are formed, and the factors behind them are
+        # released on the way (DESIGN.md section 3.6): one model's worth of memory, not two. The
+        # safeguard's shorter trials need the factors or the directions, whichever is smaller.
+        kept_directions = None
+        if s.variable_k or (guarded and _contract_again(result, params)):
+            directions = _draining(result.directions)
+        elif guarded:
+            kept_directions = list(result.stream())
+            directions = iter(kept_directions)
+        else:
+            directions = result.stream()
         # Held in a list only: the safeguard drops the whole step's values once it tries a shorter one.
-        full = [self._updates(params, result.directions, s, prepared.subsets)]
+        full = [self._updates(params, directions, s, prepared.subsets)]
         kept, guard = None, None
         scale = self.state.get("sven", {}).get("scale", 1.0)
         if guarded:
@@ -462,24 +468,24 @@ class Sven(torch.optim.Optimizer):
         return [None if subset is None or not group_of[id(p)]["weight_decay"] else subset.mask(p)
                 for p, subset in zip(params, subsets or [None] * len(params))]
 
-    def _updates(self, params: list[torch.Tensor], directions: list, s: Settings,
+    def _updates(self, params: list[torch.Tensor], directions, s: Settings,
                  subsets) -> tuple[list[torch.Tensor], list[dict]]:
         """``(values, states)``: :func:`sven_ext.update.sven_update` with each parameter's group and state.
 
-        One parameter at a time, and each entry of ``directions`` is released (set to ``None``) once
-        its new value is formed and checked: the directions and the new values together hold about
-        one model's worth of memory (plus one parameter), not two, unless the caller keeps its own
-        references. Any failure still comes before the commit, so nothing has been written.
+        One parameter at a time from the iterable ``directions`` (in parameter order), each dropped
+        once its new value is formed and checked: the directions and the new values together hold
+        about one model's worth of memory (plus one parameter), not two, unless the caller keeps its
+        own references. Any failure still comes before the commit, so nothing has been written.
         """
         group_of = self._group_of()
         rule = UpdateRule(s.rmsprop, s.rmsprop_beta, s.rmsprop_eps, s.momentum)
         masks, names = self._decay_masks(params, subsets), self._names_of(params)
         values, states = [], []
-        for i, p in enumerate(params):
+        for i, (p, direction) in enumerate(zip(params, directions, strict=True)):
             group = group_of[id(p)]
-            value, state = sven_update(p, directions[i], self.state.get(p, {}), group["lr"],
+            value, state = sven_update(p, direction, self.state.get(p, {}), group["lr"],
                                        group["lr"] * group["weight_decay"], masks[i], rule, names[i])
-            directions[i] = None
+            del direction
             values.append(value)
             states.append(state)
         return values, states
@@ -540,9 +546,9 @@ class Sven(torch.optim.Optimizer):
                 return full.pop()
             full.clear()  # one model's worth of values at a time
             if kept_directions is None:  # for a power of two t, J^T (t c) is exactly t J^T c
-                directions = result.contract(result.solution.coefficients * trial_scale)
+                directions = _draining(result.contract(result.solution.coefficients * trial_scale))
             else:
-                directions = [d * trial_scale for d in kept_directions]
+                directions = (d * trial_scale for d in kept_directions)
             return self._updates(params, directions, s, prepared.subsets)
 
         def batch_loss() -> float:
@@ -580,6 +586,22 @@ class Sven(torch.optim.Optimizer):
         self.svd_history.append(entry)
         self.last_info.update(predicted_loss_change=entry["predicted_loss_change"],
                               actual_loss_change=entry["actual_loss_change"])
+
+
+def _draining(directions: list):
+    """The entries of ``directions`` one at a time, each released from the list once handed over."""
+    for i in range(len(directions)):
+        direction, directions[i] = directions[i], None
+        yield direction
+
+
+def _contract_again(result, params: list[torch.Tensor]) -> bool:
+    """Whether the safeguard's shorter trials contract again (keeping the step's factors) rather than
+    scale kept directions: only where that reproduces the directions and the factors are smaller."""
+    if result.contract is None or not result.contract_reproduces:
+        return False
+    factors = result.info.get("factor_bytes")
+    return factors is not None and factors <= sum(p.numel() * p.element_size() for p in params)
 
 
 def _batch_loss(output) -> float:

@@ -76,7 +76,9 @@ def test_a_hook_added_later_is_checked_and_exact(backend, monkeypatch):
     # A hook that rewrites a layer's output and mixes the samples, registered after the first step.
     model[2].register_forward_hook(lambda module, args, out: 2 * out + out.mean(0))
     assert step_against_dense(opt, model, loss) < F64
-    assert probes.count == 2
+    # The second step's check fails on the mixing layer; the closure runs again with that layer
+    # recorded whole, and that capture is checked too.
+    assert probes.count == 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,6 +5,8 @@ releases each direction once its new value is formed."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 import sven_ext
 from sven_ext import factor_check
 from sven_ext import routes as routes_module
+from sven_ext.backends import factored
 from sven_ext.backends.gram import GramBackend
 from sven_ext.testing import (
     LargestStorage,
@@ -105,20 +108,30 @@ def test_the_factor_check_in_blocks_passes_exact_factors_and_catches_a_wrong_one
     assert all(torch.equal(p, b) for p, b in zip(sneaky.parameters(), before))
 
 
-def test_the_update_releases_each_direction(monkeypatch):
+def test_the_update_releases_the_factors_as_the_directions_form(monkeypatch):
+    """The bare step never holds every direction: each component's factors are gone before the next
+    component's directions are formed, and no list of directions is kept."""
     model, logits_of = _tiny()
     loss = _lm_loss(logits_of, *_tokens(4))
     opt = sven_ext.Sven(model, lr=0.1, k=3, backend="gram", safeguard=None)  # the safeguard's trials keep them
-    seen = []
-    real = GramBackend.compute
+    seen, formed_before = [], []
+    real, real_component = GramBackend.compute, factored._component_directions
 
     def compute(self, closure, settings):
         seen.append(real(self, closure, settings))
         return seen[-1]
 
+    def component(uses, c):
+        formed_before.append(sum(ref() is not None for ref in refs))
+        refs.extend(weakref.ref(use) for use in uses)
+        return real_component(uses, c)
+
+    refs = []
     monkeypatch.setattr(GramBackend, "compute", compute)
+    monkeypatch.setattr(factored, "_component_directions", component)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step(lambda: loss(model))
     (result,) = seen
-    assert len(result.directions) == len(before) and all(d is None for d in result.directions)
+    assert len(formed_before) > 3 and formed_before == [0] * len(formed_before)
+    assert result.formed is None and result.contract.spent
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

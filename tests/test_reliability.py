@@ -10,7 +10,7 @@ from torch import nn
 import sven_ext
 from sven_ext import linalg
 from sven_ext.backends import gram as gram_module
-from sven_ext.backends.factored import FactoredBackend
+from sven_ext.backends.factored import Contraction
 from sven_ext.backends import sketch as sketch_module
 from sven_ext.capture import Capture
 from sven_ext.testing import Counter, LargestStorage, mlp, relative_difference, sven_update
@@ -148,8 +148,8 @@ STAGES = {
     "solve": (BACKENDS, lambda mp: (mp.setattr(linalg.torch.linalg, "eigh", _fail(torch.linalg.LinAlgError("eigh"))),
                                     mp.setattr(linalg.torch.linalg, "svd", _fail(torch.linalg.LinAlgError("svd"))))),
     "direction": (["gram", "sketch", "auto"], lambda mp: mp.setattr(
-        FactoredBackend, "_directions",
-        lambda self, uses, c, in_param_dtype=True: [torch.full_like(p, math.nan) for p in self.params])),
+        Contraction, "_directions",
+        lambda self, uses, c, release=False: [torch.full_like(p, math.nan) for p in self.params])),
 }
 
 
@@ -199,13 +199,13 @@ def test_the_direction_check_is_exact(monkeypatch, value):
     opt = sven_ext.Sven(model, backend="gram", lr=1e-30, k=2, safeguard=None)
     opt.step(lambda: squared_errors(x, y)(model))  # checks the factors once
 
-    def directions(self, uses, c, in_param_dtype=True):
+    def directions(self, uses, c, release=False):
         out = [torch.zeros_like(p) for p in self.params]
         out[2].view(-1)[-1] = value
         out[2].view(-1)[0] = value if value == 3e38 else 0.0  # 6e38 > float32's largest
         return out
 
-    monkeypatch.setattr(FactoredBackend, "_directions", directions)
+    monkeypatch.setattr(Contraction, "_directions", directions)
     before = copy.deepcopy(model.state_dict())
     if math.isfinite(value):
         opt.step(lambda: squared_errors(x, y)(model))

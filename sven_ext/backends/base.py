@@ -111,7 +111,6 @@ class StepDirection:
     """A backend's answer: the update is ``param -= lr * direction``.
 
     Attributes:
-        directions: one tensor per parameter, in the parameter's shape (``V_k S_k^-1 U_k^T r``).
         rows: the rows of this step (losses, residuals).
         solution: coefficients and singular values.
         info: backend-specific diagnostics merged into ``Sven.last_info``.
@@ -119,18 +118,35 @@ class StepDirection:
         contract: ``c -> directions`` for other coefficient vectors ``c`` (``(R,)``, in the
             space of ``solution.coefficients``) while this step's factors are alive, so that
             ``directions == contract(solution.coefficients)``; ``None`` where not offered.
+        formed: the directions where the backend formed them itself (dense, functional); else
+            they are formed from ``contract`` when asked for (:attr:`directions`, :meth:`stream`).
         contract_reproduces: whether ``contract(solution.coefficients)`` gives ``directions`` bitwise
             (so ``contract(t c)`` is exactly ``t`` times them for a power of two ``t``); the dense
             backend's directions come from ``V_k`` instead.
     """
 
-    directions: list[torch.Tensor]
     rows: Rows
     solution: Solution
     info: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     contract: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+    formed: list[torch.Tensor] | None = None
     contract_reproduces: bool = True
+
+    @property
+    def directions(self) -> list[torch.Tensor]:
+        """One tensor per parameter, in the parameter's shape (``V_k S_k^-1 U_k^T r``)."""
+        if self.formed is None:
+            self.formed = self.contract(self.solution.coefficients)
+        return self.formed
+
+    def stream(self):
+        """The directions one at a time, in parameter order. From a contraction that can release
+        its factors (:meth:`sven_ext.backends.factored.Contraction.stream`) each is formed when asked
+        for while the factors are dropped, and ``contract`` is spent afterwards."""
+        if self.formed is None and hasattr(self.contract, "stream"):
+            return self.contract.stream(self.solution.coefficients)
+        return iter(self.directions)
 
 
 class Backend(abc.ABC):

@@ -93,5 +93,5 @@ class DenseBackend(Backend):
 
         if scale is not None:
             direction.mul_(columns)
-        return StepDirection(split_like(direction, self.params), rows, solution, {"jacobian_bytes": jac.nbytes},
-                             contract=contract, contract_reproduces=False)
+        return StepDirection(rows, solution, {"jacobian_bytes": jac.nbytes}, contract=contract,
+                             formed=split_like(direction, self.params), contract_reproduces=False)

@@ -21,6 +21,7 @@ import torch
 from .. import costs, distributed, factor_check, ops
 from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
+from ..guards import restore_buffers, snapshot_buffers
 from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
 from ..layers.common import combine_rows, first_axis, items_within
 from ..linalg import check_finite
@@ -105,60 +106,67 @@ class FactoredBackend(Backend):
                                               self._names)
         return shard.rows, shard.uses, checked, shard
 
-    def factors(self, closure, settings: StepSettings):
-        """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran)."""
+    def factors(self, closure, settings: StepSettings, suspects: frozenset = frozenset()):
+        """Runs the closure under capture: ``(rows, uses, checked)`` (checked: the factor check ran).
+
+        ``suspects``: ids of modules to record whole, as shared by every sample: a module's output
+        is taken per sample when its first axis has the batch's size, so ``pos(arange(T))`` with
+        ``T == B`` is misread. Where the check fails on such a module's parameters, the closure runs
+        again (its buffers restored) with them recorded whole, and their factors must pass.
+        """
+        buffers = snapshot_buffers(self.model) if self.checks.enabled and not suspects else None
+        # Recorded whole, a suspect's output is not expanded to the batch as a position table's is.
+        broadcasts = self.checks.broadcasts if not suspects else dataclasses.replace(
+            self.checks.broadcasts, tables=self.checks.broadcasts.tables - suspects)
         with torch.enable_grad():
-            with capture(self.model, self.params, self.checks.broadcasts) as cap:
+            with capture(self.model, self.params, broadcasts) as cap:
                 output = closure()
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.
             step, per_param, per_module = cap.signature(rows.per_sample)
             verdict = self.checks.verdict(step)
-            shared = {key for key, calls in per_module.items() if (key, calls) in verdict.shared}
+            shared = {key for key, calls in per_module.items() if (key, calls) in verdict.shared} | suspects
             checked = self.checks.enabled and any(
                 (id(p), per_param.get(id(p))) not in verdict.params for p in self.params)
-            uses = cap.uses(rows.per_sample, settings.chunk_rows, shared)
+            # The check's backward pass runs first and keeps sketches of autograd's gradients only,
+            # so it never holds the capture's output gradients beside the forward pass's graph.
+            weights = factor_check.probe_weights(rows.captured) if checked else None
+            sketches = factor_check.sketch_gradients(rows.captured, self.params, weights, self._names) \
+                if checked else None
+            # The capture's backward pass frees the graph as it goes, unless a parameter no module
+            # call covers needs it (_check_uncovered measures its effect on the rows).
+            covered = {id(p) for call in cap.calls for _, p in call.params}
+            uses = cap.uses(rows.per_sample, settings.chunk_rows, shared,
+                            keep_graph=any(id(p) not in covered for p in self.params))
             by_param = {id(p): [] for p in self.params}
             for use in uses:
                 for p in use.params:
                     by_param[id(p)].append(use)
             self._check_uncovered(rows.captured, by_param)
-            if checked:
-                costs.require_fit(costs.estimate_check(uses, self.params, self.name), self._held(rows, uses, settings),
-                                  settings.max_memory, self.params[0].device)
-                uses, found = self._check_or_share(cap, rows, uses, shared, settings.chunk_rows)
-                verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
-                verdict.shared.update((key, per_module[key]) for key in found)
+            rows = _detached(rows)  # nothing differentiates the rows again
             # Modules whose rows came from one backward pass per row (slow, still exact).
             self.recorded_whole = sorted({call.name for call in cap.calls if call.whole})
-        # Nothing differentiates the rows again: without their graph, the forward pass's saved
-        # activations are freed before the solve.
-        return _detached(rows), uses, checked
-
-    def _check_or_share(self, cap, rows: Rows, uses: list, shared: set, chunk_rows: int):
-        """Checks the factors; where a parameter fails, tries its modules as shared by every sample.
-
-        A module's output is taken per sample when its first axis has the batch's size, so
-        ``pos(arange(T))`` with ``T == B`` is misread; recorded whole, its factors pass the check.
-
-        Returns:
-            ``(uses, modules)``: the checked uses and the ids of the modules found shared.
-        """
-        weights = factor_check.probe_weights(rows.captured)
-        try:
-            self._check_factors(uses, rows.captured, weights)
-            return uses, set()
-        except FactorMismatch as mismatch:
-            suspects = {id(call.module) for call in cap.calls
-                        if not call.whole and any(id(p) in mismatch.params for _, p in call.params)}
-            if not suspects:
-                raise
-            retried = cap.uses(rows.per_sample, chunk_rows, shared | suspects)
+            calls = [(id(call.module), call.whole, {id(p) for _, p in call.params}) for call in cap.calls]
+        del cap
+        if checked:
+            costs.require_fit(costs.estimate_check(uses, self.params, self.name), self._held(rows, uses, settings),
+                              settings.max_memory, self.params[0].device)
             try:
-                self._check_factors(retried, rows.captured, weights)
-            except FactorMismatch:
-                raise mismatch from None
-        return retried, suspects
+                self._check_factors(uses, weights, sketches)
+            except FactorMismatch as mismatch:
+                retry = frozenset(module for module, whole, params in calls
+                                  if not whole and params & mismatch.params and module not in shared)
+                if buffers is None or not retry:
+                    raise
+                del uses, rows
+                restore_buffers(buffers)
+                try:
+                    return self.factors(closure, settings, retry)
+                except FactorMismatch:
+                    raise mismatch from None
+            verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
+            verdict.shared.update((key, per_module[key]) for key in suspects)
+        return rows, uses, checked
 
     def _held(self, rows: Rows, uses: list, settings: StepSettings) -> int:
         """What the step holds before its solve: the factors, and with ``max_memory`` the forward
@@ -181,129 +189,175 @@ class FactoredBackend(Backend):
                 "them (e.g. `x @ layer.weight.T`). Call the module instead, or use backend='dense'"
             )
 
-    def _check_factors(self, uses: list, residual: torch.Tensor, weights: torch.Tensor) -> None:
+    def _check_factors(self, uses: list, weights: torch.Tensor, sketches: factor_check.GradientSketches) -> None:
         """The factors' ``J^T w`` must match autograd's, parameter by parameter (``w``: ``weights``).
 
-        Each parameter is compared as soon as autograd's backward pass has its gradient
-        (:func:`sven_ext.factor_check.probe`), in float64 over blocks of its first axis (every use's
-        ``pull`` of the block, for ``J^T w`` and ``|J|^T |w|``), blocks of at most
-        ``row_budget_bytes``: the check holds one parameter's gradient and one block, not the
-        model's gradient or float64 copies of it. Parameters of fallback modules (no ``pull``, no
-        absolute bound) are compared whole.
+        Compared through each parameter's sketch (:class:`sven_ext.factor_check.GradientSketches`,
+        autograd's side taken by the check's backward pass), in float64 over blocks of its first
+        axis (every use's ``pull`` of the block, for ``J^T w`` and ``|J|^T |w|``), blocks of at
+        most ``row_budget_bytes``: the check holds one block, not the model's gradient or float64
+        copies of it. Parameters of fallback modules (no ``pull``, no absolute bound) are compared whole.
 
         Raises:
             FactorMismatch: naming the first parameter that fails; ``params`` holds every one.
         """
         w = weights.to(torch.float64).reshape(-1, 1)
-        # id(p) -> (its uses, or its component's where whole; the component's absolute copies, or its
-        # J^T w where whole; whole: the component has a fallback module)
+        # id(p) -> (its uses, or its component's where whole; the component's absolute copies, or
+        # its J^T w where whole; whole: the component has a fallback module)
         component = {}
         left = {}  # per component, its parameters not compared yet: its copies go with the last one
         for params, group in components(uses):
             whole = any(not hasattr(use, "pull") for use in group)  # the fallback's ModuleUse
-            absolute = {}  # id(use) -> its absolute copy, made when first needed; whole: its J^T w
-            left[id(absolute)] = len(params)
+            held = {}
+            left[id(held)] = len(params)
             for p in params:
                 own = group if whole else [use for use in group if any(q is p for q in use.params)]
-                component[id(p)] = (own, absolute, whole)
-        found = {}  # id(p) -> (error, scale)
-
-        def compare(p: torch.Tensor, true: torch.Tensor | None) -> None:
+                component[id(p)] = (own, held, whole)
+        found = []
+        for p in self.params:
             if id(p) not in component:  # not captured: _check_uncovered showed it does not move the rows
-                found[id(p)] = (0.0, 0.0)
-                return
-            own, absolute, whole = component.pop(id(p))
+                found.append((0.0, 0.0))
+                continue
+            own, held, whole = component.pop(id(p))
             compared = self._compare_whole if whole else self._compare_blocks
-            found[id(p)] = compared(p, own, absolute, w, true)
-            left[id(absolute)] -= 1
-            if not left[id(absolute)]:
-                absolute.clear()
-
-        factor_check.probe(residual, self.params, weights, compare)
+            found.append(compared(p, own, held, w, sketches.of(p), sketches))
+            left[id(held)] -= 1
+            if not left[id(held)]:
+                held.clear()
         dtypes = {id(p): {p.dtype} for p in self.params}
         for use in uses:
             for p in use.params:
                 dtypes[id(p)].update(_factor_dtypes(use))
-        factor_check.judge(self.params, [found[id(p)] for p in self.params], [dtypes[id(p)] for p in self.params],
-                           self._names)
+        factor_check.judge(self.params, found, [dtypes[id(p)] for p in self.params], self._names)
 
-    def _compare_blocks(self, p: torch.Tensor, uses: list, absolute: dict, w: torch.Tensor, true) -> tuple:
-        """``(||J_p^T w - g||, |||J_p|^T |w|||)`` over blocks of ``p``'s first axis (``g``: autograd's).
+    def _compare_blocks(self, p: torch.Tensor, uses: list, absolute: dict, w: torch.Tensor, true,
+                        sketches: factor_check.GradientSketches) -> tuple:
+        """``(||(J_p^T w - g) V||, |||J_p|^T |w| V||)`` over blocks of ``p``'s first axis (``g V``:
+        ``true``, autograd's sketched gradient; ``V``: ``p``'s sketch matrix).
 
-        ``absolute``: the absolute copies of the component's uses made so far (shared by its
-        parameters); a linear map's weight takes the absolute values of its block of ``d`` alone
-        (an output head's ``d`` is vocabulary-wide).
+        ``absolute``: the absolute copies of the uses made so far; a linear map's weight takes the
+        absolute values of its block of ``d`` alone (an output head's ``d`` is vocabulary-wide).
         """
         first, rest = first_axis(p)
-        true = None if true is None else true.reshape(first, rest)
-        name = f"the gradient of parameter {self._names.get(id(p), '?')!r}"
-        # A block, autograd's part of it in float64 and each pull's transients share the budget.
+        # A block, its sketch and each pull's transients share the budget.
         budget = self.row_budget_bytes // CHECK_TRANSIENTS
         block = items_within(first, rest * 8, budget)
         error, scale = 0.0, 0.0
         for lo in range(0, first, block):
             hi = min(lo + block, first)
-            mine = sum(use.pull(p, lo, hi, w, budget) for use in uses).reshape(hi - lo, rest)
+            mine = sketches.sketch(p, sum(use.pull(p, lo, hi, w, budget) for use in uses).reshape(hi - lo, rest))
             if true is not None:
-                part = true[lo:hi].to(w.dtype)
-                check_finite(part, name)
-                mine -= part
+                mine -= true[lo:hi]
             error += float(mine.square().sum())
             del mine
             magnitude = sum(_absolute_pull(use, p, lo, hi, w.abs(), budget, absolute) for use in uses)
-            scale += float(magnitude.square().sum())
+            scale += float(sketches.sketch(p, magnitude.reshape(hi - lo, rest)).square().sum())
         return error ** 0.5, scale ** 0.5
 
-    def _compare_whole(self, p: torch.Tensor, uses: list, directions: dict, w: torch.Tensor, true) -> tuple:
-        """``(||J_p^T w - g||, ||g|| + ||J_p^T w||)`` for a parameter of a component with a fallback
-        module: whole float64 ``J^T w`` (there is no absolute bound). ``directions``: the uses'
-        ``J^T w`` per parameter, formed once for the component and handed out here."""
+    def _compare_whole(self, p: torch.Tensor, uses: list, directions: dict, w: torch.Tensor, true,
+                       sketches: factor_check.GradientSketches) -> tuple:
+        """``(||(J_p^T w - g) V||, ||g V|| + ||J_p^T w V||)`` for a parameter of a component with a
+        fallback module: whole float64 ``J^T w`` (there is no absolute bound). ``directions``: the
+        uses' ``J^T w`` per parameter, formed once per component and handed out here."""
         if not directions:
             for use in uses:
                 for q, part in zip(use.params, use.direction(w[:, 0])):
                     directions[id(q)] = part if id(q) not in directions else directions[id(q)].add_(part)
         mine = directions.pop(id(p), None)
         mine = torch.zeros_like(p, dtype=w.dtype) if mine is None else mine
-        true = torch.zeros_like(mine) if true is None else true.to(mine.dtype)
-        check_finite(true, f"the gradient of parameter {self._names.get(id(p), '?')!r}")
+        mine = sketches.sketch(p, mine.reshape(first_axis(p)[0], -1))
+        true = torch.zeros_like(mine) if true is None else true
         return float((mine - true).norm()), float(true.norm() + mine.norm())
 
-    def _contraction(self, uses: list, rows: Rows, scales: dict, shard, restricted: dict):
-        """``c -> S^2 J^T T^T c`` for coefficients ``c`` ``(R,)`` over the step's rows.
+    def _contraction(self, uses: list, rows: Rows, scales: dict, shard, restricted: dict) -> Contraction:
+        """``c -> S^2 J^T T^T c`` for coefficients ``c`` ``(R,)`` over the step's rows (:class:`Contraction`).
 
-        Data-parallel, each rank contracts its own rows and one all-reduce sums the ranks' parts
-        (the communication of a gradient all-reduce), so the per-row work is split. ``uses`` are
-        the (restricted) uses of the whole batch, this process's in one process.
+        ``uses`` are the (restricted) uses of the whole batch, this process's in one process.
         """
         local = restrict(shard.local_uses, restricted) if shard.data_parallel else uses
-        return lambda c: shard.reduce(
-            lambda: self._step_directions(local, shard.local_rows, shard.local(c), scales))
+        return Contraction(self.params, local, shard.local_rows, scales, shard if shard.data_parallel else None)
 
-    def _step_directions(self, uses: list, rows: Rows, c: torch.Tensor, scales: dict) -> list[torch.Tensor]:
-        """``S^2 J^T T^T c``: the direction of the step's coefficients ``c`` ``(R,)``, per parameter."""
-        directions = self._directions(uses, rows.to_captured(c))
-        return [d.mul_(scales[id(p)].to(d.dtype).square()) if id(p) in scales else d
-                for p, d in zip(self.params, directions)]
 
-    def _directions(self, uses: list, c: torch.Tensor) -> list[torch.Tensor]:
-        """``J^T c`` per parameter, in the parameters' dtypes.
+class Contraction:
+    """``c -> S^2 J^T T^T c``, one tensor per parameter, from the step's factors.
 
-        Each use contracts in its factors' precision (float32 for float32 models: the factors' own
-        rounding already bounds the accuracy, and the float32 GEMM is twice as fast), so no float64
-        copy of the parameters is ever held. An embedding table tied to a linear map scatters into
-        the map's direction (linear uses go first), so no table-sized zeros are filled.
-        """
-        total = {}
-        for use in sorted(uses, key=lambda u: isinstance(u, EmbeddingUse)):
-            weights = c.to(gemm_dtype(use.params[0].dtype))
-            if isinstance(use, EmbeddingUse) and id(use.param) in total:
-                use.direction(weights, into=total[id(use.param)])
-                continue
-            parts = _linear_direction(use, weights) if type(use) is LinearUse else use.direction(weights)
-            for p, part in zip(use.params, parts):
-                part = part.to(p.dtype)
-                total[id(p)] = part if id(p) not in total else total[id(p)].add_(part)
-        return [total[id(p)] if id(p) in total else torch.zeros_like(p) for p in self.params]
+    Data-parallel (``shard``), each rank contracts its own rows and one all-reduce sums the ranks'
+    parts (the communication of a gradient all-reduce), so the per-row work is split. In one
+    process :meth:`stream` hands the directions over one at a time and drops each component's
+    factors as soon as its directions are formed, so what the step holds shrinks from the factors
+    to the directions (or the new values) instead of holding both.
+    """
+
+    def __init__(self, params: list[torch.Tensor], uses: list, rows: Rows, scales: dict, shard=None):
+        self.params, self.rows, self.scales, self.shard = params, rows, scales, shard
+        self._uses = uses
+
+    @property
+    def spent(self) -> bool:
+        """Whether :meth:`stream` released the factors (no further contraction)."""
+        return self._uses is None
+
+    def __call__(self, c: torch.Tensor) -> list[torch.Tensor]:
+        if self.spent:
+            raise RuntimeError("this step's factors were released after its direction was formed")
+        if self.shard is not None:
+            return self.shard.reduce(lambda: list(self._directions(self._uses, self.shard.local(c))))
+        return list(self._directions(self._uses, c))
+
+    def stream(self, c: torch.Tensor):
+        """The directions of ``c`` in parameter order, each formed when it is asked for; the factors
+        are released as they go (in one process), and the contraction is spent afterwards."""
+        if self.shard is not None:
+            yield from self(c)
+            return
+        uses, self._uses = self._uses, None
+        yield from self._directions(uses, c, release=True)
+
+    def _directions(self, uses: list, c: torch.Tensor, release: bool = False):
+        """``S^2 J^T T^T c`` per parameter, a component of connected parameters at a time, in the
+        parameters' dtypes. ``release``: ``uses`` is the last reference to the factors, and each
+        component's uses are dropped once its directions are formed."""
+        c = self.rows.to_captured(c)
+        groups = [group for _, group in components(uses)]
+        owner = {id(p): index for index, group in enumerate(groups) for use in group for p in use.params}
+        if release:
+            uses.clear()
+        formed = {}
+        for p in self.params:
+            index = owner.get(id(p))
+            if id(p) not in formed and index is not None:
+                group = groups[index]
+                if release:
+                    groups[index] = None
+                formed.update(_component_directions(group, c))
+                del group
+            d = formed.pop(id(p), None)
+            if d is None:
+                d = torch.zeros_like(p)
+            elif id(p) in self.scales:
+                d.mul_(self.scales[id(p)].to(d.dtype).square())
+            yield d
+
+
+def _component_directions(uses: list, c: torch.Tensor) -> dict:
+    """``{id(p): J_p^T c}`` for the parameters of one component, in the parameters' dtypes.
+
+    Each use contracts in its factors' precision (float32 for float32 models: the factors' own
+    rounding already bounds the accuracy, and the float32 GEMM is twice as fast), so no float64
+    copy of the parameters is ever held. An embedding table tied to a linear map scatters into
+    the map's direction (linear uses go first), so no table-sized zeros are filled.
+    """
+    total = {}
+    for use in sorted(uses, key=lambda u: isinstance(u, EmbeddingUse)):
+        weights = c.to(gemm_dtype(use.params[0].dtype))
+        if isinstance(use, EmbeddingUse) and id(use.param) in total:
+            use.direction(weights, into=total[id(use.param)])
+            continue
+        parts = _linear_direction(use, weights) if type(use) is LinearUse else use.direction(weights)
+        for p, part in zip(use.params, parts):
+            part = part.to(p.dtype)
+            total[id(p)] = part if id(p) not in total else total[id(p)].add_(part)
+    return total
 
 
 @dataclasses.dataclass

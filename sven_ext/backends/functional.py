@@ -186,7 +186,7 @@ class FunctionalBackend(Backend):
         # The solve was for J S; the step in the parameters is S times it.
         unscale = (lambda d: d) if scale is None else (lambda d: [x * s.to(x.dtype) for x, s in zip(d, scale)])
         # No ``contract``: J^T c runs on the closure's graph, which the parameters' next change invalidates.
-        return StepDirection(unscale(direction), rows, solution, info)
+        return StepDirection(rows, solution, info, formed=unscale(direction))
 
     def _exact_params(self, jac: JacobianProducts, residual: torch.Tensor, truncation, settings: StepSettings):
         """Through ``N = J^T J`` (``P x P``): backward passes only."""

@@ -88,7 +88,6 @@ class GramBackend(FactoredBackend):
         truncation = settings.truncation.for_rows(count, rows.scale)
         solution = solve_gram(gram, residual, truncation)
         contract = self._contraction(uses, rows, scales, shard, restricted)
-        directions = contract(solution.coefficients)
         info = {
             "gram_bytes": gram.nbytes,
             "factor_bytes": factor_bytes(uses),
@@ -97,7 +96,7 @@ class GramBackend(FactoredBackend):
             "recorded_whole": self.recorded_whole,
             **shard.info(self.params),
         }
-        return StepDirection(directions, rows, solution, info, contract=contract)
+        return StepDirection(rows, solution, info, contract=contract)
 
     def gram(self, closure, settings: StepSettings) -> torch.Tensor:
         """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""

@@ -230,7 +230,6 @@ class SketchBackend(FactoredBackend):
         # J^T c on the subsets' smaller factors, where the gram backend would restrict them.
         restricted, scales = self._subsets_and_scales(uses, settings)
         contract = self._contraction(restrict(uses, restricted), rows, scales, shard, restricted)
-        directions = contract(solution.coefficients)
         captured = float(core.diagonal().sum())
         info = {
             "sketch_size": q.shape[1],
@@ -247,7 +246,7 @@ class SketchBackend(FactoredBackend):
             "recorded_whole": self.recorded_whole,
             **shard.info(self.params),
         }
-        return StepDirection(directions, rows, solution, info, {"basis": solution.left_vectors}, contract=contract)
+        return StepDirection(rows, solution, info, {"basis": solution.left_vectors}, contract=contract)
 
     def _range(self, plan: _Plan, rows: Rows, sk, columns: int, basis, dtype: torch.dtype, shard) -> torch.Tensor:
         """``Q``: an orthonormal basis of ``J Omega`` (with the warm-start ``basis`` joined) after
