@@ -268,6 +268,25 @@ def _repeated_update(model, make_step, make_closure, repeats: int) -> tuple[list
     return [p.detach() - b for p, b in zip(m.parameters(), before)], statistics.median(times)
 
 
+def _sven_update(model, make_closure, args, backend: str, **kwargs) -> tuple[list[torch.Tensor], float, dict]:
+    """One Sven step's update (lr=1) from ``model``'s weights, its median time and ``last_info``."""
+    made = []
+
+    def make_step(m):
+        opt = sven_ext.Sven(m, lr=1.0, k=args.k, backend=backend, safeguard=None, **kwargs)
+        made.append(opt)
+
+        def step(closure):
+            if opt.state:  # the step counter back to 0: the same draw every time
+                opt.state["sven"]["step"] = 0
+            opt.step(closure)
+
+        return step
+
+    update, elapsed = _repeated_update(model, make_step, make_closure, args.repeats)
+    return update, elapsed, made[0].last_info
+
+
 def accuracy(args) -> dict:
     cases = {
         "smooth-regression": ("MLP 8-64-64-1 tanh, float64, signed residuals of a smooth target",
@@ -279,25 +298,7 @@ def accuracy(args) -> dict:
     for case, (description, model, make_closure) in cases.items():
         print(f"  == {case}: {description}", flush=True)
 
-        def deltas(backend, **kwargs):
-            """One Sven step's update (lr=1) from ``model``'s weights, its median time and ``last_info``."""
-            made = []
-
-            def make_step(m):
-                opt = sven_ext.Sven(m, lr=1.0, k=args.k, backend=backend, safeguard=None, **kwargs)
-                made.append(opt)
-
-                def step(closure):
-                    if opt.state:  # the step counter back to 0: the same draw every time
-                        opt.state["sven"]["step"] = 0
-                    opt.step(closure)
-
-                return step
-
-            update, elapsed = _repeated_update(model, make_step, make_closure, args.repeats)
-            return update, elapsed, made[0].last_info
-
-        exact, gram_time, gram_info = deltas("gram")
+        exact, gram_time, gram_info = _sven_update(model, make_closure, args, "gram")
         exact_linear = _linearised_residual(model, make_closure, exact)
 
         def error(update):
@@ -309,8 +310,9 @@ def accuracy(args) -> dict:
         for test_matrix in ("gaussian", "rademacher", "khatri_rao"):
             for oversampling in args.oversampling:
                 for q in args.power_iterations:
-                    update, elapsed, info = deltas("sketch", test_matrix=test_matrix, oversampling=oversampling,
-                                                   power_iterations=q, seed=5)
+                    update, elapsed, info = _sven_update(model, make_closure, args, "sketch", seed=5,
+                                                         test_matrix=test_matrix, oversampling=oversampling,
+                                                         power_iterations=q)
                     row = {"test_matrix": test_matrix, "oversampling": oversampling, "power_iterations": q,
                            "sketch_size": info["sketch_size"], "relative_error": error(update),
                            "linearised_residual": _linearised_residual(model, make_closure, update),
