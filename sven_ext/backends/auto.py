@@ -49,7 +49,8 @@ class AutoBackend(Backend):
         name, reason = costs.choose(gram, sketch, self.gram._held(rows, uses, settings), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
         result = chosen.solve(rows, uses, checked, settings, shard)
-        result.info.update(backend=name, auto_reason=reason)
+        # The capture ran on gram's backend, which knows the modules it recorded whole.
+        result.info.update(backend=name, auto_reason=reason, recorded_whole=self.gram.recorded_whole)
         return result
 
     def _dense(self, closure, settings, budget: int, budget_given: bool) -> StepDirection:
