@@ -1,5 +1,6 @@
 """Which route each parameter's block of ``K`` takes in the gram backend (DESIGN.md section 2.1),
-shared by the backend and the cost model that prices it."""
+shared by the backend and the cost model that prices it; the components (parameters joined by
+their uses) and their per-row gradients, shared by the gram and sketch backends."""
 
 from __future__ import annotations
 
