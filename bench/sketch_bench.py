@@ -36,7 +36,9 @@ import common  # noqa: E402
 
 import sven_ext  # noqa: E402
 from sven_ext import testing  # noqa: E402
+from sven_ext.backends import SketchSettings, StepSettings  # noqa: E402
 from sven_ext.backends import sketch as sketch_module  # noqa: E402
+from sven_ext.settings import Settings  # noqa: E402
 
 
 def _step_timer(opt, closure):
@@ -44,6 +46,23 @@ def _step_timer(opt, closure):
         opt.step(closure)
 
     return run
+
+
+def _backend_step(model, fused: bool, k: int, lr: float, **sketch):
+    """``step(closure)``: the sketch backend's direction with the fused ops on or off (the CPU default
+    takes the GEMM routes) and the update ``p -= lr * direction``: Sven's bare step without the
+    optimizer's checks and commit, at step 0 of the generator (every call draws the same sketch)."""
+    params = list(model.parameters())
+    backend = sketch_module.SketchBackend(model, params, fused=fused)
+    settings = StepSettings(Settings(k=k).truncation, 2.0, sketch=SketchSettings(**sketch))
+
+    def step(closure):
+        directions = backend.compute(closure, settings).directions
+        with torch.no_grad():
+            for p, d in zip(params, directions):
+                p.sub_(d, alpha=lr)
+
+    return step
 
 
 def _timed(fn, repeats: int, warmup: int = 1) -> dict:
@@ -171,16 +190,8 @@ def scaling(args) -> dict:
         entry = {"batch": batch, "adam": _timed(adam_step, repeats=repeats)}
         sketch = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="sketch", safeguard=None)
         entry["sketch"] = _timed(_step_timer(sketch, closure), repeats=repeats)
-        fused = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="sketch", safeguard=None)
-
-        def fused_step():
-            sketch_module.SketchBackend.fused = True  # the fused ops instead of the GEMM routes (CPU default)
-            try:
-                fused.step(closure)
-            finally:
-                sketch_module.SketchBackend.fused = None
-
-        entry["sketch_fused_ops"] = _timed(fused_step, repeats=repeats)
+        fused = _backend_step(model, True, args.k, 1e-6)
+        entry["sketch_fused_ops"] = _timed(lambda: fused(closure), repeats=repeats)
         if batch <= args.max_gram_rows:
             gram = sven_ext.Sven(model, lr=1e-6, k=args.k, backend="gram", safeguard=None)
             entry["gram"] = _timed(_step_timer(gram, closure), repeats=repeats, warmup=1 if batch <= 2048 else 0)
@@ -240,6 +251,42 @@ def _linearised_residual(model, make_closure, update) -> float:
     return float((r + jd).norm() / r.norm())
 
 
+def _repeated_update(model, make_step, make_closure, repeats: int) -> tuple[list[torch.Tensor], float]:
+    """One step's update from ``model``'s weights and the median time of that step: ``make_step(m)``
+    gives ``step(closure)`` for a copy ``m``, whose every call starts from the same weights and draw."""
+    m = copy.deepcopy(model)
+    before = [p.detach().clone() for p in m.parameters()]
+    step = make_step(m)
+    step(make_closure(m))  # the first step also checks the factors against autograd
+    times = []
+    for _ in range(repeats):  # the same step again: same weights, same draw
+        for p, b in zip(m.parameters(), before):
+            p.data.copy_(b)
+        start = time.perf_counter()
+        step(make_closure(m))
+        times.append(time.perf_counter() - start)
+    return [p.detach() - b for p, b in zip(m.parameters(), before)], statistics.median(times)
+
+
+def _sven_update(model, make_closure, args, backend: str, **kwargs) -> tuple[list[torch.Tensor], float, dict]:
+    """One Sven step's update (lr=1) from ``model``'s weights, its median time and ``last_info``."""
+    made = []
+
+    def make_step(m):
+        opt = sven_ext.Sven(m, lr=1.0, k=args.k, backend=backend, safeguard=None, **kwargs)
+        made.append(opt)
+
+        def step(closure):
+            if opt.state:  # the step counter back to 0: the same draw every time
+                opt.state["sven"]["step"] = 0
+            opt.step(closure)
+
+        return step
+
+    update, elapsed = _repeated_update(model, make_step, make_closure, args.repeats)
+    return update, elapsed, made[0].last_info
+
+
 def accuracy(args) -> dict:
     cases = {
         "smooth-regression": ("MLP 8-64-64-1 tanh, float64, signed residuals of a smooth target",
@@ -251,24 +298,7 @@ def accuracy(args) -> dict:
     for case, (description, model, make_closure) in cases.items():
         print(f"  == {case}: {description}", flush=True)
 
-        def deltas(backend, **kwargs):
-            """One step's update (lr=1) from ``model``'s weights, and the median time of that step."""
-            m = copy.deepcopy(model)
-            before = [p.detach().clone() for p in m.parameters()]
-            opt = sven_ext.Sven(m, lr=1.0, k=args.k, backend=backend, safeguard=None, **kwargs)
-            opt.step(make_closure(m))  # the first step also checks the factors against autograd
-            times = []
-            for _ in range(args.repeats):  # the same step again: same weights, same draw
-                for p, b in zip(m.parameters(), before):
-                    p.data.copy_(b)
-                opt.state["sven"]["step"] = 0
-                start = time.perf_counter()
-                opt.step(make_closure(m))
-                times.append(time.perf_counter() - start)
-            update = [p.detach() - b for p, b in zip(m.parameters(), before)]
-            return update, statistics.median(times), opt.last_info
-
-        exact, gram_time, gram_info = deltas("gram")
+        exact, gram_time, gram_info = _sven_update(model, make_closure, args, "gram")
         exact_linear = _linearised_residual(model, make_closure, exact)
 
         def error(update):
@@ -280,8 +310,9 @@ def accuracy(args) -> dict:
         for test_matrix in ("gaussian", "rademacher", "khatri_rao"):
             for oversampling in args.oversampling:
                 for q in args.power_iterations:
-                    update, elapsed, info = deltas("sketch", test_matrix=test_matrix, oversampling=oversampling,
-                                                   power_iterations=q, seed=5)
+                    update, elapsed, info = _sven_update(model, make_closure, args, "sketch", seed=5,
+                                                         test_matrix=test_matrix, oversampling=oversampling,
+                                                         power_iterations=q)
                     row = {"test_matrix": test_matrix, "oversampling": oversampling, "power_iterations": q,
                            "sketch_size": info["sketch_size"], "relative_error": error(update),
                            "linearised_residual": _linearised_residual(model, make_closure, update),
@@ -292,10 +323,9 @@ def accuracy(args) -> dict:
                           f"  {elapsed * 1e3:8.1f} ms", flush=True)
         routes = {}
         for flag in (False, True):
-            sketch_module.SketchBackend.fused = flag
-            update, elapsed, _ = deltas("sketch", seed=5)
+            update, elapsed = _repeated_update(model, lambda m: _backend_step(m, flag, args.k, 1.0, seed=5),
+                                               make_closure, args.repeats)
             routes["fused" if flag else "gemm"] = {"time_s": elapsed, "relative_error": error(update)}
-        sketch_module.SketchBackend.fused = None
         print(f"  gram {gram_time * 1e3:.1f} ms; default sketch by route: {routes}", flush=True)
         out["cases"][case] = {
             "model": description, "gram_time_s": gram_time, "exact_linearised_residual": exact_linear,

@@ -22,18 +22,29 @@ whose allocator setting would slow the timed calls.
 
     python bench/step_bench.py                 # all models, writes bench/results/step_bench.json
     python bench/step_bench.py --models mlp1 --repeats 3
+    python bench/step_bench.py --against ../old-checkout --rounds 5 --out step_bench_vs_old.json
+
+With ``--against`` it times another checkout's ``bench/step_bench.py`` and this one's in turn, each
+in fresh processes that import their own checkout's ``sven_ext`` (``PYTHONPATH``), and reports
+both sides' medians over the rounds: a revision against an earlier one on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 
 import sven_ext  # noqa: E402
@@ -144,20 +155,26 @@ def run_case(key: str, repeats: int, dense_repeats: int, memory_pass: bool) -> d
         del engine
     if dense_repeats > 0:
         results["sven_dense"] = common.measure(lambda: sven_dense.step(closure), repeats=dense_repeats, warmup=0)
-    rows = case["batch"]
-    summary = {
-        "name": case["name"], "parameters": params, "batch": rows, "results": results,
-        "gram_bytes": 8 * rows * rows, "factor_bytes": sven_gram.last_info.get("factor_bytes"),
-        "ratio_gram_step_to_adam": results["sven_gram"]["median_s"] / results["adam"]["median_s"],
-        "check_cost_fraction": results["sven_gram_checked"]["median_s"] / results["sven_gram"]["median_s"] - 1,
-        "signature_cost_fraction": results["signature"]["median_s"] / results["sven_gram"]["median_s"],
-    }
-    if "sven_dense" in results:
-        summary["speedup_gram_vs_dense"] = results["sven_dense"]["median_s"] / results["sven_gram"]["median_s"]
-    if "torchjd" in results:
-        summary["speedup_gram_vs_torchjd"] = results["torchjd"]["median_s"] / results["gram_only"]["median_s"]
     for method, r in results.items():
         print(f"  {method:<17} median {r['median_s'] * 1e3:10.3f} ms", flush=True)
+    return summarise(case, params, results, sven_gram.last_info.get("factor_bytes"))
+
+
+def summarise(case: dict, params: int, results: dict, factor_bytes: int | None) -> dict:
+    """A case's results with its sizes and the ratios BENCHMARKS.md quotes."""
+    rows = case["batch"]
+    gram = results["sven_gram"]["median_s"]
+    summary = {
+        "name": case["name"], "parameters": params, "batch": rows, "results": results,
+        "gram_bytes": 8 * rows * rows, "factor_bytes": factor_bytes,
+        "ratio_gram_step_to_adam": gram / results["adam"]["median_s"],
+        "check_cost_fraction": results["sven_gram_checked"]["median_s"] / gram - 1,
+        "signature_cost_fraction": results["signature"]["median_s"] / gram,
+    }
+    if "sven_dense" in results:
+        summary["speedup_gram_vs_dense"] = results["sven_dense"]["median_s"] / gram
+    if "torchjd" in results:
+        summary["speedup_gram_vs_torchjd"] = results["torchjd"]["median_s"] / results["gram_only"]["median_s"]
     return summary
 
 
@@ -177,6 +194,52 @@ def _direct_modules(model):
     return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
 
 
+def against(args, argv: list[str]) -> None:
+    """This checkout's benchmark against another checkout's (``args.against``, its extension built):
+    fresh processes of each in turn (the other first), ``args.rounds`` of each, every one running
+    ``args.models`` for ``args.repeats`` rounds with its own ``sven_ext`` first on the path. Writes
+    both sides' per-round medians, their median over the rounds and this side's over the other's."""
+    sides = {"against": Path(args.against).resolve(), "this": ROOT}
+    rounds = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(args.rounds):
+            for side, root in sides.items():
+                out = Path(folder) / f"{side}_{index}.json"
+                command = [sys.executable, str(root / "bench" / "step_bench.py"), "--models", *args.models,
+                           "--repeats", str(args.repeats), "--dense-repeats", "0", "--out", str(out)]
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
+                subprocess.run(command, check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                               stdout=subprocess.DEVNULL)
+                rounds[side].append(json.loads(out.read_text()))
+                print(f"  round {index + 1}: {side} done", flush=True)
+    cases = {}
+    for position, key in enumerate(args.models):
+        methods = {method: {side: _over_rounds(rounds[side], position, method) for side in sides}
+                   for method in rounds["this"][0]["cases"][position]["results"]}
+        for method, entry in methods.items():
+            entry["ratio_this_to_against"] = entry["this"]["median_s"] / entry["against"]["median_s"]
+            print(f"  {key:<11} {method:<17} against {entry['against']['median_s'] * 1e3:9.2f} ms  this "
+                  f"{entry['this']['median_s'] * 1e3:9.2f} ms  ratio {entry['ratio_this_to_against']:.3f}")
+        # Within one process Adam and the Sven step take turns: their ratio does not move with the load.
+        to_adam = {side: statistics.median(run["cases"][position]["ratio_gram_step_to_adam"] for run in rounds[side])
+                   for side in sides}
+        print(f"  {key:<11} gram step / Adam: against {to_adam['against']:.3f}  this {to_adam['this']:.3f}")
+        cases[key] = {"name": rounds["this"][0]["cases"][position]["name"], "methods": methods,
+                      "gram_step_to_adam_median": to_adam}
+    revisions = {side: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                      text=True).stdout.strip() for side, root in sides.items()}
+    path = common.write_json(args.out, {"command": "python bench/step_bench.py " + " ".join(argv),
+                                        "revisions": revisions, "cases": cases})
+    print(f"\nwrote {path}")
+
+
+def _over_rounds(results: list[dict], position: int, method: str) -> dict:
+    """One method's per-round medians (each run's median of its repeats) and their median."""
+    medians = [run["cases"][position]["results"][method]["median_s"] for run in results]
+    return {"median_s": statistics.median(medians), "round_medians_s": medians}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
@@ -184,7 +247,14 @@ def main(argv=None):
     parser.add_argument("--dense-repeats", type=int, default=1, help="timed dense-backend steps (0 to skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", default="step_bench.json", help="file name under bench/results/")
+    parser.add_argument("--against", default=None, metavar="CHECKOUT",
+                        help="another checkout of the project (its extension built): run its benchmark and this "
+                             "one in turn, in fresh processes, and compare their step times (no dense step)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --against: processes of each side")
     args, _ = parser.parse_known_args(argv)  # the memory pass adds its own argument
+    if args.against is not None:
+        against(args, sys.argv[1:] if argv is None else argv)
+        return
     memory_pass = common.memory_pass_file()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,10 @@
 """Which route each parameter's block of ``K`` takes in the gram backend (DESIGN.md section 2.1),
-shared by the backend and the cost model that prices it."""
+shared by the backend and the cost model that prices it; the components (parameters joined by
+their uses) and their per-row gradients, shared by the gram and sketch backends."""
 
 from __future__ import annotations
+
+import torch
 
 from .layers import DirectUse, EmbeddingUse, LinearUse
 
@@ -37,6 +40,26 @@ def components(uses: list):
             for p in use.params:
                 seen.setdefault(id(p), p)
         out.append((list(seen.values()), group))
+    return out
+
+
+def component_rows(params: list, group: list, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row gradients of rows ``start:stop`` of a component (what :func:`components` returns),
+    ``(stop - start, sum of the parameters' numel)`` in ``dtype``: the parameters' columns side by
+    side in the order of ``params``, each use's part added into its parameters' columns."""
+    if len(group) == 1:
+        return group[0].rows(start, stop, dtype)  # already laid out as params
+    offsets, width = {}, 0
+    for p in params:
+        offsets[id(p)] = width
+        width += p.numel()
+    out = torch.zeros(stop - start, width, dtype=dtype, device=params[0].device)
+    for use in group:
+        part, col = use.rows(start, stop, dtype), 0
+        for p in use.params:
+            at = offsets[id(p)]
+            out[:, at:at + p.numel()] += part[:, col:col + p.numel()]
+            col += p.numel()
     return out
 
 

@@ -101,6 +101,18 @@ def test_layer_set(monkeypatch, case, expected):
     assert relative_difference(update, same) == 0
 
 
+@pytest.mark.parametrize("expected", ["gram", "sketch"])
+def test_the_modules_recorded_whole_are_reported_whichever_backend_solves(monkeypatch, expected):
+    model, x = mlp((3, 6, 1), seed=3), torch.randn(7, 3, generator=torch.Generator().manual_seed(0),
+                                                   dtype=torch.float64)
+    if expected == "sketch":
+        monkeypatch.setattr(costs, "GRAM_PREFERENCE", 0.0)
+    # Rows that mix the samples: both linear layers fail the factor check and are recorded whole.
+    _, info = sven_update(model, lambda m: (m(x) - m(x).mean(0)).square().sum(1), lr=0.1, k=2, oversampling=2)
+    assert info["backend"] == expected, info["auto_reason"]
+    assert info["recorded_whole"] == ["0", "2"]
+
+
 def test_estimates_scale_as_expected():
     """Gram's cost grows as R^3 (eigh), the sketch's as R s P: many rows favour the sketch."""
     model, small, large = mlp((3, 16, 16, 2)), 100, 10_000

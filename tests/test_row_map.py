@@ -61,12 +61,15 @@ def group_means(losses, m):
     return lambda: losses().view(-1, m).mean(1)
 
 
-def step(backend, model, closure, k, kappa=2.0, m=None, scale=None, subsets=None, **sketch):
-    """``(flat direction, StepDirection)`` of one ``backend.compute`` call."""
+def step(backend, model, closure, k, kappa=2.0, m=None, scale=None, subsets=None, fused=None, **sketch):
+    """``(flat direction, StepDirection)`` of one ``backend.compute`` call (``fused``: the sketch
+    backend's fused ops on or off; ``None``: the device's default)."""
     params = list(model.parameters())
     settings = StepSettings(Truncation(k, RTOL), kappa, microbatch_size=m, column_scale=scale,
                             element_subsets=subsets, sketch=SketchSettings(**sketch))
-    result = make_backend(backend, model, params).compute(closure, settings)
+    chosen = make_backend(backend, model, params) if fused is None else sketch_module.SketchBackend(
+        model, params, fused=fused)
+    result = chosen.compute(closure, settings)
     return torch.cat([d.reshape(-1) for d in result.directions]), result
 
 
@@ -185,14 +188,14 @@ def test_column_scale_gram_equals_scaled_svd(name, k, kappa, m):
     ("mlp", None, "gaussian", False), ("mlp", 3, "khatri_rao", True), ("mlp", 3, "rademacher", False),
     ("cnn", None, "khatri_rao", False), ("cnn", 3, "gaussian", True),
 ])
-def test_column_scale_sketch_exact_when_rank_fits(monkeypatch, name, m, test_matrix, fused):
-    monkeypatch.setattr(sketch_module.SketchBackend, "fused", fused)
+def test_column_scale_sketch_exact_when_rank_fits(name, m, test_matrix, fused):
     model, losses = case(name, times=4)
     k = 6 if m is None else 2
     scale = _scale(model.parameters(), seed=11)
     rows = losses if m is None else group_means(losses, m)
     oracle = scaled_oracle(model, rows, scale, k, 1.0)
-    mine, result = step("sketch", model, losses, k, 1.0, m, scale, oversampling=2, test_matrix=test_matrix)
+    mine, result = step("sketch", model, losses, k, 1.0, m, scale, fused=fused, oversampling=2,
+                        test_matrix=test_matrix)
     assert result.info["sketch_size"] == k + 2 < result.rows.residual.numel()
     assert result.info["sketch_residual"] is None
     assert relative(mine, oracle) < EXACT

@@ -45,16 +45,12 @@ class AutoBackend(Backend):
         rows, uses, checked, shard = self.gram.batch_factors(closure, settings)
         if not budget_given:
             budget = shard.minimum(budget)  # data-parallel: every rank must make the same choice
-        count, captured = rows.residual.numel(), rows.captured.numel()
-        sk = settings.sketch
-        columns = min(settings.truncation.cap(count) + sk.oversampling, count)
-        gram = costs.estimate_gram(uses, captured, count, settings.column_scale is not None)
-        sketch = costs.estimate_sketch(uses, captured, columns, sk.power_iterations, sk.test_matrix,
-                                       self.sketch.transient_budget_bytes, count)
+        gram, sketch = self.gram.estimate(rows, uses, settings), self.sketch.estimate(rows, uses, settings)
         name, reason = costs.choose(gram, sketch, self.gram._held(rows, uses, settings), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
         result = chosen.solve(rows, uses, checked, settings, shard)
-        result.info.update(backend=name, auto_reason=reason)
+        # The capture ran on gram's backend, which knows the modules it recorded whole.
+        result.info.update(backend=name, auto_reason=reason, recorded_whole=self.gram.recorded_whole)
         return result
 
     def _dense(self, closure, settings, budget: int, budget_given: bool) -> StepDirection:

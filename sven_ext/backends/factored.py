@@ -38,7 +38,7 @@ SUBSET_CHUNK_ELEMENTS = 1 << 18
 
 class FactoredBackend(Backend):
     """A backend that works on captured per-layer factors: the capture, the factor check, the
-    contraction. Subclasses implement ``compute`` and ``solve``.
+    contraction. Subclasses implement ``estimate`` and ``solve``, which :meth:`compute` runs.
 
     Every step whose signature (rows, autograd graph, hooks, layer shapes) was not checked
     before also checks the factors (:mod:`sven_ext.factor_check`): the direction they give
@@ -59,6 +59,15 @@ class FactoredBackend(Backend):
         self._names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
+
+    def compute(self, closure, settings: StepSettings):
+        """The step: the factors of the closure's batch, then the subclass's ``estimate(rows, uses,
+        settings)`` against the budget (a step that does not fit raises here, before anything large
+        is allocated), then its ``solve(rows, uses, checked, settings, shard)``."""
+        self._require_last_fit(settings)
+        rows, uses, checked, shard = self.batch_factors(closure, settings)
+        self._require_fit(self.estimate(rows, uses, settings), rows, uses, settings)
+        return self.solve(rows, uses, checked, settings, shard)
 
     def _require_fit(self, estimate, rows: Rows, uses: list, settings: StepSettings) -> None:
         """:func:`sven_ext.costs.require_fit` after the forward pass; remembers the step's need."""

@@ -52,7 +52,7 @@ from ..layers import EmbeddingUse, LinearUse, factor_bytes
 from ..layers.common import items_within, rows_of, sample_index
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows
-from ..routes import components, route, sequence_route, tied_route
+from ..routes import component_rows, components, route, sequence_route, tied_route
 from .base import StepDirection, StepSettings
 from .factored import FactoredBackend, SubsetLinearUse, gemm_dtype, restrict
 
@@ -68,13 +68,10 @@ class GramBackend(FactoredBackend):
 
     name = "gram"
 
-    def compute(self, closure, settings: StepSettings) -> StepDirection:
-        self._require_last_fit(settings)
-        rows, uses, checked, shard = self.batch_factors(closure, settings)
-        estimate = costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
-                                       settings.column_scale is not None)
-        self._require_fit(estimate, rows, uses, settings)
-        return self.solve(rows, uses, checked, settings, shard)
+    def estimate(self, rows: Rows, uses: list, settings: StepSettings) -> costs.Estimate:
+        """The step's cost (:func:`sven_ext.costs.estimate_gram`) from its captured factors."""
+        return costs.estimate_gram(uses, rows.captured.numel(), rows.residual.numel(),
+                                   settings.column_scale is not None)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings,
               shard: distributed.SingleProcess | distributed.Shard) -> StepDirection:
@@ -311,31 +308,14 @@ def _rows_gram(group: list, params: list[torch.Tensor], gram: torch.Tensor, budg
     """
     dtype = gram.dtype
     rows = gram.shape[0]
-    offsets, width = {}, 0
-    for p in params:
-        offsets[id(p)] = width
-        width += p.numel()
-
+    width = sum(p.numel() for p in params)
     columns = None if scales is None else torch.cat([
         scales[id(p)].reshape(-1).to(dtype) if id(p) in scales else torch.ones(p.numel(), dtype=dtype, device=p.device)
         for p in params
     ])
 
-    def unscaled(start: int, stop: int) -> torch.Tensor:
-        if len(group) == 1 and len(group[0].params) == len(params):
-            return group[0].rows(start, stop, dtype)  # already laid out as params
-        out = torch.zeros(stop - start, width, dtype=dtype, device=gram.device)
-        for use in group:
-            part = use.rows(start, stop, dtype)
-            col = 0
-            for p in use.params:
-                at = offsets[id(p)]
-                out[:, at:at + p.numel()] += part[:, col:col + p.numel()]
-                col += p.numel()
-        return out
-
     def block(start: int, stop: int) -> torch.Tensor:
-        g = unscaled(start, stop)
+        g = component_rows(params, group, start, stop, dtype)
         return g if columns is None else g * columns  # out of place: rows() may be a view of the factors
 
     chunk = _rows_within(rows, width, budget)

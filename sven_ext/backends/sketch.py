@@ -49,8 +49,8 @@ from ..layers import DirectUse, EmbeddingUse, LinearUse, factor_bytes
 from ..layers.common import first_axis, items_within
 from ..linalg import orthonormal_basis, solve_projected
 from ..residuals import Rows
+from ..routes import component_rows, components
 from .base import StepDirection, StepSettings, effective_column_scale
-from ..routes import components
 from .factored import FactoredBackend, gemm_dtype, restrict
 
 TEST_MATRICES = ("gaussian", "rademacher", "khatri_rao")
@@ -179,21 +179,26 @@ class SketchBackend(FactoredBackend):
             lowered to fit ``max_memory``.
         fused: use the fused ops :func:`sven_ext.ops.linear_sketch` / ``linear_project`` for
             Linear layers (``None``: on CUDA only; on CPU the GEMM routes measured faster).
+
+    Args:
+        model, params, checks: as for :class:`sven_ext.backends.base.Backend`.
+        fused: the ``fused`` attribute.
     """
 
     name = "sketch"
     transient_budget_bytes = costs.TRANSIENT_BUDGET_BYTES
-    fused: bool | None = None
 
-    def compute(self, closure, settings: StepSettings) -> StepDirection:
-        self._require_last_fit(settings)
-        rows, uses, checked, shard = self.batch_factors(closure, settings)
+    def __init__(self, model: torch.nn.Module, params: list[torch.Tensor], checks=None, *,
+                 fused: bool | None = None):
+        super().__init__(model, params, checks)
+        self.fused = fused
+
+    def estimate(self, rows: Rows, uses: list, settings: StepSettings) -> costs.Estimate:
+        """The step's cost (:func:`sven_ext.costs.estimate_sketch`) from its captured factors."""
         count, sk = rows.residual.numel(), settings.sketch
         columns = min(settings.truncation.cap(count) + sk.oversampling, count)
-        estimate = costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
-                                         self.transient_budget_bytes, count)
-        self._require_fit(estimate, rows, uses, settings)
-        return self.solve(rows, uses, checked, settings, shard)
+        return costs.estimate_sketch(uses, rows.captured.numel(), columns, sk.power_iterations, sk.test_matrix,
+                                     self.transient_budget_bytes, count)
 
     def solve(self, rows: Rows, uses: list, checked: bool, settings: StepSettings,
               shard: distributed.SingleProcess | distributed.Shard) -> StepDirection:
@@ -289,24 +294,11 @@ class SketchBackend(FactoredBackend):
 
     def _row_blocks(self, comp: _Component, plan: _Plan):
         """``(r0, r1, G)``: per-row gradients of the component, ``(r1 - r0, width)``, in row chunks."""
-        offsets, at = {}, 0
-        for p in comp.params:
-            offsets[id(p)] = at
-            at += p.numel()
         size = torch.finfo(plan.work).bits // 8
         chunk = items_within(plan.rows, comp.width * size, plan.budget)
         for r0 in range(0, plan.rows, chunk):
             r1 = min(r0 + chunk, plan.rows)
-            if len(comp.uses) == 1:
-                yield r0, r1, comp.uses[0].rows(r0, r1, plan.work)
-                continue
-            g = torch.zeros(r1 - r0, comp.width, dtype=plan.work, device=self.params[0].device)
-            for use in comp.uses:
-                part, col = use.rows(r0, r1, plan.work), 0
-                for p in use.params:
-                    g[:, offsets[id(p)]:offsets[id(p)] + p.numel()] += part[:, col:col + p.numel()]
-                    col += p.numel()
-            yield r0, r1, g
+            yield r0, r1, component_rows(comp.params, comp.uses, r0, r1, plan.work)
 
     def _sketch(self, plan: _Plan, omega: Omega, dtype: torch.dtype) -> torch.Tensor:
         """``Y = J Omega``, ``(R, s)`` in ``dtype``."""

@@ -56,7 +56,8 @@ def my_slice(batch: int, rank: int, world: int) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
+    """The command line: epochs, global batch, samples, backend, peak lr, warm-up, DDP."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32, help="global batch, split over the ranks")
@@ -65,21 +66,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.5, help="peak step size")
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear warm-up to --lr (default: none)")
     parser.add_argument("--ddp", action="store_true", help="wrap the model in DistributedDataParallel")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)  # the ranks share this machine's cores
-    generator = torch.Generator().manual_seed(0)
-    x, y = make_data(args.samples, generator)
-    x_val, y_val = make_data(args.samples, generator)
-    mean, std = y.mean(), y.std()
-    y, y_val = (y - mean) / std, (y_val - mean) / std
 
-    model = make_model(seed=1)  # the same initial weights on every rank
-    if args.ddp:
-        model = nn.parallel.DistributedDataParallel(model)
-    optimizer = Sven(model, lr=args.lr, backend=args.backend, process_group=dist.group.WORLD)
+def train(model: nn.Module, optimizer: Sven, data: tuple, args: argparse.Namespace, rank: int, world: int) -> float:
+    """``args.epochs`` epochs on this rank's slices of every batch; rank 0 prints the first step and each
+    epoch's losses. Returns the final validation loss."""
+    x, y, x_val, y_val = data
     steps = args.samples // args.batch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(args.warmup, 1)))
     mine = my_slice(args.batch, rank, world)
@@ -102,6 +95,25 @@ def main() -> None:
             validation = float((model(x_val) - y_val).square().mean())
         if rank == 0:
             print(f"epoch {epoch + 1}: train {total / (steps * args.batch):.3e}  validation {validation:.3e}")
+    return validation
+
+
+def main() -> None:
+    args = parse_arguments()
+    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)  # the ranks share this machine's cores
+    generator = torch.Generator().manual_seed(0)
+    x, y = make_data(args.samples, generator)
+    x_val, y_val = make_data(args.samples, generator)
+    mean, std = y.mean(), y.std()
+    y, y_val = (y - mean) / std, (y_val - mean) / std
+
+    model = make_model(seed=1)  # the same initial weights on every rank
+    if args.ddp:
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = Sven(model, lr=args.lr, backend=args.backend, process_group=dist.group.WORLD)
+    validation = train(model, optimizer, (x, y, x_val, y_val), args, rank, world)
     if rank == 0:
         info = optimizer.last_info
         print(f"{world} ranks, {info['rows']} rows per step ({info['local_rows']} here): "

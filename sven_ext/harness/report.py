@@ -88,68 +88,84 @@ def versus(runs: list[dict], task: Task, other: str = "adam") -> dict | None:
 
 def task_table(runs: list[dict], task: Task) -> list[str]:
     """The Markdown lines of one task's summary, grid and Sven-vs-Adam comparison."""
-    metric = task.metric
     present = [name for name in OPTIMIZERS if runs_for(runs, task, name)]
     if not present:
         return []
-    splits = sorted({k.split("_", 1)[0] for r in runs_for(runs, task, present[0]) for k in r["final"]} - {"train"})
-    extra = [k for k in ("accuracy",) if any(f"val_{k}" in r["final"] for r in runs_for(runs, task, present[0]))]
+    lines = [f"**{task.title}**", "", *_summary(runs, task, present)]
+    lines += ["", f"Grid: median final validation {task.metric} over seeds at each value (selected in bold).", ""]
+    lines += _grid(runs, task, present)
+    for other in ("adam", "lbfgs-full"):
+        comparison = versus(runs, task, other)
+        if comparison is not None:
+            lines += ["", _comparison(comparison, task.metric, OPTIMIZERS[other].label)]
+    return lines
+
+
+def _summary(runs: list[dict], task: Task, present: list[str]) -> list[str]:
+    """The summary table: one row per optimizer at its selected value."""
+    metric = task.metric
+    first = runs_for(runs, task, present[0])
+    splits = sorted({k.split("_", 1)[0] for r in first for k in r["final"]} - {"train"})
+    extra = [k for k in ("accuracy",) if any(f"val_{k}" in r["final"] for r in first)]
+    test_accuracy = bool(extra) and "test" in splits
     header = ["optimizer", "tuned", "selected", "seeds", f"val {metric} median", "range"]
     if "test" in splits:
         header.append(f"test {metric}")
-    header += [f"val {k}" for k in extra] + (["test accuracy"] if extra and "test" in splits else [])
+    header += [f"val {k}" for k in extra] + (["test accuracy"] if test_accuracy else [])
     header += ["wall time (s)", "diverged runs"]
-    lines = [f"**{task.title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in present:
         spec = OPTIMIZERS[name]
         value, chosen = selected_runs(runs, task, name)
         mine = runs_for(runs, task, name)
         finals = [final_metric(r, metric) for r in chosen]
         ok = [r for r in chosen if r["status"] == "ok"]
+
+        def median_of(key: str) -> str:
+            return _fmt(_median([r["final"].get(key) for r in ok]))
+
         row = [spec.label, f"{spec.hyper} at gram's value" if spec.follows else spec.hyper, _fmt(value),
                str(len(chosen)), _fmt(_median(finals)), f"{_fmt(min(finals))} – {_fmt(max(finals))}"]
         if "test" in splits:
-            row.append(_fmt(_median([r["final"].get(f"test_{metric}") for r in ok])))
-        for k in extra:
-            row.append(_fmt(_median([r["final"].get(f"val_{k}") for r in ok])))
-        if extra and "test" in splits:
-            row.append(_fmt(_median([r["final"].get("test_accuracy") for r in ok])))
+            row.append(median_of(f"test_{metric}"))
+        row += [median_of(f"val_{k}") for k in extra]
+        if test_accuracy:
+            row.append(median_of("test_accuracy"))
         row.append(_fmt(_median([r["seconds"] for r in chosen])))
         row.append(f"{sum(r['status'] != 'ok' for r in mine)} of {len(mine)}")
         lines.append("| " + " | ".join(row) + " |")
+    return lines
 
-    lines += ["", f"Grid: median final validation {metric} over seeds at each value (selected in bold).", ""]
+
+def _grid(runs: list[dict], task: Task, present: list[str]) -> list[str]:
+    """One line per tuned optimizer: the median final validation metric at each value of its grid."""
+    lines = []
     for name in present:
         spec = OPTIMIZERS[name]
         if spec.follows:
             continue
         mine = runs_for(runs, task, name)
-        chosen = select(mine, metric)
+        chosen = select(mine, task.metric)
         cells = []
         for value in sorted({r["value"] for r in mine}):
-            median = _median([final_metric(r, metric) for r in mine if r["value"] == value])
+            median = _median([final_metric(r, task.metric) for r in mine if r["value"] == value])
             cell = f"{value:g}: {_fmt(median)}"
             cells.append(f"**{cell}**" if chosen and value == chosen[0] else cell)
         lines.append(f"- {spec.label} ({spec.hyper}): " + ", ".join(cells))
+    return lines
 
-    for other in ("adam", "lbfgs-full"):
-        comparison = versus(runs, task, other)
-        if comparison is None:
-            continue
-        label = OPTIMIZERS[other].label
-        speedups = ", ".join(_fmt(x) if x is not None else "never" for x in comparison["speedups"])
-        sven_seconds = ", ".join(_fmt(x) if x is not None else "never" for x in comparison["sven_seconds"])
-        other_seconds = ", ".join(_fmt(x) for x in comparison["other_seconds"])
-        median = _fmt(comparison["speedup"]) if comparison["speedup"] else "never"
-        lines += [
-            "",
-            f"Sven vs best-tuned {label} (seeds {comparison['seeds']}): median final validation {metric} "
+
+def _comparison(comparison: dict, metric: str, label: str) -> str:
+    """The sentence comparing Sven with another optimizer (what :func:`versus` returned)."""
+    speedups = ", ".join(_fmt(x) if x is not None else "never" for x in comparison["speedups"])
+    sven_seconds = ", ".join(_fmt(x) if x is not None else "never" for x in comparison["sven_seconds"])
+    other_seconds = ", ".join(_fmt(x) for x in comparison["other_seconds"])
+    median = _fmt(comparison["speedup"]) if comparison["speedup"] else "never"
+    return (f"Sven vs best-tuned {label} (seeds {comparison['seeds']}): median final validation {metric} "
             f"{_fmt(comparison['sven'])} vs {_fmt(comparison['other'])}, {label} / Sven = "
             f"{_fmt(comparison['ratio'])}. Time to first reach {label}'s final validation {metric} (same seed): "
             f"Sven {sven_seconds} s, {label} {other_seconds} s; {label}'s time / Sven's: {speedups} "
-            f"(median {median}, never counted as the worst).",
-        ]
-    return lines
+            f"(median {median}, never counted as the worst).")
 
 
 def format_report(runs: list[dict], tasks: list[Task]) -> str:
