@@ -331,7 +331,7 @@ class Sven(torch.optim.Optimizer):
         result = backend.compute(recorded, prepared.backend_settings)
         guarded = s.safeguard is not None and not s.variable_k and result.solution.rank > 0
         # The update consumes the directions as they are formed, and the factors behind them are
-        # released on the way (DESIGN.md section 3.6): one model's worth of memory, not two. The
+        # released on the way (DESIGN.md section 5, memory): one model's worth of memory, not two. The
         # safeguard's shorter trials need the factors or the directions, whichever is smaller.
         kept_directions = None
         if s.variable_k or (guarded and _contract_again(result, params)):
