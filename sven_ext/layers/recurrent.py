@@ -5,9 +5,10 @@ at each time step, so their per-row gradients are those of two sequence linear m
 ``sum_t d_r[t]^T a_s(r)[t]``, with ``a`` the layer's input (or the hidden state it starts the step
 from) and ``d`` the gradient of row ``r`` with respect to ``gi[t]`` (or ``gh[t]``).
 
-Obtaining ``d``: each layer is run again from its recorded input and initial states by the fused
-kernel the module's own forward uses, for the state every step starts from. With those states
-known, the gate activations of all steps come from one GEMM per map, and only the LSTM's cell
+Obtaining ``d``: the state every step starts from is read off the call's own output sequence (the
+top layer's; unless it changed in place after the call) and, for the layers below, off a rerun of
+each layer from its input and initial states by the fused kernel the module's own forward uses.
+With those states known, the gate activations of all steps come from one GEMM per map, and only the LSTM's cell
 state, an elementwise recurrence, is carried step by step. Then the recurrence's backward pass,
 written out per cell type, carries the rows' gradients with respect to the outputs (sequence,
 ``h_n`` and ``c_n``; ``m`` of them at once for ``m`` rows per sample, broadcast against the
@@ -16,8 +17,9 @@ add ``gi`` and ``gh``, so ``d gh = d gi``, except GRU's new gate, ``n = tanh(gi_
 where ``d gh_n = r * d gi_n``. Samples never mix in a recurrence, so each row's gradient lies in
 its own sample's slice. The backward pass is written out rather than run through autograd, whose
 graph of a few small operations per step costs more to build and run than the operations
-themselves. Cost: the fused forward pass of the layer, two GEMMs over all steps, and one backward
-pass step by step in Python (one GEMM and a few elementwise products per step), not one per sample.
+themselves. Cost: two GEMMs over all steps (and the fused forward pass of the layers below the
+top), and one backward pass step by step in Python (one GEMM and a few elementwise products per
+step), not one per sample.
 
 Calls this does not cover take the fallback (:func:`sven_ext.layers.fallback.module_rule`):
 packed sequences, unbatched inputs, ``proj_size`` and dropout between layers in training mode.
