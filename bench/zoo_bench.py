@@ -4,26 +4,45 @@ For each model (random weights from configs; transformers, torchvision and timm 
 as ``.ci/setup.sh`` does), float32, batch ``B``: Sven ``gram``, ``sketch`` and ``auto`` steps and Adam
 steps take turns, one call each per round (median of the rounds), after two warm-up steps each
 (Sven's first step checks its factors and learns which tensors may be expanded to the batch, the
-second checks them expanded). Reported per model: the step times, the ratios to Adam, what ``auto``
-chose and why and whether the backend it chose is within 20% of the faster of gram and sketch,
-which modules were recorded whole (one backward pass per row), which parameters took the
-per-sample fallback (their module differentiated on its own per row) and how many parameters
-took each route of the gram backend.
+second checks them expanded). Reported per model: the step times, the ratios to Adam (of wall
+time, and of the process's CPU time), what ``auto`` chose and why and whether the backend it chose
+is within 20% of the faster of gram and sketch, which modules were recorded whole (one backward
+pass per row), which parameters took the per-sample fallback (their module differentiated on its
+own per row), how many parameters took each route of the gram backend, and the extra peak memory
+of Sven ``gram``'s steps and of Adam's.
 
     python bench/zoo_bench.py                          # every model, B = 16
     python bench/zoo_bench.py --models gpt2 vit_tiny --batch 64 --repeats 5
     python bench/zoo_bench.py --runs 3 --threads 1     # three passes over the models: medians and ranges
 
 On a shared machine the load moves ratios by tens of percent between runs; ``--runs`` repeats the
-whole pass and reports, per model, the median ratio over the runs and its range.
+whole pass and reports, per model, the median ratio over the runs and its range. A loaded machine
+preempts long steps more often than short ones, which inflates the wall-time ratios; with
+``--threads 1`` the CPU-time ratios count only the work each step did (the load still slows it
+through shared caches, far less).
+
+Extra peak memory: per model and optimizer, a fresh interpreter builds the model and its batch,
+runs one plain forward and backward pass (after one step of the optimizer on a tiny model: the
+modules the first step imports and the code pages of the libraries' kernels count as resident
+memory, so they are in first), reads its resident memory (the bare model), takes
+``--memory-steps`` steps and reads its peak resident memory (``VmHWM``); the extra peak is the
+difference. It runs under the allocator
+settings of exact accounting (``sven_ext.harness.environment.MALLOC_ENV``: freed memory goes back
+to the system at once), so the peak is that of live tensors and the BLAS library's buffers, not of
+memory the allocator kept. Adam's includes its state and the gradients; Sven's the factors, their
+check on the first step and the solve. ``--memory-steps 0`` skips it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +54,7 @@ import common  # noqa: E402
 
 import sven_ext  # noqa: E402
 from sven_ext import capture  # noqa: E402
+from sven_ext.harness.environment import MALLOC_ENV  # noqa: E402
 from sven_ext.layers import ModuleUse  # noqa: E402
 
 
@@ -174,23 +194,84 @@ MODELS = {
 }
 
 
-def run(name: str, batch: int, repeats: int) -> dict:
+def _build(name: str, batch: int):
+    """``(model, closure)`` of one model with its batch (the same weights and data every time)."""
     torch.manual_seed(0)
     model, make_batch, loss = MODELS[name]()
     data = make_batch(batch, torch.Generator().manual_seed(1))
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"\n== {name}: {params:,} parameters, B = {batch}", flush=True)
+    return model, lambda: loss(model, *data)
 
-    def closure():
-        return loss(model, *data)
 
+def _adam_step(model, closure):
     adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-    def adam_step():
+    def step():
         adam.zero_grad()
         closure().mean().backward()
         adam.step()
 
+    return step
+
+
+def _step_of(optimizer: str, model, closure):
+    """One step of ``"adam"`` or ``"sven_gram"`` (bare: no safeguard) on ``model``, as a callable."""
+    if optimizer == "adam":
+        return _adam_step(model, closure)
+    sven = sven_ext.Sven(model, lr=1e-6, backend="gram", safeguard=None)
+    return lambda: sven.step(closure)
+
+
+def _status_mib(field: str) -> float:
+    return common.status_kib(field) / 1024
+
+
+def memory_child(name: str, optimizer: str, batch: int, steps: int) -> None:
+    """Builds one model and its batch, takes ``steps`` steps of one optimizer, prints a JSON line."""
+    # The modules an optimizer's first step imports (torch.optim's imports the compiler's, some
+    # 150 MiB) and the libraries' code pages that any step touches count as resident memory:
+    # both are in before the bare model's memory is read, through one step of the optimizer on a
+    # tiny model and one plain forward and backward pass of this one.
+    tiny = nn.Linear(2, 1)
+    x = torch.randn(4, 2)
+    _step_of(optimizer, tiny, lambda: tiny(x).squeeze(1).square())()
+    model, closure = _build(name, batch)
+    closure().mean().backward()
+    model.zero_grad(set_to_none=True)
+    bare = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    step = _step_of(optimizer, model, closure)
+    first = None
+    for index in range(steps):
+        step()
+        if index == 0:  # the later steps' peak on its own (Sven's first step also checks its factors)
+            first = _status_mib("VmHWM")
+            Path("/proc/self/clear_refs").write_text("5")
+    later = _status_mib("VmHWM") if steps > 1 else None
+    print(json.dumps({"bare_model_rss_mib": bare, "first_step_peak_rss_mib": first, "later_steps_peak_rss_mib": later,
+                      "extra_peak_mib": max(first, later or 0) - bare,
+                      "later_steps_extra_peak_mib": None if later is None else later - bare}))
+
+
+def extra_memory(name: str, batch: int, steps: int, threads: int | None) -> dict:
+    """``{optimizer: memory_child's result}`` for Adam and Sven gram, each in a fresh interpreter
+    under exact allocator accounting (``"error"`` where the child failed)."""
+    out = {}
+    for optimizer in ("adam", "sven_gram"):
+        command = [sys.executable, __file__, "--memory-child", name, optimizer, "--batch", str(batch),
+                   "--memory-steps", str(steps)] + (["--threads", str(threads)] if threads else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **MALLOC_ENV})
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        out[optimizer] = json.loads(lines[-1]) if done.returncode == 0 and lines else \
+            {"error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+    return out
+
+
+def run(name: str, batch: int, repeats: int) -> dict:
+    model, closure = _build(name, batch)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"\n== {name}: {params:,} parameters, B = {batch}", flush=True)
+    load = os.getloadavg()[0]
+    adam_step = _adam_step(model, closure)
     gram = sven_ext.Sven(model, lr=1e-6, backend="gram", safeguard=None)
     sketch = sven_ext.Sven(model, lr=1e-6, backend="sketch", safeguard=None)
     auto = sven_ext.Sven(model, lr=1e-6, backend="auto", safeguard=None)
@@ -214,14 +295,28 @@ def run(name: str, batch: int, repeats: int) -> dict:
         gram.step(closure)
     finally:
         capture.Capture.uses = uses
-    results = common.interleaved_times(steps, repeats=repeats)
+    cpu = {key: [] for key in steps}
+
+    def on_cpu(key, step):  # also the process's CPU time of each call
+        def call():
+            start = time.process_time()
+            step()
+            cpu[key].append(time.process_time() - start)
+        return call
+
+    results = common.interleaved_times({key: on_cpu(key, step) for key, step in steps.items()}, repeats=repeats)
+    for key, result in results.items():
+        result["cpu_times_s"] = cpu[key][-repeats:]  # after interleaved_times' warm-up call
+        result["cpu_median_s"] = statistics.median(result["cpu_times_s"])
     info = gram.last_info
     routes = collections.Counter(info["paths"].values())
     median = {name: results[name]["median_s"] for name in steps}
+    on_cpu_median = {name: results[name]["cpu_median_s"] for name in steps}
     chosen = auto.last_info["backend"]
     summary = {
-        "name": name, "parameters": params, "batch": batch, "results": results,
+        "name": name, "parameters": params, "batch": batch, "load_average_1min": load, "results": results,
         "ratio_gram_to_adam": median["sven_gram"] / median["adam"],
+        "cpu_ratio_gram_to_adam": on_cpu_median["sven_gram"] / on_cpu_median["adam"],
         "ratio_sketch_to_adam": median["sven_sketch"] / median["adam"],
         "ratio_auto_to_adam": median["sven_auto"] / median["adam"],
         "auto_backend": chosen, "auto_reason": auto.last_info.get("auto_reason"),
@@ -230,7 +325,8 @@ def run(name: str, batch: int, repeats: int) -> dict:
         "recorded_whole": info["recorded_whole"], "fallback_parameters": sorted(fallback),
         "routes": dict(routes), "paths": info["paths"],
     }
-    print(f"  adam {median['adam'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x | "
+    print(f"  load {load:.1f} | adam {median['adam'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x "
+          f"(CPU time {summary['cpu_ratio_gram_to_adam']:5.2f}x) | "
           f"sketch {summary['ratio_sketch_to_adam']:5.2f}x | auto ({chosen}) {summary['ratio_auto_to_adam']:5.2f}x, "
           f"within 20%: {summary['auto_within_20_percent']} | routes {dict(routes)} | "
           f"recorded whole {info['recorded_whole']} | fallback {sorted(fallback)}", flush=True)
@@ -245,14 +341,28 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--runs", type=int, default=1, help="passes over the models, one after another")
     parser.add_argument("--out", default="zoo_bench.json", help="results file (under bench/results/ unless a path)")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="steps of each fresh process that measures extra peak memory (0: not measured)")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.batch, args.memory_steps)
+        return
     runs = [[run(name, args.batch, args.repeats) for name in args.models] for _ in range(args.runs)]
     summary = [summarise([cases[k] for cases in runs]) for k in range(len(args.models))]
+    if args.memory_steps:
+        print("\nextra peak memory over the bare model (fresh processes)")
+        for row in summary:
+            row["extra_memory"] = extra_memory(row["name"], args.batch, args.memory_steps, args.threads)
+            print(f"  {row['name']:24s} " + " | ".join(
+                f"{optimizer} " + (f"{r['extra_peak_mib']:8.1f} MiB" if "error" not in r else f"error {r['error']}")
+                for optimizer, r in row["extra_memory"].items()), flush=True)
     print("\nover the runs: median (range)")
     for row in summary:
         print(f"  {row['name']:24s} gram {_spread(row['ratio_gram_to_adam'])}"
+              f" (CPU time {_spread(row['cpu_ratio_gram_to_adam'])})"
               f" | sketch {_spread(row['ratio_sketch_to_adam'])} | auto {_spread(row['ratio_auto_to_adam'])}"
               f" | auto within 20% in every run: {row['auto_within_20_percent']}")
     path = common.write_json(args.out, {"command": "python bench/zoo_bench.py " + " ".join(argv or sys.argv[1:]),
@@ -260,14 +370,15 @@ def main(argv=None):
     print(f"\nwrote {path}")
 
 
-RATIOS = ("ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam")
+RATIOS = ("ratio_gram_to_adam", "cpu_ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam")
 
 
 def summarise(cases: list[dict]) -> dict:
     """One model's runs: per ratio the median over the runs and its range; what every run agreed on."""
     first = cases[0]
     row = {"name": first["name"], "parameters": first["parameters"], "batch": first["batch"], "runs": len(cases),
-           "adam_median_s": statistics.median(c["results"]["adam"]["median_s"] for c in cases)}
+           "adam_median_s": statistics.median(c["results"]["adam"]["median_s"] for c in cases),
+           "load_averages_1min": [c["load_average_1min"] for c in cases]}
     for key in RATIOS:
         values = [c[key] for c in cases]
         row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -86,6 +86,9 @@ class Call:
     # Per output, the axis that holds the samples; None: recorded whole (S = 1).
     batch_axes: list[int] | None = None
     d: list = field(default_factory=list)  # per output: (R, ...) with the samples' axis removed
+    # Per output, the output itself (detached) and its version counter at the call, kept for
+    # rules that read their module's outputs (``rule.reads_outputs``); None for the others.
+    values: list | None = None
 
     @property
     def whole(self) -> bool:
@@ -276,6 +279,8 @@ class Capture:
                     batch_first=getattr(module, "batch_first", True) is not False,
                     expanded=how,
                     broadcast=broadcast is not None,
+                    values=[(flat_out[k].detach(), flat_out[k]._version) for k in outputs]
+                    if getattr(rule, "reads_outputs", False) else None,
                 )
             )
             return None if expanded is None else output

@@ -37,7 +37,10 @@ def first_axis(p: torch.Tensor) -> tuple[int, int]:
 
 
 def rows_of(x: torch.Tensor, start: int, stop: int, rows: int) -> torch.Tensor:
-    """Rows ``start:stop`` of a per-sample ``(S, ...)`` tensor, one entry per row."""
+    """Rows ``start:stop`` of a per-sample ``(S, ...)`` tensor, one entry per row (a view where each
+    row has its own sample, or all share one)."""
     if x.shape[0] == rows:
         return x[start:stop]
+    if x.shape[0] == 1:
+        return x.expand(stop - start, *x.shape[1:])
     return x[sample_index(start, stop, rows, x.shape[0], x.device)]

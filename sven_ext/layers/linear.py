@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .common import combine_rows, items_within, rows_of, sample_index
+from .common import combine_rows, items_within, rows_of
 from .direct import DirectUse
 
 
@@ -132,10 +132,10 @@ class LinearUse:
 
     def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Per-row gradients of rows ``start:stop``, ``(stop - start, numel)`` (weight, then bias)."""
-        index = sample_index(start, stop, self.d.shape[0], self.a.shape[0], self.a.device)
         d = self.d[start:stop].to(dtype)
         layout = "rtgi,rtgo->rgio" if self.transposed else "rtgi,rtgo->rgoi"
-        weight = torch.einsum(layout, self.a[index].to(dtype), d).reshape(stop - start, -1)
+        a = rows_of(self.a, start, stop, self.d.shape[0])
+        weight = torch.einsum(layout, a.to(dtype), d).reshape(stop - start, -1)
         return weight if self.bias is None else torch.cat([weight, d.sum(1).reshape(stop - start, -1)], dim=1)
 
     def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
