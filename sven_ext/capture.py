@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import distributed
 from .factor_check import Broadcasts, graph_fingerprint, hooks_fingerprint
+from .host_memory import release_freed_memory
 from .layers import DirectUse, Use, rule_for
 from .layers.embedding import embedding_rule
 from .layers.fallback import module_rule
@@ -49,6 +50,9 @@ from .layers.norm import hf_rms_norm_rule, layer_norm_rule, rms_norm_rule
 # Modules that read their children's parameters without calling the children: planned as one
 # module owning every parameter under it (their own rule, or the fallback, factors them all).
 WHOLE_MODULES = (nn.MultiheadAttention,)
+# The capture's backward pass hands freed host memory back at every this many recorded outputs
+# (about one transformer block's worth; each hand-back walks the allocator's free lists).
+RELEASE_EVERY_EDGES = 4
 # Rules of layers that act on the last axis only, so any leading axis may hold the batch.
 _LAST_AXIS_RULES = (linear_rule, transposed_linear_rule, embedding_rule, layer_norm_rule, rms_norm_rule,
                     hf_rms_norm_rule)
@@ -518,24 +522,18 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
     batch, m = residual_rows.shape
     rows = batch * m
     edges = [e for c in per_sample for e in c.edges]
-    retain = keep_graph or any(e for c in whole for e in c.edges)
     if edges:
-        axes = [axis for c in per_sample for axis in c.batch_axes]
-        if m == 1:
-            grads = torch.autograd.grad(
-                residual_rows[:, 0], edges, grad_outputs=torch.ones_like(residual_rows[:, 0]),
-                retain_graph=retain, allow_unused=True,
-            )
-            grads = [None if g is None else g.movedim(axis, 0) for g, axis in zip(grads, axes)]
-        else:
-            # One backward pass per output column, batched: (m, B, ...) -> rows i*m+j.
-            eye = torch.eye(m, dtype=residual_rows.dtype, device=residual_rows.device)
-            grads = torch.autograd.grad(
-                residual_rows, edges, grad_outputs=eye.unsqueeze(1).expand(m, batch, m).contiguous(),
-                is_grads_batched=True, retain_graph=retain, allow_unused=True,
-            )
-            grads = [None if g is None else _rows_first(g.movedim(axis + 1, 0), rows)
-                     for g, axis in zip(grads, axes)]
+        retain = keep_graph or any(e for c in whole for e in c.edges)
+        # That pass frees the forward pass's activations as it goes; their pages go back to the
+        # system as it reaches the recorded calls, so its new gradients do not grow the process.
+        handles = [] if retain else [e.node.register_prehook(_releasing(residual_rows.device))
+                                     for e in edges[::RELEASE_EVERY_EDGES] if e.node is not None]
+        try:
+            grads = _per_sample_gradients(residual_rows, edges, [axis for c in per_sample for axis in c.batch_axes],
+                                          retain)
+        finally:
+            for handle in handles:
+                handle.remove()
         it = iter(grads)
         for call in per_sample:
             call.d = [next(it) for _ in call.edges]
@@ -554,4 +552,30 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
         it = iter(grads)
         for call in whole:
             call.d = [next(it) for _ in call.edges]
+
+
+def _per_sample_gradients(residual_rows, edges: list, axes: list[int], retain: bool) -> list:
+    """The rows' gradients at ``edges`` (the samples' axis of each given by ``axes``), rows first:
+    one backward pass, batched over the output columns where a sample has several."""
+    batch, m = residual_rows.shape
+    if m == 1:
+        grads = torch.autograd.grad(
+            residual_rows[:, 0], edges, grad_outputs=torch.ones_like(residual_rows[:, 0]),
+            retain_graph=retain, allow_unused=True,
+        )
+        return [None if g is None else g.movedim(axis, 0) for g, axis in zip(grads, axes)]
+    # One backward pass per output column, batched: (m, B, ...) -> rows i*m+j.
+    eye = torch.eye(m, dtype=residual_rows.dtype, device=residual_rows.device)
+    grads = torch.autograd.grad(
+        residual_rows, edges, grad_outputs=eye.unsqueeze(1).expand(m, batch, m).contiguous(),
+        is_grads_batched=True, retain_graph=retain, allow_unused=True,
+    )
+    return [None if g is None else _rows_first(g.movedim(axis + 1, 0), batch * m) for g, axis in zip(grads, axes)]
+
+
+def _releasing(device: torch.device):
+    """A node pre-hook that hands freed host memory back (:func:`sven_ext.host_memory.release_freed_memory`)."""
+    def hook(grad_outputs):
+        release_freed_memory(device)
+    return hook
 

@@ -46,6 +46,8 @@ CHECK_SEED = 0x5EED
 # ``(first axis, columns)`` image is all the check keeps of autograd's gradient, so the check's
 # backward pass can run before the capture's and hold no gradient of the model's size.
 SKETCH_COLUMNS = 8
+# Most bytes of a float64 block of a gradient while it is sketched.
+SKETCH_BLOCK_BYTES = 1 << 23
 
 
 class FactorMismatch(RuntimeError):
@@ -233,12 +235,16 @@ class GradientSketches:
         return matrix if v is None else matrix @ v
 
     def take(self, p: torch.Tensor, gradient: torch.Tensor | None) -> None:
-        """Keeps the sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it)."""
+        """Keeps the sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it),
+        formed a block of rows at a time: no float64 copy of the whole gradient."""
         if gradient is None:
             self._sketches[id(p)] = None
             return
         first = p.shape[0] if p.dim() else 1
-        self._sketches[id(p)] = self.sketch(p, gradient.reshape(first, -1).to(torch.float64))
+        rows = gradient.reshape(first, -1)
+        block = max(1, SKETCH_BLOCK_BYTES // (8 * rows.shape[1]))
+        self._sketches[id(p)] = torch.cat([self.sketch(p, rows[lo:lo + block].to(torch.float64))
+                                           for lo in range(0, first, block)])
 
     def of(self, p: torch.Tensor) -> torch.Tensor | None:
         """The sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it)."""

@@ -26,7 +26,7 @@ from .guards import (ClosureWatch, check_step_state, draw_element_subsets, names
                      restore_buffers, snapshot_buffers)
 from .residuals import Residuals
 from .settings import DEFAULTS, NAMES, STEP_KEYS, Settings, check_positive
-from .update import PARAMETER_STATE, UpdateRule, all_finite, decayed, require_finite, sven_update
+from .update import PARAMETER_STATE, UpdateRule, all_finite, decayed, draining, require_finite, sven_update
 
 _BACKEND_CACHE = 16
 _NO_PARAMETERS = "no trainable parameters: every parameter has requires_grad=False (or params is empty)"
@@ -334,8 +334,8 @@ class Sven(torch.optim.Optimizer):
         # released on the way (DESIGN.md section 5, memory): one model's worth of memory, not two. The
         # safeguard's shorter trials need the factors or the directions, whichever is smaller.
         kept_directions = None
-        if s.variable_k or (guarded and _contract_again(result, params)):
-            directions = _draining(result.directions)
+        if s.variable_k or (guarded and safeguard.contracts_again(result, params)):
+            directions = draining(result.directions)
         elif guarded:
             kept_directions = list(result.stream())
             directions = iter(kept_directions)
@@ -546,7 +546,7 @@ class Sven(torch.optim.Optimizer):
                 return full.pop()
             full.clear()  # one model's worth of values at a time
             if kept_directions is None:  # for a power of two t, J^T (t c) is exactly t J^T c
-                directions = _draining(result.contract(result.solution.coefficients * trial_scale))
+                directions = draining(result.contract(result.solution.coefficients * trial_scale))
             else:
                 directions = (d * trial_scale for d in kept_directions)
             return self._updates(params, directions, s, prepared.subsets)
@@ -586,22 +586,6 @@ class Sven(torch.optim.Optimizer):
         self.svd_history.append(entry)
         self.last_info.update(predicted_loss_change=entry["predicted_loss_change"],
                               actual_loss_change=entry["actual_loss_change"])
-
-
-def _draining(directions: list):
-    """The entries of ``directions`` one at a time, each released from the list once handed over."""
-    for i in range(len(directions)):
-        direction, directions[i] = directions[i], None
-        yield direction
-
-
-def _contract_again(result, params: list[torch.Tensor]) -> bool:
-    """Whether the safeguard's shorter trials contract again (keeping the step's factors) rather than
-    scale kept directions: only where that reproduces the directions and the factors are smaller."""
-    if result.contract is None or not result.contract_reproduces:
-        return False
-    factors = result.info.get("factor_bytes")
-    return factors is not None and factors <= sum(p.numel() * p.element_size() for p in params)
 
 
 def _batch_loss(output) -> float:

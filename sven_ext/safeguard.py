@@ -198,3 +198,12 @@ def search(params: list[torch.Tensor], before: float, model: Linearisation, scal
     # No scale lowered the loss (rounding at a minimum, or a direction the model misjudges): the next step,
     # on other rows or from a solve that is not this one, starts where this one did.
     return Decision(unchanged, initial, info)
+
+
+def contracts_again(result, params: list[torch.Tensor]) -> bool:
+    """Whether the safeguard's shorter trials contract again (keeping the step's factors) rather than
+    scale kept directions: only where that reproduces the directions and the factors are smaller."""
+    if result.contract is None or not result.contract_reproduces:
+        return False
+    factors = result.info.get("factor_bytes")
+    return factors is not None and factors <= sum(p.numel() * p.element_size() for p in params)

@@ -128,3 +128,10 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     if bool(torch.stack([t.sum().to(torch.float64) for t in tensors]).isfinite().all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def draining(directions: list):
+    """The entries of ``directions`` one at a time, each released from the list once handed over."""
+    for i in range(len(directions)):
+        direction, directions[i] = directions[i], None
+        yield direction

@@ -98,6 +98,7 @@ def _compare(model, data, shards, rank, steps=1, reference=None, **kwargs):
         "losses": float((losses - _squared_errors(x, y)(model).detach()).abs().max()),
         "bytes": info["communicated_bytes"],
         "gradient_bytes": info["gradient_allreduce_bytes"],
+        "communication": info["communication"],
         "backend": info["backend"],
         "safeguard": info.get("safeguard"),
     }
@@ -362,6 +363,9 @@ def test_mlp_matches_single_process(job):
         _assert_matches(result["mlp"]["microbatch"], sum(EVEN_SHARDS[world]) // 2)
         gram = result["mlp"]["gram"]
         assert 0 < gram["bytes"] and gram["gradient_bytes"] > 0
+        # The report counts the directions' all-reduce too, not only the factors' gather.
+        assert gram["communication"].get("directions", 0) > 0
+        assert gram["bytes"] == sum(gram["communication"].values())
         assert result["mlp"]["safeguard"]["safeguard"]["trials"] >= 2
     assert len({json.dumps(r["mlp"]["safeguard"]["safeguard"]) for r in results}) == 1
     # Every rank sends the same amount (padding to the largest shard).

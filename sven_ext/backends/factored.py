@@ -22,6 +22,7 @@ from .. import costs, distributed, factor_check, ops
 from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
 from ..guards import restore_buffers, snapshot_buffers
+from ..host_memory import release_freed_memory
 from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
 from ..layers.common import combine_rows, first_axis, items_within
 from ..linalg import check_finite
@@ -34,6 +35,22 @@ from .base import Backend, ElementSubset, StepSettings, effective_column_scale
 CHECK_TRANSIENTS = 8
 # Most elements of a temporary while an element subset's direction is written into its weight.
 SUBSET_CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclasses.dataclass
+class _Captured:
+    """One capture of a step (:meth:`FactoredBackend._capture`); ``sketches`` is ``None`` unless
+    its signature is new and the factors are to be checked."""
+
+    rows: Rows
+    uses: list
+    weights: torch.Tensor | None
+    sketches: factor_check.GradientSketches | None
+    verdict: factor_check.Verdict
+    per_param: dict
+    per_module: dict
+    shared: set
+    calls: list  # (id(module), recorded whole, ids of its moving parameters) per call
 
 
 class FactoredBackend(Backend):
@@ -67,7 +84,13 @@ class FactoredBackend(Backend):
         self._require_last_fit(settings)
         rows, uses, checked, shard = self.batch_factors(closure, settings)
         self._require_fit(self.estimate(rows, uses, settings), rows, uses, settings)
-        return self.solve(rows, uses, checked, settings, shard)
+        result = self.solve(rows, uses, checked, settings, shard)
+        if shard.data_parallel:
+            # The directions' all-reduce is part of the step's traffic report: formed here (a
+            # data-parallel contraction keeps its factors anyway).
+            result.formed = result.directions
+            result.info.update(shard.info(self.params))
+        return result
 
     def _require_fit(self, estimate, rows: Rows, uses: list, settings: StepSettings) -> None:
         """:func:`sven_ext.costs.require_fit` after the forward pass; remembers the step's need."""
@@ -123,7 +146,34 @@ class FactoredBackend(Backend):
         ``T == B`` is misread. Where the check fails on such a module's parameters, the closure runs
         again (its buffers restored) with them recorded whole, and their factors must pass.
         """
+        release_freed_memory(self.params[0].device)  # what the last step freed, before this forward pass
         buffers = snapshot_buffers(self.model) if self.checks.enabled and not suspects else None
+        step = self._capture(closure, settings, suspects)
+        if step.sketches is None:
+            return step.rows, step.uses, False
+        costs.require_fit(costs.estimate_check(step.uses, self.params, self.name),
+                          self._held(step.rows, step.uses, settings), settings.max_memory, self.params[0].device)
+        try:
+            self._check_factors(step.uses, step.weights, step.sketches)
+        except FactorMismatch as mismatch:
+            retry = frozenset(module for module, whole, params in step.calls
+                              if not whole and params & mismatch.params and module not in step.shared)
+            if buffers is None or not retry:
+                raise
+            del step
+            restore_buffers(buffers)
+            try:
+                return self.factors(closure, settings, retry)
+            except FactorMismatch:
+                raise mismatch from None
+        step.verdict.params.update((id(p), step.per_param.get(id(p))) for p in self.params)
+        step.verdict.shared.update((key, step.per_module[key]) for key in suspects)
+        return step.rows, step.uses, True
+
+    def _capture(self, closure, settings: StepSettings, suspects: frozenset) -> _Captured:
+        """The closure under capture, the check's sketches where its signature is new, then the
+        capture's backward pass (which frees the graph) and the uses."""
+        device = self.params[0].device
         # Recorded whole, a suspect's output is not expanded to the batch as a position table's is.
         broadcasts = self.checks.broadcasts if not suspects else dataclasses.replace(
             self.checks.broadcasts, tables=self.checks.broadcasts.tables - suspects)
@@ -132,50 +182,33 @@ class FactoredBackend(Backend):
                 output = closure()
             rows = rows_from_closure_output(output, settings.kappa, settings.microbatch_size)
             # The factors describe the captured rows; the row map is applied to their products.
-            step, per_param, per_module = cap.signature(rows.per_sample)
-            verdict = self.checks.verdict(step)
+            signature, per_param, per_module = cap.signature(rows.per_sample)
+            verdict = self.checks.verdict(signature)
             shared = {key for key, calls in per_module.items() if (key, calls) in verdict.shared} | suspects
             checked = self.checks.enabled and any(
                 (id(p), per_param.get(id(p))) not in verdict.params for p in self.params)
             # The check's backward pass runs first and keeps sketches of autograd's gradients only,
             # so it never holds the capture's output gradients beside the forward pass's graph.
-            weights = factor_check.probe_weights(rows.captured) if checked else None
-            sketches = factor_check.sketch_gradients(rows.captured, self.params, weights, self._names) \
-                if checked else None
+            weights, sketches = (factor_check.probe_weights(rows.captured) if checked else None), None
+            if checked:
+                sketches = factor_check.sketch_gradients(rows.captured, self.params, weights, self._names)
+                release_freed_memory(device)
             # The capture's backward pass frees the graph as it goes, unless a parameter no module
             # call covers needs it (_check_uncovered measures its effect on the rows).
             covered = {id(p) for call in cap.calls for _, p in call.params}
             uses = cap.uses(rows.per_sample, settings.chunk_rows, shared,
                             keep_graph=any(id(p) not in covered for p in self.params))
+            release_freed_memory(device)  # the forward pass's saved activations
             by_param = {id(p): [] for p in self.params}
             for use in uses:
                 for p in use.params:
                     by_param[id(p)].append(use)
             self._check_uncovered(rows.captured, by_param)
-            rows = _detached(rows)  # nothing differentiates the rows again
             # Modules whose rows came from one backward pass per row (slow, still exact).
             self.recorded_whole = sorted({call.name for call in cap.calls if call.whole})
             calls = [(id(call.module), call.whole, {id(p) for _, p in call.params}) for call in cap.calls]
-        del cap
-        if checked:
-            costs.require_fit(costs.estimate_check(uses, self.params, self.name), self._held(rows, uses, settings),
-                              settings.max_memory, self.params[0].device)
-            try:
-                self._check_factors(uses, weights, sketches)
-            except FactorMismatch as mismatch:
-                retry = frozenset(module for module, whole, params in calls
-                                  if not whole and params & mismatch.params and module not in shared)
-                if buffers is None or not retry:
-                    raise
-                del uses, rows
-                restore_buffers(buffers)
-                try:
-                    return self.factors(closure, settings, retry)
-                except FactorMismatch:
-                    raise mismatch from None
-            verdict.params.update((id(p), per_param.get(id(p))) for p in self.params)
-            verdict.shared.update((key, per_module[key]) for key in suspects)
-        return rows, uses, checked
+        # Nothing differentiates the rows again.
+        return _Captured(_detached(rows), uses, weights, sketches, verdict, per_param, per_module, shared, calls)
 
     def _held(self, rows: Rows, uses: list, settings: StepSettings) -> int:
         """What the step holds before its solve: the factors, and with ``max_memory`` the forward
@@ -320,6 +353,7 @@ class Contraction:
             yield from self(c)
             return
         uses, self._uses = self._uses, None
+        release_freed_memory(c.device)  # the solve's transients, before the directions take their place
         yield from self._directions(uses, c, release=True)
 
     def _directions(self, uses: list, c: torch.Tensor, release: bool = False):
