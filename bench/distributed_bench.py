@@ -45,30 +45,46 @@ def _worker(rank: int, args, directory: str, queue) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     model = testing.mlp(sizes, "relu", dtype=dtype, seed=0)
     shards = _shards(args.batch, args.world)
+    xs, ys = _local_batch(args, sizes, dtype, shards, rank)
+    rows = {backend: _sven_row(args, model, backend, xs, ys) for backend in args.backends}
+    rows["gradient_allreduce"] = _gradient_allreduce_row(args, model, xs, ys)
+    if rank == 0:
+        queue.put(_payload(args, model, sizes, shards, rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _local_batch(args, sizes: list[int], dtype: torch.dtype, shards: list[int],
+                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's samples of the one batch every rank draws alike."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, sizes[0], generator=generator, dtype=dtype)
     y = torch.randint(0, sizes[-1], (args.batch,), generator=generator)
     start = sum(shards[:rank])
-    xs, ys = x[start:start + shards[rank]], y[start:start + shards[rank]]
-    params = sum(p.numel() for p in model.parameters())
-    itemsize = next(model.parameters()).element_size()
-    rows = {}
-    for backend in args.backends:
-        net = copy.deepcopy(model)
-        optimizer = sven_ext.Sven(net, lr=0.1, backend=backend, safeguard=None, seed=0,
-                                  process_group=dist.group.WORLD)
-        seconds, _ = common.median_seconds(
-            lambda: optimizer.step(lambda: F.cross_entropy(net(xs), ys, reduction="none")), repeats=args.repeats)
-        info = optimizer.last_info
-        rows[backend] = {
-            "communicated_bytes": info["communicated_bytes"],
-            "by_purpose": info["communication"],
-            "ratio_to_gradient_allreduce": info["communicated_bytes"] / info["gradient_allreduce_bytes"],
-            "step_s": seconds,
-            "rank": info["rank"],
-            "sketch_size": info.get("sketch_size"),
-            "power_iterations": info.get("power_iterations"),
-        }
+    return x[start:start + shards[rank]], y[start:start + shards[rank]]
+
+
+def _sven_row(args, model: torch.nn.Module, backend: str, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+    """Bytes and median time of a data-parallel Sven step of ``backend`` on a copy of ``model``."""
+    net = copy.deepcopy(model)
+    optimizer = sven_ext.Sven(net, lr=0.1, backend=backend, safeguard=None, seed=0,
+                              process_group=dist.group.WORLD)
+    seconds, _ = common.median_seconds(
+        lambda: optimizer.step(lambda: F.cross_entropy(net(xs), ys, reduction="none")), repeats=args.repeats)
+    info = optimizer.last_info
+    return {
+        "communicated_bytes": info["communicated_bytes"],
+        "by_purpose": info["communication"],
+        "ratio_to_gradient_allreduce": info["communicated_bytes"] / info["gradient_allreduce_bytes"],
+        "step_s": seconds,
+        "rank": info["rank"],
+        "sketch_size": info.get("sketch_size"),
+        "power_iterations": info.get("power_iterations"),
+    }
+
+
+def _gradient_allreduce_row(args, model: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> dict:
+    """Bytes and median time of a data-parallel SGD step (one gradient all-reduce) on a copy of ``model``."""
     net = copy.deepcopy(model)
     sgd = torch.optim.SGD(net.parameters(), lr=0.1)
 
@@ -82,29 +98,39 @@ def _worker(rank: int, args, directory: str, queue) -> None:
             p.grad.copy_(g.view_as(p))
         sgd.step()
 
-    gradient_bytes = 2 * (args.world - 1) / args.world * params * itemsize
-    rows["gradient_allreduce"] = {"communicated_bytes": int(round(gradient_bytes)),
-                                  "step_s": common.median_seconds(data_parallel_sgd, repeats=args.repeats)[0]}
-    if rank == 0:
-        sketch = rows.get("sketch", {})
-        columns, passes = sketch.get("sketch_size"), 1 + (sketch.get("power_iterations") or 0)
-        queue.put({
-            "model": {"sizes": sizes, "parameters": params, "dtype": args.dtype},
-            "batch": args.batch, "world": args.world, "shards": shards,
-            "results": rows,
-            "alternatives": {
-                # All-reduce of Z_p = sum_r J_{r,p}^T Q_r, (P, s), once per pass over the factors.
-                "sketch_allreduce_z_bytes": None if columns is None else
-                int(round(2 * (args.world - 1) / args.world * params * columns * itemsize * passes)),
-                # Rank 0 sends the whole (P,) direction to each other rank (tree: about P per rank).
-                "broadcast_direction_bytes": params * itemsize,
-                # Every rank contracts all rows itself (no direction all-reduce; the O(B P) work not split).
-                "factors_only_bytes": rows[args.backends[0]]["communicated_bytes"]
-                - rows[args.backends[0]]["by_purpose"]["directions"],
-            },
-        })
-    dist.barrier()
-    dist.destroy_process_group()
+    gradient_bytes = 2 * (args.world - 1) / args.world * _parameters(model) * _itemsize(model)
+    return {"communicated_bytes": int(round(gradient_bytes)),
+            "step_s": common.median_seconds(data_parallel_sgd, repeats=args.repeats)[0]}
+
+
+def _payload(args, model: torch.nn.Module, sizes: list[int], shards: list[int], rows: dict) -> dict:
+    """What the script writes: the measured rows and what the alternatives would send."""
+    params, itemsize = _parameters(model), _itemsize(model)
+    sketch = rows.get("sketch", {})
+    columns, passes = sketch.get("sketch_size"), 1 + (sketch.get("power_iterations") or 0)
+    return {
+        "model": {"sizes": sizes, "parameters": params, "dtype": args.dtype},
+        "batch": args.batch, "world": args.world, "shards": shards,
+        "results": rows,
+        "alternatives": {
+            # All-reduce of Z_p = sum_r J_{r,p}^T Q_r, (P, s), once per pass over the factors.
+            "sketch_allreduce_z_bytes": None if columns is None else
+            int(round(2 * (args.world - 1) / args.world * params * columns * itemsize * passes)),
+            # Rank 0 sends the whole (P,) direction to each other rank (tree: about P per rank).
+            "broadcast_direction_bytes": params * itemsize,
+            # Every rank contracts all rows itself (no direction all-reduce; the O(B P) work not split).
+            "factors_only_bytes": rows[args.backends[0]]["communicated_bytes"]
+            - rows[args.backends[0]]["by_purpose"]["directions"],
+        },
+    }
+
+
+def _parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _itemsize(model: torch.nn.Module) -> int:
+    return next(model.parameters()).element_size()
 
 
 def main() -> None:

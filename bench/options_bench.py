@@ -31,15 +31,7 @@ from sven_ext import testing  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="784-512-512-10", help="MLP layer widths")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds, one step of each setting per round")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (each new subset is checked once)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default="options_bench.json")
-    args, _ = parser.parse_known_args()  # the memory pass adds its own argument
+    args = _arguments()
     memory_pass = common.memory_pass_file()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,6 +47,43 @@ def main() -> int:
     def closure():
         return F.cross_entropy(model(x), y, reduction="none")
 
+    steps, moved = _steps(args, model, closure, k)
+    if memory_pass:
+        peaks = {name: common.measure(fn, repeats=3, warmup=args.warmup) for name, fn in steps.items()}
+        common.write_peaks(memory_pass, peaks)
+        return 0
+    # One step of each setting per round: a load that comes and goes touches all of them alike.
+    results = common.interleaved_times(steps, repeats=args.repeats, warmup=args.warmup)
+    total = sum(p.numel() for p in model.parameters())
+    for name, result in results.items():
+        if name in moved:
+            result["moved_fraction_median"] = statistics.median(moved[name]) / total
+        print(f"{name}: {result['median_s'] * 1e3:.1f} ms"
+              + (f", moved {result['moved_fraction_median']:.2f}" if name in moved else ""), flush=True)
+    print("peak memory: a second pass under exact memory accounting", flush=True)
+    common.exact_peaks(results)
+    path = common.write_json(args.out, {"command": "python bench/options_bench.py " + " ".join(sys.argv[1:]),
+                                        "model": f"MLP {args.sizes} float32, B={args.batch}, k={k}", "parameters": total,
+                                        "results": results, "summary": _summary(args, results)})
+    print(f"wrote {path}")
+    return 0
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="784-512-512-10", help="MLP layer widths")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds, one step of each setting per round")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (each new subset is checked once)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default="options_bench.json")
+    args, _ = parser.parse_known_args()  # the memory pass adds its own argument
+    return args
+
+
+def _steps(args, model: torch.nn.Module, closure, k: int) -> tuple[dict, dict]:
+    """``({name: step}, {name: [moved elements per step]})``: an Adam step, then a Sven step per setting."""
     adam = torch.optim.Adam(model.parameters(), lr=1e-6)
 
     def adam_step():
@@ -62,7 +91,6 @@ def main() -> int:
         closure().mean().backward()
         adam.step()
 
-    total = sum(p.numel() for p in model.parameters())
     steps, moved = {"adam": adam_step}, {}
     settings = [(fraction, True) for fraction in args.fractions]
     settings += [(fraction, False) for fraction in args.fractions if fraction < 1]
@@ -77,31 +105,18 @@ def main() -> int:
             moved.append(opt.last_info["moved_elements"])
 
         steps[name] = step
-    if memory_pass:
-        peaks = {name: common.measure(fn, repeats=3, warmup=args.warmup) for name, fn in steps.items()}
-        common.write_peaks(memory_pass, peaks)
-        return 0
-    # One step of each setting per round: a load that comes and goes touches all of them alike.
-    results = common.interleaved_times(steps, repeats=args.repeats, warmup=args.warmup)
-    for name, result in results.items():
-        if name in moved:
-            result["moved_fraction_median"] = statistics.median(moved[name]) / total
-        print(f"{name}: {result['median_s'] * 1e3:.1f} ms"
-              + (f", moved {result['moved_fraction_median']:.2f}" if name in moved else ""), flush=True)
-    print("peak memory: a second pass under exact memory accounting", flush=True)
-    common.exact_peaks(results)
+    return steps, moved
+
+
+def _summary(args, results: dict) -> dict:
+    """Each Sven setting's time and peak memory against the first fraction's, and its time against Adam's."""
     full = results[f"sven_gram_fraction_{args.fractions[0]:g}"]
-    summary = {
+    return {
         key: {"time_vs_first": r["median_s"] / full["median_s"],
               "peak_vs_first": r["peak_extra_bytes"] / max(full["peak_extra_bytes"], 1),
               "time_vs_adam": r["median_s"] / results["adam"]["median_s"]}
         for key, r in results.items() if key.startswith("sven")
     }
-    path = common.write_json(args.out, {"command": "python bench/options_bench.py " + " ".join(sys.argv[1:]),
-                                        "model": f"MLP {args.sizes} float32, B={args.batch}, k={k}", "parameters": total,
-                                        "results": results, "summary": summary})
-    print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

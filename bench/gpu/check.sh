@@ -109,7 +109,7 @@ run import 120 "$PY" -c "import sven_ext; print('sven_ext', sven_ext.__version__
 step "kernel and op-property tests (CUDA cases)"
 export PYTHONUNBUFFERED=1
 TAIL_LINES=8 run tests_kernels 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_random.py tests/test_gram_kernels.py \
-  tests/test_sketch_kernels.py tests/test_subset_kernels.py tests/test_op_properties.py -k cuda -rs
+  tests/test_sketch_kernels.py tests/test_subset_kernels.py tests/test_op_properties_*.py -k cuda -rs
 
 # On PATH, or in the toolkit (bin/ or its own folder, depending on the toolkit's packaging).
 sanitizer=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" \
@@ -127,7 +127,7 @@ if [ "${SVEN_EXT_CHECK_SANITIZER:-1}" = 1 ] && [ -n "$sanitizer" ] \
     [ "$tool" = racecheck ] && select="cuda and matches_reference"
     SVEN_EXT_TEST_MAX_EXAMPLES=${SVEN_EXT_CHECK_SANITIZER_EXAMPLES:-3} PYTORCH_NO_CUDA_MEMORY_CACHING=1 TAIL_LINES=6 \
       run "sanitizer_$tool" 150 "$sanitizer" --tool "$tool" --error-exitcode 3 --kernel-name kns=sven_ext \
-      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_op_properties.py -k "$select"
+      "$PY" -m pytest -q -x -p no:cacheprovider tests/test_op_properties_*.py -k "$select"
   done
 else
   say "compute-sanitizer: skipped (SVEN_EXT_CHECK_SANITIZER=0, no tool, or no GPU visible)"

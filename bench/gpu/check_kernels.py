@@ -104,7 +104,15 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
         print(f"  {'PASS' if ok else 'FAIL'}  {name:52s} {detail}", flush=True)
 
     other = "cpu" if not cpu_only else None
+    # One generator through every section, in this order: each draws the same inputs on any machine.
     gen = torch.Generator().manual_seed(0)
+    for section in (_compare_random, _compare_gram, _compare_sketch, _compare_block_put):
+        section(record, device, other, gen)
+    return rows
+
+
+def _compare_random(record, device: str, other: str | None, gen: torch.Generator) -> None:
+    """philox_raw (bitwise) and random_block in both distributions."""
     counters = torch.randint(0, 2**32, (100_000, 4), generator=gen, dtype=torch.int64)
     want = ops.philox_raw(counters, 1234) if other else reference.philox_raw(counters, 1234)
     got = ops.philox_raw(counters.to(device), 1234).cpu()
@@ -118,6 +126,9 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
         ok = err == 0 if distribution == "rademacher" else err <= 1e-14
         record(f"random_block {distribution} float64", ok, f"max abs diff {err:.2e}")
 
+
+def _compare_gram(record, device: str, other: str | None, gen: torch.Generator) -> None:
+    """seq_gram and embedding_gram within their forward-error bounds, and symmetric."""
     shapes = [(1, 1, 1, 1), (7, 13, 31, 65), (17, 5, 65, 3), (200, 13, 5, 3), (3, 600, 7, 2), (70, 1, 4, 4), (33, 64, 128, 96)]
     for dtype, eps in ((torch.float64, 2.0**-53), (torch.float32, 2.0**-24), (torch.bfloat16, 2.0**-24)):
         for shape in shapes:
@@ -141,6 +152,9 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
             record(f"embedding_gram {str(dtype)[6:]} B{b} T{t} Dd{dd}", ratio <= 1 and torch.equal(got, got.T),
                    f"err/bound {ratio:.2e}")
 
+
+def _compare_sketch(record, device: str, other: str | None, gen: torch.Generator) -> None:
+    """linear_sketch (both distributions) and linear_project within their forward-error bounds."""
     # (R, T, d_in, d_out, cols): odd sizes, several row tiles, column blocks and super-tile groups.
     sketch_shapes = [(1, 1, 1, 1, 1), (7, 3, 37, 19, 21), (33, 5, 5, 3, 7), (300, 2, 60, 40, 70), (3, 1, 9000, 5, 3),
                      (130, 1, 129, 3, 65)]
@@ -164,7 +178,10 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
             ratio = ((got - want).abs() / sketch_bound(a, d, z, eps)).max().item()
             record(f"linear_project {name}", ratio <= 1, f"err/bound {ratio:.2e}")
 
-    # (N, R, C, r, c): one entry, odd sizes, a whole matrix, a thin subset of a tall one; a copy, so bitwise.
+
+def _compare_block_put(record, device: str, other: str | None, gen: torch.Generator) -> None:
+    """block_put_ bitwise (a copy)."""
+    # (N, R, C, r, c): one entry, odd sizes, a whole matrix, a thin subset of a tall one.
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         for n, big_r, big_c, r, c in [(1, 1, 1, 1, 1), (3, 37, 53, 11, 29), (2, 300, 401, 300, 401),
                                       (1, 4099, 33, 4000, 7)]:
@@ -174,22 +191,31 @@ def compare(device: str, cpu_only: bool) -> list[dict]:
             want = (ops.block_put_ if other else reference.block_put_)(out.clone(), sub_rows, sub_cols, block)
             got = ops.block_put_(out.to(device), sub_rows.to(device), sub_cols.to(device), block.to(device)).cpu()
             record(f"block_put_ {str(dtype)[6:]} N{n} R{big_r} C{big_c} r{r} c{c}", torch.equal(got, want), "bitwise")
-    return rows
 
 
 def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
-    rows = []
+    """Kernel timings against the machine's ceilings, GPU sizes when `big`, CPU sizes otherwise."""
+    # One generator through every section, in this order (as in compare).
+    gen = torch.Generator().manual_seed(1)
+    return (_time_gram(device, timer, ceil, big, gen) + _time_sketch(device, timer, ceil, big, gen)
+            + _time_block_put(device, timer, ceil, big, gen) + _time_random_fill(device, timer, ceil, big))
+
+
+def _mm_ceiling(ceil: dict, dtype: torch.dtype) -> float:
+    return ceil["mm_float64_TFLOPs"] if dtype == torch.float64 else ceil["mm_float32_TFLOPs"]
+
+
+def _time_gram(device: str, timer: Timer, ceil: dict, big: bool, gen: torch.Generator) -> list[dict]:
+    """seq_gram (against per-sample gradients where they fit) and embedding_gram."""
     if big:
         seq_shapes = [(64, 64, 256, 256), (256, 4, 512, 512), (128, 16, 784, 512), (512, 64, 1024, 1024), (64, 512, 256, 256)]
         emb_shapes = [(64, 64, 256, 1000), (256, 128, 512, 50000)]
-        fill_shape = (8192, 8192)
     else:
         seq_shapes = [(32, 16, 64, 64), (64, 4, 128, 128)]
         emb_shapes = [(32, 16, 64, 100)]
-        fill_shape = (1024, 1024)
-    gen = torch.Generator().manual_seed(1)
+    rows = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        ceiling = ceil["mm_float64_TFLOPs"] if dtype == torch.float64 else ceil["mm_float32_TFLOPs"]
+        ceiling = _mm_ceiling(ceil, dtype)
         for b, t, da, dd in seq_shapes:
             a = torch.randn(b, t, da, generator=gen).to(dtype=dtype, device=device)
             d = torch.randn(b, t, dd, generator=gen).to(dtype=dtype, device=device)
@@ -211,14 +237,20 @@ def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
             tflops = fused_flops(b, t, 0, dd) / sec / 1e12
             rows.append({"op": "embedding_gram", "shape": [b, t, dd, vocab], "dtype": str(dtype)[6:], "ms": sec * 1e3,
                          "TFLOPs": tflops, "of_mm_ceiling": tflops / ceiling})
+    return rows
+
+
+def _time_sketch(device: str, timer: Timer, ceil: dict, big: bool, gen: torch.Generator) -> list[dict]:
+    """linear_sketch and linear_project, against the unfused torch path where it fits in memory."""
     # The shapes of bench/bench_sketch_kernel.py (one smaller set on CPU); fewer repeats: big calls.
     if big:
         sketch_shapes = [(4096, 1, 784, 512, 42), (1024, 16, 256, 256, 42), (256, 1, 1024, 1024, 138)]
     else:
         sketch_shapes = [(256, 1, 256, 128, 42), (64, 8, 128, 64, 42)]
     sketch_timer = Timer(device, warmup=1, repeats=max(1, min(timer.repeats, 5)))
+    rows = []
     for dtype in (torch.float32, torch.float64):
-        ceiling = ceil["mm_float64_TFLOPs"] if dtype == torch.float64 else ceil["mm_float32_TFLOPs"]
+        ceiling = _mm_ceiling(ceil, dtype)
         for r, t, d_in, d_out, cols in sketch_shapes:
             a = torch.randn(r, t, d_in, generator=gen).to(dtype=dtype, device=device)
             d = torch.randn(r, t, d_out, generator=gen).to(dtype=dtype, device=device)
@@ -241,8 +273,13 @@ def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
                 if baseline is not None and unfused_fits:
                     row["per_sample_ms"] = sketch_timer(baseline) * 1e3
                 rows.append(row)
-    # block_put_: a random half of the rows and of the columns (sorted), against torch's index assignment.
+    return rows
+
+
+def _time_block_put(device: str, timer: Timer, ceil: dict, big: bool, gen: torch.Generator) -> list[dict]:
+    """block_put_ of a random half of the rows and of the columns (sorted), against torch's index assignment."""
     n, big_r, big_c = (4, 4096, 4096) if big else (1, 2048, 2048)
+    rows = []
     for dtype in (torch.float32, torch.float64):
         out = torch.randn(n, big_r, big_c, generator=gen).to(dtype=dtype, device=device)
         block = torch.randn(n, big_r // 2, big_c // 2, generator=gen).to(dtype=dtype, device=device)
@@ -257,6 +294,13 @@ def timings(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
         rows.append({"op": "block_put_", "shape": [n, big_r, big_c, big_r // 2, big_c // 2], "dtype": str(dtype)[6:],
                      "ms": sec * 1e3, "GBps_moved": gbps, "of_copy_ceiling": gbps / ceil["copy_GBps"],
                      "baseline_ms": timer(index_put) * 1e3})
+    return rows
+
+
+def _time_random_fill(device: str, timer: Timer, ceil: dict, big: bool) -> list[dict]:
+    """philox_fill_ in both distributions: bytes written against the copy bandwidth."""
+    fill_shape = (8192, 8192) if big else (1024, 1024)
+    rows = []
     for distribution in ("gaussian", "rademacher"):
         out = torch.empty(fill_shape, device=device)
         sec = timer(lambda: torch.ops.sven_ext.philox_fill_(out, 7, 1, 0, 0, distribution))
