@@ -30,6 +30,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .host_memory import release_freed_memory
 from .linalg import check_finite
 
 # The check's tolerance relative to |J|^T |w|: sqrt(float32 eps). Float32 steps sit in the graphs
@@ -260,6 +261,8 @@ def sketch_gradients(residual: torch.Tensor, params: list[torch.Tensor], weights
         if gradient is not None:
             check_finite(gradient, f"the gradient of parameter {names.get(id(p), '?')!r}")
         sketches.take(p, gradient)
+        if gradient is not None and gradient.numel() >= 1 << 20:  # a layer's worth of transients freed
+            release_freed_memory(p.device)
 
     probe(residual, params, weights, take)
     return sketches
