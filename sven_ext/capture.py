@@ -93,6 +93,8 @@ class Call:
     # Per output, the output itself (detached) and its version counter at the call, kept for
     # rules that read their module's outputs (``rule.reads_outputs``); None for the others.
     values: list | None = None
+    # Its uses, where its rule formed them during the backward pass (``rule.eager``).
+    formed: list | None = None
 
     @property
     def whole(self) -> bool:
@@ -312,7 +314,8 @@ class Capture:
 
     def uses(self, residual_rows: torch.Tensor, chunk_rows: int, shared: set | frozenset = frozenset(),
              keep_graph: bool = True) -> list[Use]:
-        """The uses of every moving parameter, after the closure ran (it may be called again).
+        """The uses of every moving parameter, after the closure ran (once: an eager rule drops its
+        call's input).
 
         Args:
             residual_rows: ``(B, m)`` residuals (``Rows.per_sample``) with autograd history.
@@ -340,7 +343,7 @@ class Capture:
                           chunk_rows, keep_graph)
         uses = []
         for call in self.calls:
-            uses.extend(call.rule(call, 1 if call.whole else batch))
+            uses.extend(call.formed if call.formed is not None else call.rule(call, 1 if call.whole else batch))
             call.d = []  # the uses hold what they need
         return uses
 
@@ -517,26 +520,33 @@ def _plan(model: nn.Module, params: list[torch.Tensor], tapped: set = frozenset(
 def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], chunk_rows: int,
                       keep_graph: bool) -> None:
     """Fills ``call.d``: ``(R, *rest)`` for per-sample calls (``rest``: the output's shape without
-    its batch axis), ``(R, *out.shape)`` for whole ones. Without ``keep_graph`` the last backward
-    pass frees the graph."""
+    its batch axis), ``(R, *out.shape)`` for whole ones; an eager rule's call gets its uses
+    (``call.formed``) instead, as soon as the backward pass reaches it. Without ``keep_graph`` the
+    last backward pass frees the graph."""
     batch, m = residual_rows.shape
     rows = batch * m
-    edges = [e for c in per_sample for e in c.edges]
-    if edges:
+    if per_sample:
         retain = keep_graph or any(e for c in whole for e in c.edges)
+        eager = _eager_calls(per_sample) if m == 1 else []
+        kept = [c for c in per_sample if c not in eager]
+        edges = [e for c in kept for e in c.edges]
         # That pass frees the forward pass's activations as it goes; their pages go back to the
         # system as it reaches the recorded calls, so its new gradients do not grow the process.
         handles = [] if retain else [e.node.register_prehook(_releasing(residual_rows.device))
                                      for e in edges[::RELEASE_EVERY_EDGES] if e.node is not None]
+        handles += [c.edges[0].node.register_prehook(_forming(c, batch)) for c in eager]
         try:
-            grads = _per_sample_gradients(residual_rows, edges, [axis for c in per_sample for axis in c.batch_axes],
-                                          retain)
+            grads = _per_sample_gradients(residual_rows, edges, [axis for c in kept for axis in c.batch_axes],
+                                          retain) if edges else []
         finally:
             for handle in handles:
                 handle.remove()
         it = iter(grads)
-        for call in per_sample:
+        for call in kept:
             call.d = [next(it) for _ in call.edges]
+        for call in eager:
+            if call.formed is None:  # the rows do not depend on its output
+                call.d = [None]
     edges = [e for c in whole for e in c.edges]
     if edges:
         flat = residual_rows.reshape(-1)
@@ -552,6 +562,51 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
         it = iter(grads)
         for call in whole:
             call.d = [next(it) for _ in call.edges]
+
+
+def _eager_calls(calls: list[Call]) -> list[Call]:
+    """The calls whose rule may form its uses inside the backward pass (``rule.eager``: small
+    per-row gradients): one output, and below it in the graph another recorded call's output, so
+    the pass is sure to run its node (a node runs only on the way to a requested gradient)."""
+    candidates = [c for c in calls if getattr(c.rule, "eager", False) and len(c.edges) == 1
+                  and c.edges[0].node is not None]
+    if not candidates:
+        return []
+    chosen = {id(c) for c in candidates}
+    targets = {e.node for c in calls if id(c) not in chosen for e in c.edges if e.node is not None}
+    reaches: dict = {}
+
+    def reach(node) -> bool:
+        # Iterative depth-first walk: whether ``node`` leads to a target below it.
+        stack = [(node, iter(n for n, _ in node.next_functions if n is not None))]
+        reaches[node] = False
+        while stack:
+            current, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                if stack and reaches[current]:
+                    reaches[stack[-1][0]] = True
+                continue
+            if child in targets or reaches.get(child):
+                reaches[current] = True
+            elif child not in reaches:
+                reaches[child] = False
+                stack.append((child, iter(n for n, _ in child.next_functions if n is not None)))
+        return reaches[node]
+
+    return [c for c in candidates if reach(c.edges[0].node)]
+
+
+def _forming(call: Call, samples: int):
+    """A node pre-hook that forms ``call``'s uses from its output gradient, then drops the gradient
+    and the call's input (kept only for the rule)."""
+    def hook(grad_outputs):
+        g = grad_outputs[call.edges[0].output_nr]
+        call.d = [None if g is None else g.movedim(call.batch_axes[0], 0)]
+        call.formed = call.rule(call, samples)
+        call.d, call.leaves = [], []
+    return hook
 
 
 def _per_sample_gradients(residual_rows, edges: list, axes: list[int], retain: bool) -> list:

@@ -235,17 +235,22 @@ class GradientSketches:
         v = self.matrix(p)
         return matrix if v is None else matrix @ v
 
-    def take(self, p: torch.Tensor, gradient: torch.Tensor | None) -> None:
+    def take(self, p: torch.Tensor, gradient: torch.Tensor | None, name: str) -> None:
         """Keeps the sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it),
-        formed a block of rows at a time: no float64 copy of the whole gradient."""
+        formed a block of rows at a time (no float64 copy of the whole gradient), each block checked
+        finite (``FloatingPointError`` naming ``name``, the parameter)."""
         if gradient is None:
             self._sketches[id(p)] = None
             return
         first = p.shape[0] if p.dim() else 1
         rows = gradient.reshape(first, -1)
         block = max(1, SKETCH_BLOCK_BYTES // (8 * rows.shape[1]))
-        self._sketches[id(p)] = torch.cat([self.sketch(p, rows[lo:lo + block].to(torch.float64))
-                                           for lo in range(0, first, block)])
+        parts = []
+        for lo in range(0, first, block):
+            part = rows[lo:lo + block].to(torch.float64)
+            check_finite(part, f"the gradient of parameter {name!r}")
+            parts.append(self.sketch(p, part))
+        self._sketches[id(p)] = torch.cat(parts)
 
     def of(self, p: torch.Tensor) -> torch.Tensor | None:
         """The sketch of autograd's gradient of ``p`` (``None``: the rows do not depend on it)."""
@@ -258,9 +263,7 @@ def sketch_gradients(residual: torch.Tensor, params: list[torch.Tensor], weights
     sketches = GradientSketches(params)
 
     def take(p, gradient):
-        if gradient is not None:
-            check_finite(gradient, f"the gradient of parameter {names.get(id(p), '?')!r}")
-        sketches.take(p, gradient)
+        sketches.take(p, gradient, names.get(id(p), "?"))
         if gradient is not None and gradient.numel() >= 1 << 20:  # a layer's worth of transients freed
             release_freed_memory(p.device)
 

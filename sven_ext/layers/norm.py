@@ -59,31 +59,46 @@ def _norm(call, samples: int, kind: str) -> list:
     return uses
 
 
+def _eager(rule):
+    """Marks a rule whose uses are per-row gradients (a few numbers a row): the capture forms them as
+    soon as its backward pass reaches the norm's output, and drops that gradient and the norm's
+    input there instead of holding them to the end of the pass."""
+    rule.eager = True
+    return rule
+
+
+@_eager
 def layer_norm_rule(call, samples: int) -> list:
     """``nn.LayerNorm``."""
     return _norm(call, samples, "layer_norm")
 
 
+@_eager
 def rms_norm_rule(call, samples: int) -> list:
     """``nn.RMSNorm``."""
     return _norm(call, samples, "rms_norm")
 
 
+@_eager
 def group_norm_rule(call, samples: int) -> list:
     """``nn.GroupNorm``."""
     return _norm(call, samples, "group_norm")
 
 
+@_eager
 def batch_norm_rule(call, samples: int) -> list:
     """``nn.BatchNorm1d/2d/3d`` with running statistics."""
     return _norm(call, samples, "batch_norm")
 
 
+@_eager
 def channel_layer_norm_rule(call, samples: int) -> list:
     """torchvision's ``LayerNorm2d``: a layer norm over the channels (axis 1) of ``(N, C, H, W)``."""
     return _norm(call, samples, "channel_layer_norm")
 
 
+@_eager
 def hf_rms_norm_rule(call, samples: int) -> list:
     """``weight * x / rms(x)`` over the last axis, computed in float32 (``LlamaRMSNorm`` and its copies)."""
     return _norm(call, samples, "hf_rms_norm")
+
