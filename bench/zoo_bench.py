@@ -2,14 +2,14 @@
 
 For each model (random weights from configs; transformers, torchvision and timm must be installed,
 as ``.ci/setup.sh`` does), float32, batch ``B``: Sven ``gram``, ``sketch`` and ``auto`` steps and Adam
-steps take turns, one call each per round (median of the rounds), after two warm-up steps each
-(Sven's first step checks its factors and learns which tensors may be expanded to the batch, the
-second checks them expanded). Reported per model: the step times, the ratios to Adam (of wall
-time, and of the process's CPU time), what ``auto`` chose and why and whether the backend it chose
-is within 20% of the faster of gram and sketch, which modules were recorded whole (one backward
-pass per row), which parameters took the per-sample fallback (their module differentiated on its
-own per row), how many parameters took each route of the gram backend, and the extra peak memory
-of Sven ``gram``'s steps and of Adam's.
+steps take turns, one call each per round, each method right after each other one equally often
+(median of the rounds), after two warm-up steps each (Sven's first step checks its factors and
+learns which tensors may be expanded to the batch, the second checks them expanded). Reported per
+model: the step times, the ratios to Adam (of wall time, and of the process's CPU time), what
+``auto`` chose and why and whether the backend it chose is within 20% of the faster of gram and
+sketch, which modules were recorded whole (one backward pass per row), which parameters took the
+per-sample fallback (their module differentiated on its own per row), how many parameters took each
+route of the gram backend, and the extra peak memory of Sven ``gram``'s steps and of Adam's.
 
     python bench/zoo_bench.py                          # every model, B = 16
     python bench/zoo_bench.py --models gpt2 vit_tiny --batch 64 --repeats 5
@@ -266,6 +266,38 @@ def extra_memory(name: str, batch: int, steps: int, threads: int | None) -> dict
     return out
 
 
+def balanced_orders(count: int) -> list[list[int]]:
+    """Orders of ``count`` methods in which each method comes right after each other one equally often
+    (a Williams design: ``count`` orders for an even count, twice as many for an odd one)."""
+    first, low, high = [0], 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    orders = [[(k + shift) % count for k in first] for shift in range(count)]
+    return orders if count % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
+def balanced_times(fns: dict, *, repeats: int) -> dict:
+    """``{name: {"median_s", "times_s"}}`` of each ``fns[name]()`` after one warm-up call each: one call
+    of each per round, the rounds going through :func:`balanced_orders`. A step right after a sketch
+    step (which touches more memory) ran 10-20% slower than the same step after the others: in a
+    fixed order that cost falls on one method."""
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    orders = balanced_orders(len(names))
+    times = {name: [] for name in names}
+    for round_ in range(repeats):
+        for k in orders[round_ % len(orders)]:
+            start = time.perf_counter()
+            fns[names[k]]()
+            times[names[k]].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
 def run(name: str, batch: int, repeats: int) -> dict:
     model, closure = _build(name, batch)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -304,9 +336,9 @@ def run(name: str, batch: int, repeats: int) -> dict:
             cpu[key].append(time.process_time() - start)
         return call
 
-    results = common.interleaved_times({key: on_cpu(key, step) for key, step in steps.items()}, repeats=repeats)
+    results = balanced_times({key: on_cpu(key, step) for key, step in steps.items()}, repeats=repeats)
     for key, result in results.items():
-        result["cpu_times_s"] = cpu[key][-repeats:]  # after interleaved_times' warm-up call
+        result["cpu_times_s"] = cpu[key][-repeats:]  # after balanced_times' warm-up call
         result["cpu_median_s"] = statistics.median(result["cpu_times_s"])
     info = gram.last_info
     routes = collections.Counter(info["paths"].values())
