@@ -16,14 +16,17 @@ from torch import nn
 import sven_ext
 from sven_ext import routes
 from sven_ext.backends import gram as gram_module
+from sven_ext.backends.base import StepSettings
 from sven_ext.backends.gram import GramBackend
+from sven_ext.factor_check import FactorChecks
 from sven_ext.layers.linear import FormedLinearUse, LinearUse
+from sven_ext.linalg import Truncation
 from sven_ext.testing import relative_difference, sven_update
 
 # Float64 steps through different factorisations: a few hundred rounded products, amplified by the
 # kept spectrum's condition number (rtol 1e-3 caps it at 1e3).
 EXACT = 1e-9
-SETTINGS = dict(lr=0.1, k=6, rtol=1e-3)
+SETTINGS = {"lr": 0.1, "k": 6, "rtol": 1e-3}
 
 
 class Sequence(nn.Module):
@@ -126,10 +129,6 @@ def test_kept_gradients_give_the_dense_step(monkeypatch, formed, name):
 
 def _uses(model, loss, budget: int):
     """The uses a gram step of ``model`` contracts, with a row budget of ``budget`` bytes."""
-    from sven_ext.backends.base import StepSettings
-    from sven_ext.factor_check import FactorChecks
-    from sven_ext.linalg import Truncation
-
     backend = GramBackend(model, list(model.parameters()), FactorChecks(enabled=False))
     backend.row_budget_bytes = budget
     settings = StepSettings(Truncation(None, 1e-3), 2.0, torch.float64)

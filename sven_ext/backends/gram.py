@@ -49,8 +49,8 @@ import torch
 from .. import costs, distributed, ops
 from ..factor_check import FactorChecks
 from ..layers import EmbeddingUse, LinearUse, factor_bytes
-from ..layers.linear import FormedLinearUse
 from ..layers.common import items_within, rows_of, sample_index
+from ..layers.linear import FormedLinearUse
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows
 from ..routes import component_rows, components, route, sequence_route, tied_route
