@@ -14,6 +14,7 @@ route of the gram backend, and the extra peak memory of Sven ``gram``'s steps an
     python bench/zoo_bench.py                          # every model, B = 16
     python bench/zoo_bench.py --models gpt2 vit_tiny --batch 64 --repeats 5
     python bench/zoo_bench.py --runs 3 --threads 1     # three passes over the models: medians and ranges
+    python bench/zoo_bench.py --models lstm gru --without-kept-rows  # and gram keeping no per-row gradients
 
 On a shared machine the load moves ratios by tens of percent between runs; ``--runs`` repeats the
 whole pass and reports, per model, the median ratio over the runs and its range. A loaded machine
@@ -54,6 +55,7 @@ import common  # noqa: E402
 
 import sven_ext  # noqa: E402
 from sven_ext import capture  # noqa: E402
+from sven_ext.backends import gram as gram_backend  # noqa: E402
 from sven_ext.harness.environment import MALLOC_ENV  # noqa: E402
 from sven_ext.layers import ModuleUse  # noqa: E402
 
@@ -298,7 +300,20 @@ def balanced_times(fns: dict, *, repeats: int) -> dict:
     return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
 
 
-def run(name: str, batch: int, repeats: int) -> dict:
+def _without_kept_rows(step):
+    """``step`` run with the gram backend keeping no per-row gradients for the direction."""
+    def call():
+        share, gram_backend.KEPT_ROWS_SHARE = gram_backend.KEPT_ROWS_SHARE, 0.0
+        try:
+            step()
+        finally:
+            gram_backend.KEPT_ROWS_SHARE = share
+    return call
+
+
+def run(name: str, batch: int, repeats: int, without_kept_rows: bool = False) -> dict:
+    """One pass over one model; ``without_kept_rows``: a second gram optimizer takes turns too, whose
+    steps keep no per-row gradients for the direction (the contraction of the factors instead)."""
     model, closure = _build(name, batch)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\n== {name}: {params:,} parameters, B = {batch}", flush=True)
@@ -309,6 +324,9 @@ def run(name: str, batch: int, repeats: int) -> dict:
     auto = sven_ext.Sven(model, lr=1e-6, backend="auto", safeguard=None)
     steps = {"adam": adam_step, "sven_gram": lambda: gram.step(closure), "sven_sketch": lambda: sketch.step(closure),
              "sven_auto": lambda: auto.step(closure)}
+    if without_kept_rows:
+        plain = sven_ext.Sven(model, lr=1e-6, backend="gram", safeguard=None)
+        steps["sven_gram_without_kept_rows"] = _without_kept_rows(lambda: plain.step(closure))
     names = {id(p): n for n, p in model.named_parameters()}
     fallback = set()
     uses = capture.Capture.uses
@@ -357,6 +375,12 @@ def run(name: str, batch: int, repeats: int) -> dict:
         "recorded_whole": info["recorded_whole"], "fallback_parameters": sorted(fallback),
         "routes": dict(routes), "paths": info["paths"],
     }
+    if without_kept_rows:
+        summary["ratio_gram_without_kept_rows_to_adam"] = median["sven_gram_without_kept_rows"] / median["adam"]
+        summary["cpu_ratio_gram_without_kept_rows_to_adam"] = \
+            on_cpu_median["sven_gram_without_kept_rows"] / on_cpu_median["adam"]
+        print(f"  gram without kept per-row gradients {summary['ratio_gram_without_kept_rows_to_adam']:5.2f}x "
+              f"(CPU time {summary['cpu_ratio_gram_without_kept_rows_to_adam']:5.2f}x)", flush=True)
     print(f"  load {load:.1f} | adam {median['adam'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x "
           f"(CPU time {summary['cpu_ratio_gram_to_adam']:5.2f}x) | "
           f"sketch {summary['ratio_sketch_to_adam']:5.2f}x | auto ({chosen}) {summary['ratio_auto_to_adam']:5.2f}x, "
@@ -375,6 +399,8 @@ def main(argv=None):
     parser.add_argument("--out", default="zoo_bench.json", help="results file (under bench/results/ unless a path)")
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps of each fresh process that measures extra peak memory (0: not measured)")
+    parser.add_argument("--without-kept-rows", action="store_true",
+                        help="also time gram steps that keep no per-row gradients for the direction")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -382,7 +408,8 @@ def main(argv=None):
     if args.memory_child:
         memory_child(*args.memory_child, args.batch, args.memory_steps)
         return
-    runs = [[run(name, args.batch, args.repeats) for name in args.models] for _ in range(args.runs)]
+    runs = [[run(name, args.batch, args.repeats, args.without_kept_rows) for name in args.models]
+            for _ in range(args.runs)]
     summary = [summarise([cases[k] for cases in runs]) for k in range(len(args.models))]
     if args.memory_steps:
         print("\nextra peak memory over the bare model (fresh processes)")
@@ -396,13 +423,16 @@ def main(argv=None):
         print(f"  {row['name']:24s} gram {_spread(row['ratio_gram_to_adam'])}"
               f" (CPU time {_spread(row['cpu_ratio_gram_to_adam'])})"
               f" | sketch {_spread(row['ratio_sketch_to_adam'])} | auto {_spread(row['ratio_auto_to_adam'])}"
-              f" | auto within 20% in every run: {row['auto_within_20_percent']}")
+              f" | auto within 20% in every run: {row['auto_within_20_percent']}"
+              + (f" | gram without kept per-row gradients {_spread(row['ratio_gram_without_kept_rows_to_adam'])}"
+                 if "ratio_gram_without_kept_rows_to_adam" in row else ""))
     path = common.write_json(args.out, {"command": "python bench/zoo_bench.py " + " ".join(argv or sys.argv[1:]),
                                         "summary": summary, "runs": runs})
     print(f"\nwrote {path}")
 
 
-RATIOS = ("ratio_gram_to_adam", "cpu_ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam")
+RATIOS = ("ratio_gram_to_adam", "cpu_ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam",
+          "ratio_gram_without_kept_rows_to_adam", "cpu_ratio_gram_without_kept_rows_to_adam")
 
 
 def summarise(cases: list[dict]) -> dict:
@@ -411,7 +441,7 @@ def summarise(cases: list[dict]) -> dict:
     row = {"name": first["name"], "parameters": first["parameters"], "batch": first["batch"], "runs": len(cases),
            "adam_median_s": statistics.median(c["results"]["adam"]["median_s"] for c in cases),
            "load_averages_1min": [c["load_average_1min"] for c in cases]}
-    for key in RATIOS:
+    for key in (key for key in RATIOS if key in first):
         values = [c[key] for c in cases]
         row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     row["auto_backends"] = sorted({c["auto_backend"] for c in cases})
