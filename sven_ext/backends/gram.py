@@ -64,9 +64,10 @@ from .factored import FactoredBackend, SubsetLinearUse, gemm_dtype, restrict
 # exact ones, as the dense backend does).
 FLOAT32_GRAM_RTOL = 1e-3
 # Per-row weight gradients formed for K in one block are kept for the direction while all kept
-# sum to at most this share of the row budget; the blocks formed after them take the rest, so the
-# step's transients stay within the budget the cost model charges.
-KEPT_ROWS_SHARE = 0.25
+# sum to at most this share of the row budget (8 MiB of the default 128): they add to the step's
+# peak from the Gram to the direction. The blocks formed after them take the rest, so the step's
+# transients stay within the budget the cost model charges.
+KEPT_ROWS_SHARE = 1 / 16
 
 class GramBackend(FactoredBackend):
     """Exact ``K = J J^T`` from per-layer factors; ``c`` from its eigendecomposition."""
