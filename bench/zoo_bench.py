@@ -2,18 +2,19 @@
 
 For each model (random weights from configs; transformers, torchvision and timm must be installed,
 as ``.ci/setup.sh`` does), float32, batch ``B``: Sven ``gram``, ``sketch`` and ``auto`` steps and Adam
-steps take turns, one call each per round (median of the rounds), after two warm-up steps each
-(Sven's first step checks its factors and learns which tensors may be expanded to the batch, the
-second checks them expanded). Reported per model: the step times, the ratios to Adam (of wall
-time, and of the process's CPU time), what ``auto`` chose and why and whether the backend it chose
-is within 20% of the faster of gram and sketch, which modules were recorded whole (one backward
-pass per row), which parameters took the per-sample fallback (their module differentiated on its
-own per row), how many parameters took each route of the gram backend, and the extra peak memory
-of Sven ``gram``'s steps and of Adam's.
+steps take turns, one call each per round, each method right after each other one equally often
+(median of the rounds), after two warm-up steps each (Sven's first step checks its factors and
+learns which tensors may be expanded to the batch, the second checks them expanded). Reported per
+model: the step times, the ratios to Adam (of wall time, and of the process's CPU time), what
+``auto`` chose and why and whether the backend it chose is within 20% of the faster of gram and
+sketch, which modules were recorded whole (one backward pass per row), which parameters took the
+per-sample fallback (their module differentiated on its own per row), how many parameters took each
+route of the gram backend, and the extra peak memory of Sven ``gram``'s steps and of Adam's.
 
     python bench/zoo_bench.py                          # every model, B = 16
     python bench/zoo_bench.py --models gpt2 vit_tiny --batch 64 --repeats 5
     python bench/zoo_bench.py --runs 3 --threads 1     # three passes over the models: medians and ranges
+    python bench/zoo_bench.py --models lstm gru --without-kept-rows  # and gram keeping no per-row gradients
 
 On a shared machine the load moves ratios by tens of percent between runs; ``--runs`` repeats the
 whole pass and reports, per model, the median ratio over the runs and its range. A loaded machine
@@ -54,6 +55,7 @@ import common  # noqa: E402
 
 import sven_ext  # noqa: E402
 from sven_ext import capture  # noqa: E402
+from sven_ext.backends import gram as gram_backend  # noqa: E402
 from sven_ext.harness.environment import MALLOC_ENV  # noqa: E402
 from sven_ext.layers import ModuleUse  # noqa: E402
 
@@ -266,7 +268,52 @@ def extra_memory(name: str, batch: int, steps: int, threads: int | None) -> dict
     return out
 
 
-def run(name: str, batch: int, repeats: int) -> dict:
+def balanced_orders(count: int) -> list[list[int]]:
+    """Orders of ``count`` methods in which each method comes right after each other one equally often
+    (a Williams design: ``count`` orders for an even count, twice as many for an odd one)."""
+    first, low, high = [0], 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    orders = [[(k + shift) % count for k in first] for shift in range(count)]
+    return orders if count % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
+def balanced_times(fns: dict, *, repeats: int) -> dict:
+    """``{name: {"median_s", "times_s"}}`` of each ``fns[name]()`` after one warm-up call each: one call
+    of each per round, the rounds going through :func:`balanced_orders`. A step right after a sketch
+    step (which touches more memory) ran 10-20% slower than the same step after the others: in a
+    fixed order that cost falls on one method."""
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    orders = balanced_orders(len(names))
+    times = {name: [] for name in names}
+    for round_ in range(repeats):
+        for k in orders[round_ % len(orders)]:
+            start = time.perf_counter()
+            fns[names[k]]()
+            times[names[k]].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
+def _without_kept_rows(step):
+    """``step`` run with the gram backend keeping no per-row gradients for the direction."""
+    def call():
+        share, gram_backend.KEPT_ROWS_SHARE = gram_backend.KEPT_ROWS_SHARE, 0.0
+        try:
+            step()
+        finally:
+            gram_backend.KEPT_ROWS_SHARE = share
+    return call
+
+
+def run(name: str, batch: int, repeats: int, without_kept_rows: bool = False) -> dict:
+    """One pass over one model; ``without_kept_rows``: a second gram optimizer takes turns too, whose
+    steps keep no per-row gradients for the direction (the contraction of the factors instead)."""
     model, closure = _build(name, batch)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\n== {name}: {params:,} parameters, B = {batch}", flush=True)
@@ -277,6 +324,9 @@ def run(name: str, batch: int, repeats: int) -> dict:
     auto = sven_ext.Sven(model, lr=1e-6, backend="auto", safeguard=None)
     steps = {"adam": adam_step, "sven_gram": lambda: gram.step(closure), "sven_sketch": lambda: sketch.step(closure),
              "sven_auto": lambda: auto.step(closure)}
+    if without_kept_rows:
+        plain = sven_ext.Sven(model, lr=1e-6, backend="gram", safeguard=None)
+        steps["sven_gram_without_kept_rows"] = _without_kept_rows(lambda: plain.step(closure))
     names = {id(p): n for n, p in model.named_parameters()}
     fallback = set()
     uses = capture.Capture.uses
@@ -304,9 +354,9 @@ def run(name: str, batch: int, repeats: int) -> dict:
             cpu[key].append(time.process_time() - start)
         return call
 
-    results = common.interleaved_times({key: on_cpu(key, step) for key, step in steps.items()}, repeats=repeats)
+    results = balanced_times({key: on_cpu(key, step) for key, step in steps.items()}, repeats=repeats)
     for key, result in results.items():
-        result["cpu_times_s"] = cpu[key][-repeats:]  # after interleaved_times' warm-up call
+        result["cpu_times_s"] = cpu[key][-repeats:]  # after balanced_times' warm-up call
         result["cpu_median_s"] = statistics.median(result["cpu_times_s"])
     info = gram.last_info
     routes = collections.Counter(info["paths"].values())
@@ -325,6 +375,12 @@ def run(name: str, batch: int, repeats: int) -> dict:
         "recorded_whole": info["recorded_whole"], "fallback_parameters": sorted(fallback),
         "routes": dict(routes), "paths": info["paths"],
     }
+    if without_kept_rows:
+        summary["ratio_gram_without_kept_rows_to_adam"] = median["sven_gram_without_kept_rows"] / median["adam"]
+        summary["cpu_ratio_gram_without_kept_rows_to_adam"] = \
+            on_cpu_median["sven_gram_without_kept_rows"] / on_cpu_median["adam"]
+        print(f"  gram without kept per-row gradients {summary['ratio_gram_without_kept_rows_to_adam']:5.2f}x "
+              f"(CPU time {summary['cpu_ratio_gram_without_kept_rows_to_adam']:5.2f}x)", flush=True)
     print(f"  load {load:.1f} | adam {median['adam'] * 1e3:9.1f} ms | gram {summary['ratio_gram_to_adam']:5.2f}x "
           f"(CPU time {summary['cpu_ratio_gram_to_adam']:5.2f}x) | "
           f"sketch {summary['ratio_sketch_to_adam']:5.2f}x | auto ({chosen}) {summary['ratio_auto_to_adam']:5.2f}x, "
@@ -343,6 +399,8 @@ def main(argv=None):
     parser.add_argument("--out", default="zoo_bench.json", help="results file (under bench/results/ unless a path)")
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps of each fresh process that measures extra peak memory (0: not measured)")
+    parser.add_argument("--without-kept-rows", action="store_true",
+                        help="also time gram steps that keep no per-row gradients for the direction")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -350,7 +408,8 @@ def main(argv=None):
     if args.memory_child:
         memory_child(*args.memory_child, args.batch, args.memory_steps)
         return
-    runs = [[run(name, args.batch, args.repeats) for name in args.models] for _ in range(args.runs)]
+    runs = [[run(name, args.batch, args.repeats, args.without_kept_rows) for name in args.models]
+            for _ in range(args.runs)]
     summary = [summarise([cases[k] for cases in runs]) for k in range(len(args.models))]
     if args.memory_steps:
         print("\nextra peak memory over the bare model (fresh processes)")
@@ -364,13 +423,16 @@ def main(argv=None):
         print(f"  {row['name']:24s} gram {_spread(row['ratio_gram_to_adam'])}"
               f" (CPU time {_spread(row['cpu_ratio_gram_to_adam'])})"
               f" | sketch {_spread(row['ratio_sketch_to_adam'])} | auto {_spread(row['ratio_auto_to_adam'])}"
-              f" | auto within 20% in every run: {row['auto_within_20_percent']}")
+              f" | auto within 20% in every run: {row['auto_within_20_percent']}"
+              + (f" | gram without kept per-row gradients {_spread(row['ratio_gram_without_kept_rows_to_adam'])}"
+                 if "ratio_gram_without_kept_rows_to_adam" in row else ""))
     path = common.write_json(args.out, {"command": "python bench/zoo_bench.py " + " ".join(argv or sys.argv[1:]),
                                         "summary": summary, "runs": runs})
     print(f"\nwrote {path}")
 
 
-RATIOS = ("ratio_gram_to_adam", "cpu_ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam")
+RATIOS = ("ratio_gram_to_adam", "cpu_ratio_gram_to_adam", "ratio_sketch_to_adam", "ratio_auto_to_adam",
+          "ratio_gram_without_kept_rows_to_adam", "cpu_ratio_gram_without_kept_rows_to_adam")
 
 
 def summarise(cases: list[dict]) -> dict:
@@ -379,7 +441,7 @@ def summarise(cases: list[dict]) -> dict:
     row = {"name": first["name"], "parameters": first["parameters"], "batch": first["batch"], "runs": len(cases),
            "adam_median_s": statistics.median(c["results"]["adam"]["median_s"] for c in cases),
            "load_averages_1min": [c["load_average_1min"] for c in cases]}
-    for key in RATIOS:
+    for key in (key for key in RATIOS if key in first):
         values = [c[key] for c in cases]
         row[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     row["auto_backends"] = sorted({c["auto_backend"] for c in cases})

@@ -50,6 +50,7 @@ from .. import costs, distributed, ops
 from ..factor_check import FactorChecks
 from ..layers import EmbeddingUse, LinearUse, factor_bytes
 from ..layers.common import items_within, rows_of, sample_index
+from ..layers.linear import FormedLinearUse
 from ..linalg import Truncation, solve_gram
 from ..residuals import Rows
 from ..routes import component_rows, components, route, sequence_route, tied_route
@@ -62,6 +63,11 @@ from .factored import FactoredBackend, SubsetLinearUse, gemm_dtype, restrict
 # asked for (the 1-D regression at rtol = 1e-6 converged with float32 products and diverged with
 # exact ones, as the dense backend does).
 FLOAT32_GRAM_RTOL = 1e-3
+# Per-row weight gradients formed for K in one block are kept for the direction while all kept
+# sum to at most this share of the row budget (8 MiB of the default 128): they add to the step's
+# peak from the Gram to the direction. The blocks formed after them take the rest, so the step's
+# transients stay within the budget the cost model charges.
+KEPT_ROWS_SHARE = 1 / 16
 
 class GramBackend(FactoredBackend):
     """Exact ``K = J J^T`` from per-layer factors; ``c`` from its eigendecomposition."""
@@ -81,10 +87,10 @@ class GramBackend(FactoredBackend):
         dtype = settings.solve_dtype
         residual = rows.residual.detach().to(dtype)
         count = residual.numel()
-        gram, paths = self._gram(uses, rows, dtype, scales, settings.truncation.rtol)
+        gram, paths, contracted = self._gram(uses, rows, dtype, scales, settings.truncation.rtol)
         truncation = settings.truncation.for_rows(count, rows.scale)
         solution = solve_gram(gram, residual, truncation)
-        contract = self._contraction(uses, rows, scales, shard, restricted)
+        contract = self._contraction(contracted, rows, scales, shard, restricted)
         info = {
             "gram_bytes": gram.nbytes,
             "factor_bytes": factor_bytes(uses),
@@ -99,12 +105,16 @@ class GramBackend(FactoredBackend):
         """``K = J S^2 J^T`` of the closure's rows, ``(R, R)`` in ``settings.solve_dtype`` (no step taken)."""
         rows, uses, _ = self.factors(closure, settings)
         restricted, scales = self._subsets_and_scales(uses, settings)
-        gram, _ = self._gram(restrict(uses, restricted), rows, settings.solve_dtype, scales, settings.truncation.rtol)
+        gram, _, _ = self._gram(restrict(uses, restricted), rows, settings.solve_dtype, scales,
+                                settings.truncation.rtol)
         return gram if rows.scale == 1 else gram * rows.scale ** 2  # K of the rows the closure returned
 
     def _gram(self, uses: list, rows: Rows, dtype: torch.dtype, scales: dict,
-              rtol: float) -> tuple[torch.Tensor, dict]:
-        """The step's ``K' = T (sum_p J_p S_p^2 J_p^T) T^T`` in ``dtype``, and the route each parameter took.
+              rtol: float) -> tuple[torch.Tensor, dict, list]:
+        """The step's ``K' = T (sum_p J_p S_p^2 J_p^T) T^T`` in ``dtype``, the route each parameter
+        took, and the uses to contract: ``uses`` with a linear map whose per-row gradients were kept
+        (:class:`sven_ext.layers.linear.FormedLinearUse`, up to ``KEPT_ROWS_SHARE`` of the row budget)
+        in place of its uses.
 
         ``scales``: ``{id(p): S_p}`` of the parameters with a column scale (the others: ``S_p = I``).
         ``rtol``: the step's cut-off; below ``FLOAT32_GRAM_RTOL`` every product runs in ``dtype``.
@@ -114,15 +124,22 @@ class GramBackend(FactoredBackend):
         gram = torch.zeros(count, count, dtype=dtype, device=self.params[0].device)
         paths = {}
         direct = []
+        contracted = []
+        kept, keep = 0, int(KEPT_ROWS_SHARE * self.row_budget_bytes)
         for params, group in components(uses):
             scaled = any(id(p) in scales for p in params)
             kind = route(params, group, scaled)
+            formed = None
             if kind == "direct":
                 g = sum(u.g.to(dtype) for u in group) if len(group) > 1 else group[0].g.to(dtype)
                 direct.append(g * scales[id(params[0])].reshape(1, -1).to(dtype) if scaled else g)
                 path = "direct"
             elif kind == "linear":
-                path = _linear_gram(_merge_linear(group), gram, self.row_budget_bytes, precise)
+                linear = _merge_linear(group)
+                path, formed = _linear_gram(linear, gram, self.row_budget_bytes - kept, precise,
+                                            keep - kept if type(linear) is LinearUse else 0)
+                if formed is not None:
+                    kept += formed.gradients.nbytes
                 if isinstance(group[0], SubsetLinearUse):
                     path += " (subset)"
             elif kind == "embedding":
@@ -130,15 +147,16 @@ class GramBackend(FactoredBackend):
             elif kind == "tied":
                 linear = _merge_linear([u for u in group if isinstance(u, LinearUse)])
                 table = _merge_embedding([u for u in group if isinstance(u, EmbeddingUse)])
-                path = _tied_gram(linear, table, gram, self.row_budget_bytes, precise)
+                path = _tied_gram(linear, table, gram, self.row_budget_bytes - kept, precise)
             else:
-                _rows_gram(group, params, gram, self.row_budget_bytes, scales if scaled else None)
+                _rows_gram(group, params, gram, self.row_budget_bytes - kept, scales if scaled else None)
                 path = "rows"
             paths.update((id(p), path) for p in params)
+            contracted.extend(group if formed is None else [formed])
         if direct:
             g = torch.cat(direct, dim=1)
             gram.addmm_(g, g.T)
-        return rows.to_rows(rows.to_rows(gram).T), paths
+        return rows.to_rows(rows.to_rows(gram).T), paths, contracted
 
 
 def _merge_linear(group: list) -> LinearUse:
@@ -165,8 +183,11 @@ def _repeat_per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if m == 1 else x.repeat_interleave(m, dim=0)
 
 
-def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool) -> str:
-    """Adds ``K_w`` of a Linear/conv weight to ``gram``; returns the route taken.
+def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool,
+                 keep: int = 0) -> tuple[str, FormedLinearUse | None]:
+    """Adds ``K_w`` of a Linear/conv weight to ``gram``; returns the route taken and, where the
+    per-row route formed the weight's gradients in one block of at most ``keep`` bytes, ``use``
+    with them kept for its direction.
 
     The products run in the factors' precision (float32 GEMMs are twice as fast), or with
     ``precise`` in ``gram``'s dtype (see ``FLOAT32_GRAM_RTOL``); the sum over layers in ``gram``'s.
@@ -186,7 +207,8 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
                 aa += 1
             dd = (d[:, g] @ d[:, g].T).to(dtype)
             gram.view(samples, m, samples, m).add_(dd.view(samples, m, samples, m) * aa[:, None, :, None])
-        return "gemm"
+        return "gemm", None
+    formed = None
     if sequence_route(use, rows) == "seq_gram":
         a = _repeat_per_row(use.a, rows)
         for g in range(groups):
@@ -194,13 +216,16 @@ def _linear_gram(use: LinearUse, gram: torch.Tensor, budget: int, precise: bool)
             gram.add_(ops.seq_gram(a[:, :, g].to(work), use.d[:, :, g].to(work)).to(dtype))
         path = "seq_gram"
     else:
-        _weight_rows_gram(use, gram, budget, work)
+        gradients = _weight_rows_gram(use, gram, budget, work, keep)
+        if gradients is not None:
+            formed = FormedLinearUse(**{f.name: getattr(use, f.name) for f in dataclasses.fields(use)},
+                                     gradients=gradients)
         path = "rows"
     if use.bias is not None:
         # The bias's per-row gradients are sum_t d_t: its Gram adds to the weight's, no concatenation.
         bias = use.d.sum(1).reshape(rows, -1).to(dtype)
         gram.addmm_(bias, bias.T)
-    return path
+    return path, formed
 
 
 def _per_sample_view(d: torch.Tensor, samples: int) -> torch.Tensor:
@@ -208,8 +233,10 @@ def _per_sample_view(d: torch.Tensor, samples: int) -> torch.Tensor:
     return d.view(samples, d.shape[0] // samples, *d.shape[1:])
 
 
-def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, budget: int, work: torch.dtype) -> None:
-    """``K += G G^T`` with ``G`` the per-row weight gradients ``sum_t d_t a_t^T``.
+def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, budget: int, work: torch.dtype,
+                      keep: int = 0) -> torch.Tensor | None:
+    """``K += G G^T`` with ``G`` the per-row weight gradients ``sum_t d_t a_t^T``; returns ``G``
+    ``(R, groups * dout * din)`` where it was formed in one block of at most ``keep`` bytes.
 
     ``G`` is formed for every row at once, a block of output units at a time (at most ``budget``
     bytes), so no gradient is formed twice. The products run in ``work`` (see
@@ -225,7 +252,10 @@ def _weight_rows_gram(use: LinearUse, gram: torch.Tensor, budget: int, work: tor
         o1 = min(o0 + units, dout)
         block = torch.einsum("stgi,smtgo->smgoi", a, d[..., o0:o1].to(work)).reshape(rows, -1)
         gram.add_((block @ block.T).to(gram.dtype))
+        if units == dout and block.nbytes <= keep:
+            return block
         del block  # before the next block is formed
+    return None
 
 
 def _embedding_gram(use: EmbeddingUse, gram: torch.Tensor) -> str:
@@ -247,7 +277,7 @@ def _tied_gram(linear: LinearUse, table: EmbeddingUse, gram: torch.Tensor, budge
     if tied_route(linear, table, gram.shape[0]) == "rows":
         _tied_rows_gram(linear, table, gram, budget, gram.dtype if precise else gemm_dtype(linear.a.dtype))
         return "rows"
-    path = _linear_gram(linear, gram, budget, precise) + " + " + _embedding_gram(table, gram)
+    path = _linear_gram(linear, gram, budget, precise)[0] + " + " + _embedding_gram(table, gram)
     _tied_cross(linear, table, gram, budget)
     return path
 

@@ -252,6 +252,27 @@ class LinearUse:
         return total
 
 
+@dataclass
+class FormedLinearUse(LinearUse):
+    """A :class:`LinearUse` whose per-row weight gradients were formed for ``K`` and kept: its
+    direction ``sum_r c_r g_r`` is one product with them (``~R din dout``) instead of a contraction
+    of the factors over every position (``~S T din dout``).
+
+    Attributes:
+        gradients: ``(R, groups * dout * din)`` the weight's per-row gradients, laid out
+            ``(group, out, in)`` (the stored layout of an untransposed weight).
+    """
+
+    gradients: torch.Tensor | None = None
+
+    def direction(self, c: torch.Tensor) -> list[torch.Tensor]:
+        weight = (c.to(self.gradients.dtype) @ self.gradients).to(c.dtype)
+        weight = weight.view(self.d.shape[3], -1).T.contiguous() if self.transposed else weight.view(self.param.shape)
+        if self.bias is None:
+            return [weight]
+        return [weight, (c @ self._bias_rows(c.dtype)).view(self.bias.shape)]
+
+
 def linear_rule(call, samples: int) -> list:
     """``nn.Linear``: extra leading axes of the input are positions."""
     (d,) = call.d
