@@ -94,7 +94,7 @@ class Call:
     # rules that read their module's outputs (``rule.reads_outputs``); None for the others.
     values: list | None = None
     # Its uses, where its rule formed them during the backward pass (``rule.eager``).
-    formed: list | None = None
+    early_uses: list | None = None
 
     @property
     def whole(self) -> bool:
@@ -343,7 +343,8 @@ class Capture:
                           chunk_rows, keep_graph)
         uses = []
         for call in self.calls:
-            uses.extend(call.formed if call.formed is not None else call.rule(call, 1 if call.whole else batch))
+            early = call.early_uses
+            uses.extend(early if early is not None else call.rule(call, 1 if call.whole else batch))
             call.d = []  # the uses hold what they need
         return uses
 
@@ -521,7 +522,7 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
                       keep_graph: bool) -> None:
     """Fills ``call.d``: ``(R, *rest)`` for per-sample calls (``rest``: the output's shape without
     its batch axis), ``(R, *out.shape)`` for whole ones; an eager rule's call gets its uses
-    (``call.formed``) instead, as soon as the backward pass reaches it. Without ``keep_graph`` the
+    (``call.early_uses``) instead, as soon as the backward pass reaches it. Without ``keep_graph`` the
     last backward pass frees the graph."""
     batch, m = residual_rows.shape
     rows = batch * m
@@ -545,7 +546,7 @@ def _output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], 
         for call in kept:
             call.d = [next(it) for _ in call.edges]
         for call in eager:
-            if call.formed is None:  # the rows do not depend on its output
+            if call.early_uses is None:  # the rows do not depend on its output
                 call.d = [None]
     edges = [e for c in whole for e in c.edges]
     if edges:
@@ -604,7 +605,7 @@ def _forming(call: Call, samples: int):
     def hook(grad_outputs):
         g = grad_outputs[call.edges[0].output_nr]
         call.d = [None if g is None else g.movedim(call.batch_axes[0], 0)]
-        call.formed = call.rule(call, samples)
+        call.early_uses = call.rule(call, samples)
         call.d, call.leaves = [], []
     return hook
 
