@@ -53,8 +53,8 @@ def measure(model, closure, backend: str, k: int) -> list[dict]:
 
     costs.require_fit = recording
     try:
-        # A budget far above any step's: the estimates are then those a real budget is checked against,
-        # which count the forward pass's saved activations (costs.held_bytes).
+        # A budget far above any step's: the estimates are then those a real budget is checked against
+        # (the factors counted once per storage: costs.held_bytes).
         opt = sven_ext.Sven(model, lr=1e-3, k=k, backend=backend, max_memory=1 << 40)
         steps = []
         for index in range(2):

@@ -228,12 +228,9 @@ def estimate_sketch(uses: list, rows: int, columns: int, power_iterations: int, 
                     fixed + TRANSIENTS * MIN_TRANSIENT_BYTES)
 
 
-def held_bytes(root: torch.Tensor, uses: list, model: torch.nn.Module) -> int:
-    """Bytes a step holds when its solve starts, beyond the model: the captured factors and the
-    tensors the rows' autograd graph saved (the forward pass's activations), each storage once.
-
-    Walks the graph (about 15 us a node), so it runs only when ``max_memory`` is given.
-    """
+def held_bytes(uses: list, model: torch.nn.Module) -> int:
+    """Bytes a step holds when its solve starts, beyond the model: the captured factors, each
+    storage once (the capture's backward pass has freed the forward pass's saved activations)."""
     skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: set = set()
 
@@ -246,22 +243,7 @@ def held_bytes(root: torch.Tensor, uses: list, model: torch.nn.Module) -> int:
         seen.add(storage.data_ptr())
         return storage.nbytes()
 
-    total = sum(size(getattr(use, name, None)) for use in uses for name in ("a", "d", "g", "indices"))
-    stack, visited = [root.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        for attr in dir(node):
-            if attr.startswith("_saved_"):
-                try:
-                    value = getattr(node, attr)
-                except RuntimeError:  # freed, or saved by a custom function in its own way
-                    continue
-                total += sum(size(t) for t in (value if isinstance(value, (tuple, list)) else (value,)))
-        stack.extend(child for child, _ in node.next_functions)
-    return total
+    return sum(size(getattr(use, name, None)) for use in uses for name in ("a", "d", "g", "indices"))
 
 
 def estimate_check(uses: list, params: list, backend: str) -> Estimate:

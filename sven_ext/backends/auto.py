@@ -46,7 +46,7 @@ class AutoBackend(Backend):
         if not budget_given:
             budget = shard.minimum(budget)  # data-parallel: every rank must make the same choice
         gram, sketch = self.gram.estimate(rows, uses, settings), self.sketch.estimate(rows, uses, settings)
-        name, reason = costs.choose(gram, sketch, self.gram._held(rows, uses, settings), budget, budget_given)
+        name, reason = costs.choose(gram, sketch, self.gram._held(uses, settings), budget, budget_given)
         chosen = self.gram if name == "gram" else self.sketch
         result = chosen.solve(rows, uses, checked, settings, shard)
         # The capture ran on gram's backend, which knows the modules it recorded whole.

@@ -83,7 +83,7 @@ class FactoredBackend(Backend):
         is allocated), then its ``solve(rows, uses, checked, settings, shard)``."""
         self._require_last_fit(settings)
         rows, uses, checked, shard = self.batch_factors(closure, settings)
-        self._require_fit(self.estimate(rows, uses, settings), rows, uses, settings)
+        self._require_fit(self.estimate(rows, uses, settings), uses, settings)
         result = self.solve(rows, uses, checked, settings, shard)
         if shard.data_parallel:
             # The directions' all-reduce is part of the step's traffic report: formed here (a
@@ -92,9 +92,9 @@ class FactoredBackend(Backend):
             result.info.update(shard.info(self.params))
         return result
 
-    def _require_fit(self, estimate, rows: Rows, uses: list, settings: StepSettings) -> None:
+    def _require_fit(self, estimate, uses: list, settings: StepSettings) -> None:
         """:func:`sven_ext.costs.require_fit` after the forward pass; remembers the step's need."""
-        held = self._held(rows, uses, settings)
+        held = self._held(uses, settings)
         self.last_need = held + estimate.min_bytes
         costs.require_fit(estimate, held, settings.max_memory, self.params[0].device)
 
@@ -152,7 +152,7 @@ class FactoredBackend(Backend):
         if step.sketches is None:
             return step.rows, step.uses, False
         costs.require_fit(costs.estimate_check(step.uses, self.params, self.name),
-                          self._held(step.rows, step.uses, settings), settings.max_memory, self.params[0].device)
+                          self._held(step.uses, settings), settings.max_memory, self.params[0].device)
         try:
             self._check_factors(step.uses, step.weights, step.sketches)
         except FactorMismatch as mismatch:
@@ -210,12 +210,12 @@ class FactoredBackend(Backend):
         # Nothing differentiates the rows again.
         return _Captured(_detached(rows), uses, weights, sketches, verdict, per_param, per_module, shared, calls)
 
-    def _held(self, rows: Rows, uses: list, settings: StepSettings) -> int:
-        """What the step holds before its solve: the factors, and with ``max_memory`` the forward
-        pass's saved activations too (:func:`sven_ext.costs.held_bytes`)."""
+    def _held(self, uses: list, settings: StepSettings) -> int:
+        """What the step holds before its solve: the factors (with ``max_memory``, each storage
+        once: :func:`sven_ext.costs.held_bytes`)."""
         if settings.max_memory is None:
             return factor_bytes(uses)
-        return costs.held_bytes(rows.per_sample, uses, self.model)
+        return costs.held_bytes(uses, self.model)
 
     def _check_uncovered(self, residual: torch.Tensor, by_param: dict) -> None:
         """A moving parameter with no use must not affect the rows (one cheap backward if any)."""
