@@ -7,8 +7,9 @@ large frees, so later tensors of a few MB come from the heap, and freed heap pag
 and the process's resident size, which is what a memory limit counts, keeps the step's largest
 footprint plus the holes. ``malloc_trim(0)`` returns the free pages of every arena to the system;
 a later allocation that reuses them faults them back in, which costs time: so memory is handed
-back only once at least ``RELEASE_BYTES`` more is free than at the last hand-back (a small
-model's step never gets there). Where the C library is not glibc 2.33 or later,
+back only where at least ``RELEASE_BYTES`` of freed heap is resident, estimated as the growth of
+resident memory beyond what the allocator holds in use since the last hand-back (a small model's
+step never gets there). Where the C library is not glibc 2.33 or later,
 :func:`release_freed_memory` does nothing.
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 
 import torch
 
-# Free heap bytes, beyond those already handed back, that make a hand-back worth its page faults.
+# Resident freed heap that makes a hand-back worth its page faults.
 RELEASE_BYTES = 32 << 20
 
 
@@ -31,16 +33,21 @@ class _MallInfo2(ctypes.Structure):
 
 
 class _Glibc:
-    """glibc's ``malloc_trim`` and ``mallinfo2``, and the free bytes already handed back."""
+    """glibc's ``malloc_trim`` and ``mallinfo2``; what was resident beyond the memory in use right
+    after the last hand-back (the interpreter, the libraries: not the heap's free pages)."""
 
     def __init__(self, libc):
         self.trim, self.info = libc.malloc_trim, libc.mallinfo2
         self.trim.argtypes, self.trim.restype = [ctypes.c_size_t], ctypes.c_int
         self.info.argtypes, self.info.restype = [], _MallInfo2
-        self.released = 0  # free bytes whose pages went back at the last hand-back (less what was reused)
+        self.baseline: int | None = None
 
-    def free_bytes(self) -> int:
-        return int(self.info().fordblks)
+    def resident_beyond_use(self) -> int:
+        """Resident bytes beyond those the allocator holds in use (heap and its own mappings)."""
+        with open("/proc/self/statm") as f:
+            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        info = self.info()
+        return resident - int(info.uordblks) - int(info.hblkhd)
 
 
 @functools.cache
@@ -56,7 +63,7 @@ def _glibc() -> _Glibc | None:
 
 def release_freed_memory(device: torch.device) -> bool:
     """Hands the host memory this process has freed back to the system, for a step on ``device``,
-    where at least ``RELEASE_BYTES`` more is free than at the last hand-back.
+    where at least ``RELEASE_BYTES`` of it has stayed resident since the last hand-back.
 
     Only for CPU steps (a GPU step's tensors are not in the host heap). Returns whether it handed
     memory back.
@@ -64,10 +71,8 @@ def release_freed_memory(device: torch.device) -> bool:
     libc = _glibc()
     if libc is None or device.type != "cpu":
         return False
-    free = libc.free_bytes()
-    libc.released = min(libc.released, free)  # reused chunks are resident again
-    if free - libc.released < RELEASE_BYTES:
+    if libc.baseline is not None and libc.resident_beyond_use() - libc.baseline < RELEASE_BYTES:
         return False
     libc.trim(0)
-    libc.released = libc.free_bytes()
+    libc.baseline = libc.resident_beyond_use()
     return True
