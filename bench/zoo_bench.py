@@ -311,6 +311,8 @@ def _without_kept_rows(step):
     return call
 
 
+# 76 lines: one model's case read top to bottom (build, warm-up, balanced timing, routes, memory),
+# each part a few lines that only this function uses.
 def run(name: str, batch: int, repeats: int, without_kept_rows: bool = False) -> dict:
     """One pass over one model; ``without_kept_rows``: a second gram optimizer takes turns too, whose
     steps keep no per-row gradients for the direction (the contraction of the factors instead)."""
