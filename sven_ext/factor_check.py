@@ -30,7 +30,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .host_memory import release_freed_memory
+from .host_memory import release_freed_memory, releases
 from .linalg import check_finite
 
 # The check's tolerance relative to |J|^T |w|: sqrt(float32 eps). Float32 steps sit in the graphs
@@ -260,12 +260,12 @@ class GradientSketches:
 def sketch_gradients(residual: torch.Tensor, params: list[torch.Tensor], weights: torch.Tensor,
                      names: dict) -> GradientSketches:
     """:class:`GradientSketches` of autograd's ``J^T w`` by one backward pass (:func:`probe`, the graph is kept)."""
-    sketches = GradientSketches(params)
+    sketches, release = GradientSketches(params), releases(params)
 
     def take(p, gradient):
         sketches.take(p, gradient, names.get(id(p), "?"))
-        if gradient is not None and gradient.numel() >= 1 << 20:  # a layer's worth of transients freed
-            release_freed_memory(p.device)
+        if release and gradient is not None and gradient.numel() >= 1 << 20:  # a layer's transients freed
+            release_freed_memory()
 
     probe(residual, params, weights, take)
     return sketches

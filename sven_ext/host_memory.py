@@ -6,11 +6,12 @@ formed. glibc's allocator keeps such memory resident for reuse (its mmap thresho
 large frees, so later tensors of a few MB come from the heap, and freed heap pages stay mapped),
 and the process's resident size, which is what a memory limit counts, keeps the step's largest
 footprint plus the holes. ``malloc_trim(0)`` returns the free pages of every arena to the system;
-a later allocation that reuses them faults them back in, which costs time: so memory is handed
-back only where at least ``RELEASE_BYTES`` of freed heap is resident, estimated as the growth of
-resident memory beyond what the allocator holds in use since the last hand-back (a small model's
-step never gets there). Where the C library is not glibc 2.33 or later,
-:func:`release_freed_memory` does nothing.
+a later allocation that reuses them faults them back in, and the trim itself walks the
+allocator's free lists: both cost time in proportion to the heap, not to what is returned. So
+memory is handed back only in steps whose parameters take at least ``RELEASE_MODEL_BYTES``, where
+the activations and factors freed between the phases are hundreds of MB and a hand-back costs
+a millisecond or two of a step of seconds; a smaller model's step never hands anything back.
+Where the C library is not glibc, :func:`release_freed_memory` does nothing.
 """
 
 from __future__ import annotations
@@ -18,61 +19,36 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
 import sys
 
 import torch
 
-# Resident freed heap that makes a hand-back worth its page faults.
-RELEASE_BYTES = 32 << 20
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-class _Glibc:
-    """glibc's ``malloc_trim`` and ``mallinfo2``; what was resident beyond the memory in use right
-    after the last hand-back (the interpreter, the libraries: not the heap's free pages)."""
-
-    def __init__(self, libc):
-        self.trim, self.info = libc.malloc_trim, libc.mallinfo2
-        self.trim.argtypes, self.trim.restype = [ctypes.c_size_t], ctypes.c_int
-        self.info.argtypes, self.info.restype = [], _MallInfo2
-        self.baseline: int | None = None
-
-    def resident_beyond_use(self) -> int:
-        """Resident bytes beyond those the allocator holds in use (heap and its own mappings)."""
-        with open("/proc/self/statm") as f:
-            resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        info = self.info()
-        return resident - int(info.uordblks) - int(info.hblkhd)
+# Parameters' bytes from which a step hands its freed memory back.
+RELEASE_MODEL_BYTES = 64 << 20
 
 
 @functools.cache
-def _glibc() -> _Glibc | None:
-    """The allocator's entry points, or ``None`` (not Linux, not glibc, or glibc before 2.33)."""
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` (not Linux, or not glibc)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return _Glibc(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"))
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
-def release_freed_memory(device: torch.device) -> bool:
-    """Hands the host memory this process has freed back to the system, for a step on ``device``,
-    where at least ``RELEASE_BYTES`` of it has stayed resident since the last hand-back.
+def releases(params: list[torch.Tensor]) -> bool:
+    """Whether a step on ``params`` hands its freed host memory back: CPU tensors of at least
+    ``RELEASE_MODEL_BYTES`` (a GPU step's tensors are not in the host heap)."""
+    return (_malloc_trim() is not None and bool(params) and params[0].device.type == "cpu"
+            and sum(p.numel() * p.element_size() for p in params) >= RELEASE_MODEL_BYTES)
 
-    Only for CPU steps (a GPU step's tensors are not in the host heap). Returns whether it handed
-    memory back.
-    """
-    libc = _glibc()
-    if libc is None or device.type != "cpu":
-        return False
-    if libc.baseline is not None and libc.resident_beyond_use() - libc.baseline < RELEASE_BYTES:
-        return False
-    libc.trim(0)
-    libc.baseline = libc.resident_beyond_use()
-    return True
+
+def release_freed_memory() -> bool:
+    """Hands the host memory this process has freed back to the system (glibc's ``malloc_trim``);
+    whether any was."""
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))

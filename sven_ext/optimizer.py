@@ -24,7 +24,7 @@ from .backends.sketch import step_key
 from .factor_check import FactorChecks
 from .guards import (ClosureWatch, check_step_state, draw_element_subsets, names_of, overlaps_itself,
                      restore_buffers, snapshot_buffers)
-from .host_memory import release_freed_memory
+from .host_memory import release_freed_memory, releases
 from .residuals import Residuals
 from .settings import DEFAULTS, NAMES, STEP_KEYS, Settings, check_positive
 from .update import PARAMETER_STATE, UpdateRule, all_finite, decayed, draining, require_finite, sven_update
@@ -552,8 +552,11 @@ class Sven(torch.optim.Optimizer):
                 directions = (d * trial_scale for d in kept_directions)
             return self._updates(params, directions, s, prepared.subsets)
 
+        release = releases(params)
+
         def batch_loss() -> float:
-            release_freed_memory(params[0].device)  # the factors, or a rejected trial's values
+            if release:
+                release_freed_memory()  # the factors, or a rejected trial's values
             # The closure ran under grad mode for the step (its rows may take derivatives, e.g. a PDE's).
             with distributed.Agreement(self.process_group), torch.enable_grad():
                 loss = _batch_loss(closure())

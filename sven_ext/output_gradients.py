@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .host_memory import release_freed_memory
+from .host_memory import release_freed_memory, releases
 
 if TYPE_CHECKING:
     from .capture import Call
@@ -33,8 +33,9 @@ def output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], c
         edges = [e for c in kept for e in c.edges]
         # That pass frees the forward pass's activations as it goes; their pages go back to the
         # system as it reaches the recorded calls, so its new gradients do not grow the process.
-        handles = [] if retain else [e.node.register_prehook(_releasing(residual_rows.device))
-                                     for e in edges[::RELEASE_EVERY_EDGES] if e.node is not None]
+        release = not retain and releases([p for c in kept for _, p in c.params])
+        handles = [e.node.register_prehook(_releasing) for e in edges[::RELEASE_EVERY_EDGES]
+                   if release and e.node is not None]
         handles += [c.edges[0].node.register_prehook(_forming(c, batch)) for c in eager]
         try:
             grads = _per_sample_gradients(residual_rows, edges, [axis for c in kept for axis in c.batch_axes],
@@ -129,11 +130,9 @@ def _per_sample_gradients(residual_rows, edges: list, axes: list[int], retain: b
     return [None if g is None else _rows_first(g.movedim(axis + 1, 0), batch * m) for g, axis in zip(grads, axes)]
 
 
-def _releasing(device: torch.device):
+def _releasing(grad_outputs) -> None:
     """A node pre-hook that hands freed host memory back (:func:`sven_ext.host_memory.release_freed_memory`)."""
-    def hook(grad_outputs):
-        release_freed_memory(device)
-    return hook
+    release_freed_memory()
 
 
 def _rows_first(g: torch.Tensor, rows: int) -> torch.Tensor:

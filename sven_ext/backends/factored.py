@@ -22,7 +22,7 @@ from .. import costs, distributed, factor_check, ops
 from ..capture import capture
 from ..factor_check import FactorChecks, FactorMismatch
 from ..guards import restore_buffers, snapshot_buffers
-from ..host_memory import release_freed_memory
+from ..host_memory import release_freed_memory, releases
 from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
 from ..layers.common import combine_rows, first_axis, items_within
 from ..linalg import check_finite
@@ -73,6 +73,7 @@ class FactoredBackend(Backend):
         super().__init__(model, params, checks)
         self.recorded_whole: list[str] = []
         self.last_need: int | None = None  # bytes the last step needed (held + solve), for max_memory
+        self.releases = releases(params)  # whether its steps hand freed host memory back
         self._names = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), name)
@@ -146,7 +147,8 @@ class FactoredBackend(Backend):
         ``T == B`` is misread. Where the check fails on such a module's parameters, the closure runs
         again (its buffers restored) with them recorded whole, and their factors must pass.
         """
-        release_freed_memory(self.params[0].device)  # what the last step freed, before this forward pass
+        if self.releases:
+            release_freed_memory()  # what the last step freed, before this forward pass
         buffers = snapshot_buffers(self.model) if self.checks.enabled and not suspects else None
         step = self._capture(closure, settings, suspects)
         if step.sketches is None:
@@ -173,7 +175,6 @@ class FactoredBackend(Backend):
     def _capture(self, closure, settings: StepSettings, suspects: frozenset) -> _Captured:
         """The closure under capture, the check's sketches where its signature is new, then the
         capture's backward pass (which frees the graph) and the uses."""
-        device = self.params[0].device
         # Recorded whole, a suspect's output is not expanded to the batch as a position table's is.
         broadcasts = self.checks.broadcasts if not suspects else dataclasses.replace(
             self.checks.broadcasts, tables=self.checks.broadcasts.tables - suspects)
@@ -192,13 +193,13 @@ class FactoredBackend(Backend):
             weights, sketches = (factor_check.probe_weights(rows.captured) if checked else None), None
             if checked:
                 sketches = factor_check.sketch_gradients(rows.captured, self.params, weights, self._names)
-                release_freed_memory(device)
             # The capture's backward pass frees the graph as it goes, unless a parameter no module
             # call covers needs it (_check_uncovered measures its effect on the rows).
             covered = {id(p) for call in cap.calls for _, p in call.params}
             uses = cap.uses(rows.per_sample, settings.chunk_rows, shared,
                             keep_graph=any(id(p) not in covered for p in self.params))
-            release_freed_memory(device)  # the forward pass's saved activations
+            if self.releases:
+                release_freed_memory()  # the forward pass's saved activations
             by_param = {id(p): [] for p in self.params}
             for use in uses:
                 for p in use.params:
@@ -332,6 +333,7 @@ class Contraction:
 
     def __init__(self, params: list[torch.Tensor], uses: list, rows: Rows, scales: dict, shard=None):
         self.params, self.rows, self.scales, self.shard = params, rows, scales, shard
+        self.releases = releases(params)
         self._uses = uses
 
     @property
@@ -353,7 +355,8 @@ class Contraction:
             yield from self(c)
             return
         uses, self._uses = self._uses, None
-        release_freed_memory(c.device)  # the solve's transients, before the directions take their place
+        if self.releases:
+            release_freed_memory()  # the solve's transients, before the directions take their place
         yield from self._directions(uses, c, release=True)
 
     def _directions(self, uses: list, c: torch.Tensor, release: bool = False):
