@@ -40,12 +40,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import distributed
 from .factor_check import Broadcasts, graph_fingerprint, hooks_fingerprint
-from .output_gradients import output_gradients
+from .host_memory import releases
 from .layers import DirectUse, Use, rule_for
 from .layers.embedding import embedding_rule
 from .layers.fallback import module_rule
 from .layers.linear import linear_rule, transposed_linear_rule
 from .layers.norm import hf_rms_norm_rule, layer_norm_rule, rms_norm_rule
+from .output_gradients import output_gradients
 
 # Modules that read their children's parameters without calling the children: planned as one
 # module owning every parameter under it (their own rule, or the fallback, factors them all).
@@ -337,7 +338,7 @@ class Capture:
         for call in self.calls:
             call.batch_axes = None if id(call.module) in shared else _batch_axes(call, batch)
         output_gradients(residual_rows, [c for c in self.calls if not c.whole], [c for c in self.calls if c.whole],
-                         chunk_rows, keep_graph)
+                         chunk_rows, keep_graph, releases(self.params))
         uses = []
         for call in self.calls:
             early = call.early_uses

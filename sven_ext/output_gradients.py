@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .host_memory import release_freed_memory, releases
+from .host_memory import release_freed_memory
 
 if TYPE_CHECKING:
     from .capture import Call
@@ -19,23 +19,24 @@ RELEASE_EVERY_EDGES = 4
 
 
 def output_gradients(residual_rows, per_sample: list[Call], whole: list[Call], chunk_rows: int,
-                      keep_graph: bool) -> None:
+                     keep_graph: bool, release: bool) -> None:
     """Fills ``call.d``: ``(R, *rest)`` for per-sample calls (``rest``: the output's shape without
     its batch axis), ``(R, *out.shape)`` for whole ones; an eager rule's call gets its uses
     (``call.early_uses``) instead, as soon as the backward pass reaches it. Without ``keep_graph`` the
-    last backward pass frees the graph."""
+    last backward pass frees the graph; with ``release`` (:func:`sven_ext.host_memory.releases`) it
+    hands freed host memory back as it goes."""
     batch, m = residual_rows.shape
     rows = batch * m
     if per_sample:
         retain = keep_graph or any(e for c in whole for e in c.edges)
         eager = _eager_calls(per_sample) if m == 1 else []
-        kept = [c for c in per_sample if c not in eager]
+        early = {id(c) for c in eager}  # by identity: calls compare their tensors by value
+        kept = [c for c in per_sample if id(c) not in early]
         edges = [e for c in kept for e in c.edges]
         # That pass frees the forward pass's activations as it goes; their pages go back to the
         # system as it reaches the recorded calls, so its new gradients do not grow the process.
-        release = not retain and releases([p for c in kept for _, p in c.params])
         handles = [e.node.register_prehook(_releasing) for e in edges[::RELEASE_EVERY_EDGES]
-                   if release and e.node is not None]
+                   if release and not retain and e.node is not None]
         handles += [c.edges[0].node.register_prehook(_forming(c, batch)) for c in eager]
         try:
             grads = _per_sample_gradients(residual_rows, edges, [axis for c in kept for axis in c.batch_axes],

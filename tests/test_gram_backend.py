@@ -334,6 +334,29 @@ def test_a_shared_position_embedding_with_as_many_positions_as_samples():
     assert id(model.pos) in shared_modules(opt)
 
 
+class _NormTwice(nn.Module):
+    """One LayerNorm applied at two depths (its two calls' uses are formed inside the backward pass)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.first, self.second = nn.Linear(3, 6, dtype=torch.float64), nn.Linear(6, 2, dtype=torch.float64)
+        self.norm = nn.LayerNorm(6, dtype=torch.float64)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.first(x)))
+        return self.second(self.norm(h * h))
+
+
+def test_a_norm_called_twice_is_exact():
+    model = _NormTwice()
+    x, y = data(7, (3,), 2)
+    assert compare_backends(model, regression(x, y), "gram", lr=0.5, k=4) < F64
+
+
 def test_auto_uses_gram():
     model = mlp((3, 6, 1))
     x, y = data(7, (3,), 1)
