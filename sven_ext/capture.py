@@ -40,7 +40,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import distributed
 from .factor_check import Broadcasts, graph_fingerprint, hooks_fingerprint
-from .host_memory import releases
 from .layers import DirectUse, Use, rule_for
 from .layers.embedding import embedding_rule
 from .layers.fallback import module_rule
@@ -311,7 +310,7 @@ class Capture:
         return None
 
     def uses(self, residual_rows: torch.Tensor, chunk_rows: int, shared: set | frozenset = frozenset(),
-             keep_graph: bool = True) -> list[Use]:
+             keep_graph: bool = True, release: bool = False) -> list[Use]:
         """The uses of every moving parameter, after the closure ran (once: an eager rule drops its
         call's input).
 
@@ -322,6 +321,7 @@ class Capture:
                 batch's size (e.g. ``pos(arange(T))`` with ``T == B``).
             keep_graph: keep the rows' autograd graph; else the backward pass frees the forward
                 pass's saved activations as it goes, as an ordinary backward pass does.
+            release: hand the freed host memory back during that pass (:mod:`sven_ext.host_memory`).
 
         Returns:
             A list of uses (each names the parameters it covers).
@@ -338,7 +338,7 @@ class Capture:
         for call in self.calls:
             call.batch_axes = None if id(call.module) in shared else _batch_axes(call, batch)
         output_gradients(residual_rows, [c for c in self.calls if not c.whole], [c for c in self.calls if c.whole],
-                         chunk_rows, keep_graph, releases(self.params))
+                         chunk_rows, keep_graph, release)
         uses = []
         for call in self.calls:
             early = call.early_uses

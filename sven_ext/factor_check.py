@@ -30,7 +30,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .host_memory import release_freed_memory, releases
+from .host_memory import release_freed_memory
 from .linalg import check_finite
 
 # The check's tolerance relative to |J|^T |w|: sqrt(float32 eps). Float32 steps sit in the graphs
@@ -221,14 +221,18 @@ class GradientSketches:
     def __init__(self, params: list[torch.Tensor]):
         self._index = {id(p): i for i, p in enumerate(params)}
         self._sketches: dict = {}
+        self._matrices: dict = {}
 
     def matrix(self, p: torch.Tensor) -> torch.Tensor | None:
-        """``V_p``, float64 on ``p``'s device (``None``: compared whole)."""
+        """``V_p``, float64 on ``p``'s device (``None``: compared whole), drawn once."""
         rest = p.numel() // max(p.shape[0] if p.dim() else 1, 1)
         if rest <= SKETCH_COLUMNS:
             return None
-        generator = torch.Generator(device=p.device).manual_seed(CHECK_SEED + 1 + self._index[id(p)])
-        return torch.randn(rest, SKETCH_COLUMNS, generator=generator, dtype=torch.float64, device=p.device)
+        if id(p) not in self._matrices:
+            generator = torch.Generator(device=p.device).manual_seed(CHECK_SEED + 1 + self._index[id(p)])
+            self._matrices[id(p)] = torch.randn(rest, SKETCH_COLUMNS, generator=generator, dtype=torch.float64,
+                                                device=p.device)
+        return self._matrices[id(p)]
 
     def sketch(self, p: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """``matrix`` (a ``(first, rest)`` float64 view of a tensor like ``p``'s gradient) through ``V_p``."""
@@ -258,9 +262,10 @@ class GradientSketches:
 
 
 def sketch_gradients(residual: torch.Tensor, params: list[torch.Tensor], weights: torch.Tensor,
-                     names: dict) -> GradientSketches:
-    """:class:`GradientSketches` of autograd's ``J^T w`` by one backward pass (:func:`probe`, the graph is kept)."""
-    sketches, release = GradientSketches(params), releases(params)
+                     names: dict, release: bool = False) -> GradientSketches:
+    """:class:`GradientSketches` of autograd's ``J^T w`` by one backward pass (:func:`probe`, the graph
+    is kept); with ``release``, freed host memory is handed back as the pass goes (:mod:`sven_ext.host_memory`)."""
+    sketches = GradientSketches(params)
 
     def take(p, gradient):
         sketches.take(p, gradient, names.get(id(p), "?"))

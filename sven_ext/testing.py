@@ -185,6 +185,26 @@ class UsesSeen:
         monkeypatch.setattr(capture.Capture, "uses", recording)
 
 
+def steps_against_dense(model: nn.Module, losses, **sven_kwargs) -> list[float]:
+    """One :class:`sven_ext.Sven` (``sven_kwargs``) steps on each of ``losses`` in turn (``loss(model)``
+    returns what a closure returns; batches, sequence lengths or hooks may change between them);
+    each step is compared with a fresh dense step with the safeguard from the same weights.
+
+    Returns:
+        Per step, :func:`relative_difference` of the step's update to the dense one.
+    """
+    optimizer = Sven(model, **sven_kwargs)
+    settings = {k: v for k, v in sven_kwargs.items() if k != "backend"}
+    differences = []
+    for loss in losses:
+        expected = sven_update(model, loss, **{"safeguard": "backtracking", **settings, "backend": "dense"})[0]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step(lambda loss=loss: loss(model))
+        differences.append(relative_difference({n: p.detach() - before[n] for n, p in model.named_parameters()},
+                                               expected))
+    return differences
+
+
 def relative_difference(update: dict, reference: dict) -> float:
     """``||update - reference|| / ||reference||`` over all parameters, in float64."""
     num = sum(float((update[n].double() - r.double()).square().sum()) for n, r in reference.items())

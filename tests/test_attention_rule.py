@@ -17,7 +17,7 @@ from torch import nn
 import sven_ext
 from sven_ext import factor_check
 from sven_ext.layers import DirectUse, LinearUse
-from sven_ext.testing import UsesSeen, relative_difference, sven_update
+from sven_ext.testing import UsesSeen, relative_difference, steps_against_dense, sven_update
 
 # Float64 steps through different factorisations: a few hundred rounded products, amplified by the
 # kept spectrum's condition number (rtol 1e-3 caps it at 1e3).
@@ -109,15 +109,8 @@ def run_against_dense(model, backend, monkeypatch, shapes=SHAPES):
     checks = []
     probe = factor_check.probe
     monkeypatch.setattr(factor_check, "probe", lambda *a: (checks.append(1), probe(*a))[1])
-    opt = sven_ext.Sven(model, backend=backend, **SETTINGS)
-    differences = []
-    for seed, (batch, steps, source) in enumerate(shapes):
-        loss = _loss(*_batch(batch, steps, source, seed))
-        expected = sven_update(model, loss, backend="dense", safeguard="backtracking", **SETTINGS)[0]
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt.step(lambda: loss(model))
-        differences.append(relative_difference({n: p.detach() - before[n] for n, p in model.named_parameters()},
-                                               expected))
+    losses = [_loss(*_batch(batch, steps, source, seed)) for seed, (batch, steps, source) in enumerate(shapes)]
+    differences = steps_against_dense(model, losses, backend=backend, **SETTINGS)
     return differences, len(checks), seen.kinds
 
 
@@ -172,7 +165,6 @@ def test_transformer_encoder_float32_matches_float64_dense():
     def loss(m):
         return F.softplus(m(x.to(m[2].weight.dtype))).squeeze(1)
 
-    from sven_ext.testing import sven_update
 
     update, _ = sven_update(model, loss, backend="gram", **SETTINGS)
     expected, _ = sven_update(model, loss, backend="dense", dtype=torch.float64, **SETTINGS)

@@ -12,7 +12,7 @@ from torch import nn
 
 import sven_ext
 from sven_ext.layers import DirectUse, LinearUse, recurrent
-from sven_ext.testing import UsesSeen, relative_difference, sven_update
+from sven_ext.testing import UsesSeen, steps_against_dense
 
 EXACT = 1e-9  # as tests/test_recurrent_rule.py
 SETTINGS = dict(lr=0.1, k=8, rtol=1e-3, kappa=2.0, oversampling=10)
@@ -52,19 +52,12 @@ class SequenceReader(nn.Module):
 
 def _steps_against_dense(model, monkeypatch) -> tuple[float, dict]:
     seen = UsesSeen(monkeypatch, model)
-    opt = sven_ext.Sven(model, backend="gram", **SETTINGS)
-    differences = []
-    for seed, (batch, steps) in enumerate(((4, 5), (3, 7))):
+    def loss_of(batch, steps, seed):
         x = torch.randn(batch, steps, FEATURES, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return lambda m: sven_ext.Residuals(torch.tanh(m(x)) - 0.25)
 
-        def loss(m, x=x):
-            return sven_ext.Residuals(torch.tanh(m(x)) - 0.25)
-
-        expected = sven_update(model, loss, backend="dense", safeguard="backtracking", **SETTINGS)[0]
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt.step(lambda loss=loss: loss(model))
-        differences.append(relative_difference({n: p.detach() - before[n] for n, p in model.named_parameters()},
-                                               expected))
+    losses = [loss_of(batch, steps, seed) for seed, (batch, steps) in enumerate(((4, 5), (3, 7)))]
+    differences = steps_against_dense(model, losses, backend="gram", **SETTINGS)
     kinds = {n: k for n, k in seen.kinds.items() if n.startswith("rnn.")}
     assert set(kinds) == {f"rnn.{n}" for n, _ in model.rnn.named_parameters()}
     assert all(k <= {LinearUse.__name__, DirectUse.__name__} for k in kinds.values()), kinds

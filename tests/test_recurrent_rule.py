@@ -17,7 +17,7 @@ from torch import nn
 import sven_ext
 from sven_ext import factor_check
 from sven_ext.layers import DirectUse, LinearUse
-from sven_ext.testing import UsesSeen, relative_difference, sven_update
+from sven_ext.testing import UsesSeen, relative_difference, steps_against_dense, sven_update
 
 # Float64 steps through different factorisations: a few hundred rounded products, amplified by the
 # kept spectrum's condition number (rtol 1e-3 caps it at 1e3).
@@ -89,16 +89,8 @@ def run_against_dense(model, backend, monkeypatch, shapes=SHAPES):
     checks = []
     probe = factor_check.probe
     monkeypatch.setattr(factor_check, "probe", lambda *a: (checks.append(1), probe(*a))[1])
-    opt = sven_ext.Sven(model, backend=backend, **SETTINGS)
-    differences = []
-    for seed, (batch, steps) in enumerate(shapes):
-        loss = _loss(batch, steps, seed)
-        expected = sven_update(model, loss, backend="dense", safeguard="backtracking", **SETTINGS)[0]
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt.step(lambda: loss(model))
-        differences.append(relative_difference({n: p.detach() - before[n] for n, p in model.named_parameters()},
-                                               expected))
-    return differences, len(checks), seen.kinds
+    losses = [_loss(batch, steps, seed) for seed, (batch, steps) in enumerate(shapes)]
+    return steps_against_dense(model, losses, backend=backend, **SETTINGS), len(checks), seen.kinds
 
 
 def _model(name):

@@ -25,7 +25,6 @@ from ..guards import restore_buffers, snapshot_buffers
 from ..host_memory import release_freed_memory, releases
 from ..layers import EmbeddingUse, LinearUse, ModuleUse, factor_bytes
 from ..layers.common import combine_rows, first_axis, items_within
-from ..linalg import check_finite
 from ..residuals import Rows, rows_from_closure_output
 from ..routes import components
 from .base import Backend, ElementSubset, StepSettings, effective_column_scale
@@ -192,12 +191,13 @@ class FactoredBackend(Backend):
             # so it never holds the capture's output gradients beside the forward pass's graph.
             weights, sketches = (factor_check.probe_weights(rows.captured) if checked else None), None
             if checked:
-                sketches = factor_check.sketch_gradients(rows.captured, self.params, weights, self._names)
+                sketches = factor_check.sketch_gradients(rows.captured, self.params, weights, self._names,
+                                                         self.releases)
             # The capture's backward pass frees the graph as it goes, unless a parameter no module
             # call covers needs it (_check_uncovered measures its effect on the rows).
             covered = {id(p) for call in cap.calls for _, p in call.params}
             uses = cap.uses(rows.per_sample, settings.chunk_rows, shared,
-                            keep_graph=any(id(p) not in covered for p in self.params))
+                            keep_graph=any(id(p) not in covered for p in self.params), release=self.releases)
             if self.releases:
                 release_freed_memory()  # the forward pass's saved activations
             by_param = {id(p): [] for p in self.params}
@@ -318,7 +318,8 @@ class FactoredBackend(Backend):
         ``uses`` are the (restricted) uses of the whole batch, this process's in one process.
         """
         local = restrict(shard.local_uses, restricted) if shard.data_parallel else uses
-        return Contraction(self.params, local, shard.local_rows, scales, shard if shard.data_parallel else None)
+        return Contraction(self.params, local, shard.local_rows, scales, shard if shard.data_parallel else None,
+                           self.releases)
 
 
 class Contraction:
@@ -331,9 +332,9 @@ class Contraction:
     to the directions (or the new values) instead of holding both.
     """
 
-    def __init__(self, params: list[torch.Tensor], uses: list, rows: Rows, scales: dict, shard=None):
-        self.params, self.rows, self.scales, self.shard = params, rows, scales, shard
-        self.releases = releases(params)
+    def __init__(self, params: list[torch.Tensor], uses: list, rows: Rows, scales: dict, shard=None,
+                 releases: bool = False):
+        self.params, self.rows, self.scales, self.shard, self.releases = params, rows, scales, shard, releases
         self._uses = uses
 
     @property
